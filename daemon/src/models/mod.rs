@@ -1,0 +1,1 @@
+//! Model manifests and the model store (being written).
