@@ -1,1 +1,173 @@
+//! slmd: an offline small-language-model daemon for embedded Linux.
+//!
+//! ```text
+//!  MQTT broker ──► mqtt (receiver) ──► store: inbox ──► router ──► engine
+//!      ▲            persist, flush,     (sled, durable)   task,     (llama.cpp
+//!      │            then PUBACK                           payload    thread,
+//!      │                                                  checks     batched)
+//!      │                                                     │
+//!      └──────────── mqtt (publisher) ◄── store: outbox ◄────┘
+//!                    removed on PUBACK     (same key, one transaction)
+//! ```
+//!
+//! - [`config`]: the TOML file, validated whole before anything starts.
+//! - [`mqtt`]: the broker link; receive, acknowledge, publish, reconnect.
+//! - [`store`]: the durable inbox and outbox, and what a crash leaves.
+//! - [`router`]: inbox to outbox: payload checks, task choice, results.
+//! - [`engine`]: the llama.cpp model on its own thread; classification heads.
+//! - [`models`]: manifests, fetching and verifying GGUF files.
+
+pub mod config;
+pub mod engine;
+pub mod examples;
+pub mod logging;
 pub mod models;
+pub mod mqtt;
+pub mod payload;
+pub mod router;
+pub mod store;
+pub mod topic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use config::Config;
+use engine::{Engine, EngineError, EngineOptions, ModelInfo, TaskSpec};
+use models::{ModelError, ModelStore, PromptFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Examples(#[from] examples::ExamplesError),
+    #[error(
+        "model {name:?} is not installed in {store}: run `slmd model fetch {name} --config <this config>`"
+    )]
+    NotInstalled { name: String, store: PathBuf },
+    #[error("cannot hash {path}: {source}")]
+    Hash {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where the configured model is and how to prompt it.
+pub fn resolve_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
+    if let Some(path) = &config.model.path {
+        let path = config.resolve(path);
+        let sha256 = models::sha256_file(&path).map_err(|source| RunError::Hash {
+            path: path.clone(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        return Ok((path, ModelInfo { name, sha256 }, PromptFormat::Chatml));
+    }
+    let name = config.model.name.as_deref().unwrap_or_default();
+    let manifest = models::find_manifest(&config.resolve(&config.model.manifests), name)?;
+    let store = ModelStore::open(&config.state_dir())?;
+    let path = store
+        .installed(&manifest)
+        .ok_or_else(|| RunError::NotInstalled {
+            name: name.to_owned(),
+            store: store.path_for(&manifest),
+        })?;
+    let info = ModelInfo {
+        name: manifest.name.clone(),
+        sha256: manifest.sha256.clone(),
+    };
+    Ok((path, info, manifest.prompt_format))
+}
+
+/// Loads the model and trains every task's head (blocking; seconds).
+pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
+    let (model_path, model, format) = resolve_model(config)?;
+    let mut tasks = Vec::with_capacity(config.tasks.len());
+    for t in &config.tasks {
+        tasks.push(TaskSpec {
+            name: t.name.clone(),
+            instruction: t.instruction.clone(),
+            labels: t.labels.iter().map(|l| l.name.clone()).collect(),
+            examples: examples::for_task(config, t)?,
+        });
+    }
+    let opts = EngineOptions {
+        model_path,
+        model,
+        format,
+        context_size: config.model.context_size,
+        threads: config.model.threads,
+        queue: config.limits.max_in_flight * 2,
+    };
+    Ok(Engine::start(opts, tasks)?)
+}
+
+/// Runs the daemon until `shutdown` turns true.
+pub async fn run(
+    config: Config,
+    broker: Option<mqtt::BrokerAddr>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let store = store::Store::open(&config.state_dir())?;
+    log::info!(
+        "store open at {}: {} message(s) waiting, {} result(s) unsent",
+        config.state_dir().display(),
+        store.inbox_len(),
+        store.outbox_len()
+    );
+    let engine = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || start_engine(&config))
+            .await
+            .map_err(|e| EngineError::Backend(e.to_string()))??
+    };
+
+    let addr = broker.unwrap_or(mqtt::BrokerAddr {
+        host: config.broker.host.clone(),
+        port: config.broker.port,
+    });
+    let (link, eventloop) = mqtt::Link::new(mqtt::options(&config.broker, &addr), store.clone());
+    let filters: Vec<String> = config
+        .tasks
+        .iter()
+        .flat_map(|t| t.topics.iter().cloned())
+        .collect();
+    let inbox_wake = Arc::new(Notify::new());
+    let receiver = tokio::spawn(link.clone().run_receiver(
+        eventloop,
+        filters,
+        Duration::from_secs(config.broker.max_backoff_secs),
+        inbox_wake.clone(),
+        shutdown.clone(),
+    ));
+    let publisher = tokio::spawn(link.clone().run_publisher(shutdown.clone()));
+    let wake_link = link.clone();
+    let router = Arc::new(router::Router {
+        store,
+        engine,
+        tasks: Arc::new(config.tasks.clone()),
+        limits: config.limits.clone(),
+        inbox_wake,
+        outbox_wake: Arc::new(move || wake_link.publisher_wake.notify_one()),
+    });
+    log::info!(
+        "slmd ready: {} task(s), broker {}:{}",
+        config.tasks.len(),
+        addr.host,
+        addr.port
+    );
+    let routed = router.run(shutdown, Duration::from_secs(10)).await;
+    let _ = receiver.await;
+    let _ = publisher.await;
+    routed?;
+    Ok(())
+}

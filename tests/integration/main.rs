@@ -1,1 +1,6 @@
+//! slmd's integration tests: one binary, real parts (mosquitto, the slmd
+//! binary, a GGUF model through llama.cpp).
 
+mod cli;
+mod daemon;
+mod util;

@@ -1,0 +1,430 @@
+//! Configuration: TOML on disk, validated as a whole before anything starts.
+//!
+//! Parsing rejects unknown keys (a typo must not silently fall back to a
+//! default). [`Config::load`] then runs [`Config::validate`], which collects
+//! *every* problem with its key path (`tasks[1].labels[3].name: duplicate
+//! label "off"`) so a user fixes a file in one pass. The binary maps
+//! [`ConfigError`] to exit code 78 (EX_CONFIG); the systemd unit does not
+//! restart on it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Exit code for an invalid configuration (sysexits.h EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path} has {} problem(s):\n{}", .problems.len(), list(.problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One validation problem: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path in the file, such as `tasks[0].output_topic`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub state: StateConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub tasks: Vec<TaskConfig>,
+    /// Directory the file was loaded from; relative paths in it resolve here.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Stable across restarts: the broker keeps our session (and the QoS 1
+    /// messages queued for us while we were away) under this id.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Upper bound on the reconnect backoff.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: u64,
+    /// Results published but not yet acknowledged by the broker.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Holds the durable store and the model store.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A manifest name from `manifests` (fetched with `slmd model fetch`).
+    pub name: Option<String>,
+    /// Or a GGUF file used as is.
+    pub path: Option<PathBuf>,
+    /// Where manifests live.
+    #[serde(default = "default_manifests")]
+    pub manifests: PathBuf,
+    /// Inference threads; 0 means one per CPU.
+    #[serde(default)]
+    pub threads: u32,
+    #[serde(default = "default_context")]
+    pub context_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Payloads larger than this get an error result, not inference.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Text longer than this many characters is refused (the model's context
+    /// is small; long text also means slow inference for everyone behind it).
+    #[serde(default = "default_max_text_chars")]
+    pub max_text_chars: usize,
+    /// Messages being inferred at once (bounded work in flight).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: default_max_payload(),
+            max_text_chars: default_max_text_chars(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Classify,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    pub kind: TaskKind,
+    /// MQTT topic filters (`+` and `#` allowed) this task consumes.
+    pub topics: Vec<String>,
+    pub output_topic: String,
+    /// Where error results go; default `<output_topic>/error`.
+    pub error_topic: Option<String>,
+    /// Words placed after the input that steer the model's final hidden
+    /// state towards what this task distinguishes.
+    #[serde(default = "default_instruction")]
+    pub instruction: String,
+    #[serde(default)]
+    pub labels: Vec<LabelConfig>,
+    /// JSONL file of `{"text": ..., "intent": ...}` rows adding examples to
+    /// the labels (rows whose intent is not a label are an error).
+    pub examples_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelConfig {
+    pub name: String,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub examples: Vec<String>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_max_backoff() -> u64 {
+    30
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_manifests() -> PathBuf {
+    PathBuf::from("/usr/share/slmd/models")
+}
+fn default_context() -> u32 {
+    512
+}
+fn default_max_payload() -> usize {
+    16 * 1024
+}
+fn default_max_text_chars() -> usize {
+    1000
+}
+fn default_max_in_flight() -> usize {
+    16
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_instruction() -> String {
+    "The intent of this command is:".into()
+}
+
+impl TaskConfig {
+    pub fn error_topic(&self) -> String {
+        self.error_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}/error", self.output_topic))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates; the one way a config enters the daemon.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Resolves a path from the file relative to the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.state.dir)
+    }
+
+    pub fn task(&self, name: &str) -> Option<&TaskConfig> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+
+    /// Every problem in the file, each with its key path; empty when valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        if self.broker.client_id.trim().is_empty() {
+            p.add("broker.client_id", "must not be empty");
+        }
+        if self.broker.host.trim().is_empty() {
+            p.add("broker.host", "must not be empty");
+        }
+        if self.broker.port == 0 {
+            p.add("broker.port", "must be 1-65535");
+        }
+        if self.broker.username.is_none() && self.broker.password.is_some() {
+            p.add("broker.password", "set without broker.username");
+        }
+        if self.broker.max_inflight == 0 {
+            p.add("broker.max_inflight", "must be at least 1");
+        }
+        match (&self.model.name, &self.model.path) {
+            (None, None) => p.add("model", "set either model.name or model.path"),
+            (Some(_), Some(_)) => p.add("model", "set model.name or model.path, not both"),
+            _ => {}
+        }
+        if !(64..=32768).contains(&self.model.context_size) {
+            p.add("model.context_size", "must be between 64 and 32768");
+        }
+        if self.limits.max_payload_bytes == 0 {
+            p.add("limits.max_payload_bytes", "must be at least 1");
+        }
+        if self.limits.max_in_flight == 0 {
+            p.add("limits.max_in_flight", "must be at least 1");
+        }
+        if self.log.level.parse::<log::LevelFilter>().is_err() {
+            p.add(
+                "log.level",
+                format!(
+                    "unknown level {:?} (error, warn, info, debug, trace, off)",
+                    self.log.level
+                ),
+            );
+        }
+        if self.tasks.is_empty() {
+            p.add("tasks", "at least one task is needed");
+        }
+        let mut names = HashSet::new();
+        for (i, task) in self.tasks.iter().enumerate() {
+            let key = format!("tasks[{i}]");
+            if task.name.trim().is_empty() {
+                p.add(format!("{key}.name"), "must not be empty");
+            } else if !names.insert(task.name.as_str()) {
+                p.add(
+                    format!("{key}.name"),
+                    format!("duplicate task {:?}", task.name),
+                );
+            }
+            self.validate_task(&key, task, &mut p);
+        }
+        p.0
+    }
+
+    fn validate_task(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        if task.topics.is_empty() {
+            p.add(
+                format!("{key}.topics"),
+                "at least one topic filter is needed",
+            );
+        }
+        for (j, t) in task.topics.iter().enumerate() {
+            if let Err(why) = crate::topic::check_filter(t) {
+                p.add(format!("{key}.topics[{j}]"), why);
+            }
+        }
+        for (field, topic) in [
+            ("output_topic", Some(task.output_topic.clone())),
+            ("error_topic", task.error_topic.clone()),
+        ] {
+            if let Some(topic) = topic {
+                if let Err(why) = crate::topic::check_name(&topic) {
+                    p.add(format!("{key}.{field}"), why);
+                } else if task.topics.iter().any(|f| crate::topic::matches(f, &topic)) {
+                    p.add(
+                        format!("{key}.{field}"),
+                        "matches the task's own input topics (results would loop back in)",
+                    );
+                }
+            }
+        }
+        if task.labels.len() < 2 {
+            p.add(
+                format!("{key}.labels"),
+                "a classify task needs at least two labels",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (j, label) in task.labels.iter().enumerate() {
+            if label.name.trim().is_empty() {
+                p.add(format!("{key}.labels[{j}].name"), "must not be empty");
+            } else if !seen.insert(label.name.as_str()) {
+                p.add(
+                    format!("{key}.labels[{j}].name"),
+                    format!("duplicate label {:?}", label.name),
+                );
+            }
+        }
+        if let Some(file) = &task.examples_file {
+            match crate::examples::read_jsonl(&self.resolve(file)) {
+                Err(e) => p.add(format!("{key}.examples_file"), e.to_string()),
+                Ok(rows) => {
+                    for (line, row) in rows.iter().enumerate() {
+                        if !seen.contains(row.intent.as_str()) {
+                            p.add(
+                                format!("{key}.examples_file"),
+                                format!(
+                                    "line {}: intent {:?} is not one of the task's labels",
+                                    line + 1,
+                                    row.intent
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if let Ok(examples) = crate::examples::for_task(self, task) {
+            for (j, label) in task.labels.iter().enumerate() {
+                if !examples.iter().any(|e| e.label == label.name) {
+                    p.add(
+                        format!("{key}.labels[{j}].examples"),
+                        format!("label {:?} has no examples", label.name),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}

@@ -1,0 +1,83 @@
+//! Labelled examples: the rows a task learns from and `slmd eval` reads.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{Config, TaskConfig};
+
+/// A line of a labelled JSONL file (the datasets' format: extra keys ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Row {
+    pub text: String,
+    pub intent: String,
+}
+
+/// One training example of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub text: String,
+    pub label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExamplesError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {message}")]
+    Row {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, ExamplesError> {
+    let shown = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| ExamplesError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let mut rows = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| ExamplesError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Row = serde_json::from_str(&line).map_err(|e| ExamplesError::Row {
+            path: shown.clone(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// All examples of a task: each label's inline examples and description,
+/// then the rows of its examples file.
+pub fn for_task(config: &Config, task: &TaskConfig) -> Result<Vec<Example>, ExamplesError> {
+    let mut out = Vec::new();
+    for label in &task.labels {
+        let texts = label.examples.iter().chain(label.description.iter());
+        out.extend(texts.map(|t| Example {
+            text: t.clone(),
+            label: label.name.clone(),
+        }));
+    }
+    if let Some(file) = &task.examples_file {
+        let rows = read_jsonl(&config.resolve(file))?;
+        out.extend(rows.into_iter().map(|r| Example {
+            text: r.text,
+            label: r.intent,
+        }));
+    }
+    Ok(out)
+}

@@ -1,0 +1,344 @@
+//! The broker link: one task polls rumqttc's event loop (receive, persist,
+//! acknowledge; match PUBACKs to outbox entries), one publishes the outbox.
+//!
+//! # Receive path
+//!
+//! Subscriptions are QoS 1 with manual acks and a persistent session, so the
+//! broker keeps what we have not acknowledged. Each PUBLISH is appended to the
+//! inbox; when the event loop has no more buffered events (the end of a
+//! burst), the inbox is flushed once and the PUBACKs of the whole burst are
+//! queued, in receive order, on the event loop's own pending queue (from the
+//! polling task itself, so it can never wait on a full channel: no deadlock).
+//!
+//! # Send path
+//!
+//! Our outbox, not rumqttc's in-memory state, is the record of what still
+//! has to reach the broker. The publisher sends up to `max_inflight` outbox
+//! entries; the polling task learns each one's packet id from the
+//! `Outgoing::Publish(pkid)` events, which come in send order, and deletes
+//! the entry on its PUBACK. When the connection drops, rumqttc's own copies
+//! (retransmits and requests it drained from its channel) are removed and
+//! those entries become unsent again, to be published anew after reconnect:
+//! at-least-once, never lost, and one place that decides.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, PubAck, QoS, Request,
+    Subscribe, SubscribeFilter, SubscribeReasonCode,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::config::BrokerConfig;
+use crate::store::{now_ms, InboxEntry, Store};
+
+/// Where to connect, from the config or `--broker mqtt://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for BrokerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("mqtt://")
+            .or_else(|| s.strip_prefix("tcp://"))
+            .unwrap_or(s);
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected mqtt://HOST:PORT"))?;
+        let port = port
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| format!("{s:?}: bad port"))?;
+        if host.is_empty() {
+            return Err(format!("{s:?}: empty host"));
+        }
+        Ok(BrokerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Which outbox entries are on their way to the broker.
+#[derive(Default)]
+struct Tracker {
+    /// Sent to rumqttc, packet id not yet known, in send order.
+    unassigned: VecDeque<u64>,
+    /// Sent on the wire, waiting for PUBACK.
+    by_pkid: HashMap<u16, u64>,
+    /// Keys in either of the above.
+    inflight: HashSet<u64>,
+    connected: bool,
+}
+
+impl Tracker {
+    fn reset_after_disconnect(&mut self, eventloop: &mut EventLoop) {
+        let mut lost = 0;
+        eventloop.pending.retain(|r| match r {
+            Request::Publish(p) => {
+                lost += usize::from(p.pkid == 0);
+                false
+            }
+            // Acks belong to the dead connection; the broker redelivers.
+            Request::PubAck(_) => false,
+            _ => true,
+        });
+        // Events still buffered from the dead connection: received messages
+        // were not acknowledged (redelivered), sent ones are resent.
+        lost += eventloop
+            .state
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Outgoing(Outgoing::Publish(_))))
+            .count();
+        eventloop.state.events.clear();
+        for _ in 0..lost {
+            if let Some(k) = self.unassigned.pop_front() {
+                self.inflight.remove(&k);
+            }
+        }
+        for (_, k) in self.by_pkid.drain() {
+            self.inflight.remove(&k);
+        }
+        self.connected = false;
+    }
+}
+
+/// Shared by the two tasks of a link.
+pub struct Link {
+    client: AsyncClient,
+    tracker: Mutex<Tracker>,
+    store: Store,
+    max_inflight: usize,
+    /// Woken when the outbox has something new or room to send.
+    pub publisher_wake: Notify,
+}
+
+pub fn options(cfg: &BrokerConfig, addr: &BrokerAddr) -> MqttOptions {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), addr.host.clone(), addr.port);
+    o.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(cfg.max_inflight)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let (Some(u), p) = (&cfg.username, &cfg.password) {
+        o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+    }
+    o
+}
+
+impl Link {
+    pub fn new(opts: MqttOptions, store: Store) -> (Arc<Link>, EventLoop) {
+        let max_inflight = opts.inflight() as usize;
+        // Room for every publish we may have outstanding plus the subscribe.
+        let (client, eventloop) = AsyncClient::new(opts, max_inflight + 8);
+        let link = Link {
+            client,
+            tracker: Mutex::new(Tracker::default()),
+            store,
+            max_inflight,
+            publisher_wake: Notify::new(),
+        };
+        (Arc::new(link), eventloop)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.tracker.lock().unwrap().connected
+    }
+
+    /// Polls the event loop until shutdown: receives into the inbox, acks,
+    /// tracks publishes, reconnects with backoff.
+    pub async fn run_receiver(
+        self: Arc<Self>,
+        mut eventloop: EventLoop,
+        filters: Vec<String>,
+        max_backoff: Duration,
+        inbox_wake: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let addr = {
+            let (h, p) = eventloop.mqtt_options.broker_address();
+            format!("{h}:{p}")
+        };
+        let mut backoff = Duration::from_millis(200);
+        let mut to_ack: Vec<u16> = Vec::new();
+        loop {
+            let event = tokio::select! {
+                ev = eventloop.poll() => ev,
+                _ = shutdown.changed() => break,
+            };
+            match event {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    backoff = Duration::from_millis(200);
+                    log::info!(
+                        "connected to broker {addr} (session present: {})",
+                        ack.session_present
+                    );
+                    let subs = filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    eventloop
+                        .pending
+                        .push_back(Request::Subscribe(Subscribe::new_many(subs)));
+                    self.tracker.lock().unwrap().connected = true;
+                    self.publisher_wake.notify_one();
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    let entry = InboxEntry {
+                        received_ms: now_ms(),
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    };
+                    match self.store.append_inbox(&entry) {
+                        Ok(_) if p.qos != QoS::AtMostOnce => to_ack.push(p.pkid),
+                        Ok(_) => {}
+                        // Not acknowledged: the broker keeps it and redelivers.
+                        Err(e) => log::error!("cannot store message from {}: {e}", p.topic),
+                    }
+                }
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => self.acked(ack.pkid),
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    let mut granted = 0;
+                    for (f, code) in filters.iter().zip(&ack.return_codes) {
+                        if matches!(code, SubscribeReasonCode::Failure) {
+                            log::error!("broker {addr} refused the subscription to {f}");
+                        } else {
+                            granted += 1;
+                        }
+                    }
+                    log::info!(
+                        "subscribed to {granted} of {} topic filter(s)",
+                        filters.len()
+                    );
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    let mut t = self.tracker.lock().unwrap();
+                    if let Some(k) = t.unassigned.pop_front() {
+                        t.by_pkid.insert(pkid, k);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Whatever was received but not yet flushed is not acked:
+                    // the broker redelivers it. Flush what we have anyway.
+                    to_ack.clear();
+                    let _ = self.store.flush().await;
+                    self.tracker
+                        .lock()
+                        .unwrap()
+                        .reset_after_disconnect(&mut eventloop);
+                    log::warn!("broker {addr}: {e}; retrying in {} ms", backoff.as_millis());
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                    continue;
+                }
+            }
+            if !to_ack.is_empty() && (eventloop.state.events.is_empty() || to_ack.len() >= 256) {
+                match self.store.flush().await {
+                    Ok(()) => {
+                        for pkid in to_ack.drain(..) {
+                            eventloop
+                                .pending
+                                .push_back(Request::PubAck(PubAck::new(pkid)));
+                        }
+                        inbox_wake.notify_one();
+                    }
+                    Err(e) => {
+                        log::error!("cannot flush the inbox: {e}; messages stay unacknowledged");
+                        to_ack.clear();
+                    }
+                }
+            }
+        }
+        if !to_ack.is_empty() {
+            let _ = self.store.flush().await;
+        }
+    }
+
+    fn acked(&self, pkid: u16) {
+        let key = {
+            let mut t = self.tracker.lock().unwrap();
+            let key = t.by_pkid.remove(&pkid);
+            if let Some(k) = key {
+                t.inflight.remove(&k);
+            }
+            key
+        };
+        if let Some(k) = key {
+            if let Err(e) = self.store.outbox_remove(k) {
+                log::error!("cannot remove published result {k} from the outbox: {e}");
+            }
+            self.publisher_wake.notify_one();
+        }
+    }
+
+    /// Publishes outbox entries, at most `max_inflight` unacknowledged.
+    pub async fn run_publisher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.publisher_wake.notified() => {}
+                // A slow safety net: never rely on a wake-up alone.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.publish_some() {
+                log::error!("cannot read the outbox: {e}");
+            }
+        }
+    }
+
+    fn publish_some(&self) -> Result<(), crate::store::StoreError> {
+        let mut t = self.tracker.lock().unwrap();
+        if !t.connected || t.inflight.len() >= self.max_inflight {
+            return Ok(());
+        }
+        let room = self.max_inflight - t.inflight.len();
+        let batch = self
+            .store
+            .outbox_pending(room, |k| t.inflight.contains(&k))?;
+        for (key, entry) in batch {
+            // Under the tracker lock, so send order is `unassigned` order.
+            match self
+                .client
+                .try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
+            {
+                Ok(()) => {
+                    t.unassigned.push_back(key);
+                    t.inflight.insert(key);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse() {
+        let a: BrokerAddr = "mqtt://127.0.0.1:1884".parse().unwrap();
+        assert_eq!(
+            a,
+            BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!("localhost:1883".parse::<BrokerAddr>().unwrap().port, 1883);
+        assert!("mqtt://host".parse::<BrokerAddr>().is_err());
+        assert!("mqtt://:1883".parse::<BrokerAddr>().is_err());
+    }
+}

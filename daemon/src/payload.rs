@@ -1,0 +1,248 @@
+//! What goes over the wire: input payloads in, result and error JSON out.
+//!
+//! Input is either JSON `{"id": "...", "text": "..."}` or plain UTF-8 text.
+//! Anything else gets an [`InputError`] with a machine-readable `reason`,
+//! published as an error result; the daemon never stops on bad input.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::Limits;
+use crate::engine::ModelInfo;
+
+/// A message ready for inference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("payload is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is not valid UTF-8 (first bad byte at offset {offset})")]
+    NotUtf8 { offset: usize },
+    #[error("payload looks like JSON but does not parse: {0}")]
+    InvalidJson(String),
+    #[error("JSON payload has no string field \"text\"")]
+    MissingText,
+    #[error("text is empty")]
+    EmptyText,
+    #[error("text is {chars} characters; the limit is {limit}")]
+    TextTooLong { chars: usize, limit: usize },
+}
+
+impl InputError {
+    /// Stable, machine-readable reason for the error result.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InputError::TooLarge { .. } => "too_large",
+            InputError::NotUtf8 { .. } => "not_utf8",
+            InputError::InvalidJson(_) => "invalid_json",
+            InputError::MissingText => "missing_text",
+            InputError::EmptyText => "empty_text",
+            InputError::TextTooLong { .. } => "text_too_long",
+        }
+    }
+}
+
+/// An id for a message that brought none: a hash of its topic and payload,
+/// so a redelivery of the same message gets the same id.
+pub fn derived_id(topic: &str, payload: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0]);
+    h.update(payload);
+    format!("sha256:{}", &hex::encode(h.finalize())[..16])
+}
+
+/// The id to report for a payload, even one that fails to parse.
+pub fn id_of(topic: &str, payload: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| json_id(&v))
+        .unwrap_or_else(|| derived_id(topic, payload))
+}
+
+fn json_id(v: &serde_json::Value) -> Option<String> {
+    match v.get("id")? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+pub fn parse(topic: &str, payload: &[u8], limits: &Limits) -> Result<Request, InputError> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(InputError::TooLarge {
+            size: payload.len(),
+            limit: limits.max_payload_bytes,
+        });
+    }
+    let body = std::str::from_utf8(payload).map_err(|e| InputError::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    let (id, text) = if body.trim_start().starts_with('{') {
+        let v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| InputError::InvalidJson(e.to_string()))?;
+        let text = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or(InputError::MissingText)?;
+        let id = json_id(&v).unwrap_or_else(|| derived_id(topic, payload));
+        (id, text.to_owned())
+    } else {
+        (derived_id(topic, payload), body.to_owned())
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(InputError::EmptyText);
+    }
+    let chars = text.chars().count();
+    if chars > limits.max_text_chars {
+        return Err(InputError::TextTooLong {
+            chars,
+            limit: limits.max_text_chars,
+        });
+    }
+    Ok(Request {
+        id,
+        text: text.to_owned(),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Alternative {
+    pub label: String,
+    pub confidence: f32,
+}
+
+/// A classification result, as published.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifyResult {
+    pub id: String,
+    pub task: String,
+    pub label: String,
+    /// Probability of `label` among the task's labels.
+    pub confidence: f32,
+    /// The next best labels, best first.
+    pub alternatives: Vec<Alternative>,
+    pub model: ModelInfo,
+    /// From the message being stored to its result being ready.
+    pub latency_ms: f64,
+    /// Of that, time on the inference thread.
+    pub inference_ms: f64,
+}
+
+impl ClassifyResult {
+    pub fn new(
+        id: String,
+        task: &str,
+        ranked: &[(String, f32)],
+        model: &ModelInfo,
+        latency_ms: f64,
+        inference_ms: f64,
+    ) -> ClassifyResult {
+        let (label, confidence) = ranked[0].clone();
+        ClassifyResult {
+            id,
+            task: task.to_owned(),
+            label,
+            confidence: round4(confidence),
+            alternatives: ranked[1..]
+                .iter()
+                .take(3)
+                .map(|(l, p)| Alternative {
+                    label: l.clone(),
+                    confidence: round4(*p),
+                })
+                .collect(),
+            model: model.clone(),
+            latency_ms: round2(latency_ms),
+            inference_ms: round2(inference_ms),
+        }
+    }
+}
+
+/// An error result, as published on the task's error topic.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorResult {
+    pub id: String,
+    pub task: String,
+    pub topic: String,
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    /// Machine-readable: `too_large`, `not_utf8`, `invalid_json`,
+    /// `missing_text`, `empty_text`, `text_too_long`, `inference_failed`.
+    pub reason: String,
+    pub message: String,
+}
+
+fn round4(x: f32) -> f32 {
+    (x * 10000.0).round() / 10000.0
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 64,
+            max_text_chars: 20,
+            max_in_flight: 4,
+        }
+    }
+
+    #[test]
+    fn json_and_plain_text_are_accepted() {
+        let r = parse("t", br#"{"id": "a1", "text": " lights off "}"#, &limits()).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                id: "a1".into(),
+                text: "lights off".into()
+            }
+        );
+        let r = parse("t", br#"{"id": 7, "text": "x"}"#, &limits()).unwrap();
+        assert_eq!(r.id, "7");
+        let r = parse("t", b"lights off", &limits()).unwrap();
+        assert_eq!(r.text, "lights off");
+        assert_eq!(r.id, derived_id("t", b"lights off"));
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derived_id("a", b"x"), derived_id("a", b"x"));
+        assert_ne!(derived_id("a", b"x"), derived_id("b", b"x"));
+        assert_ne!(derived_id("a/", b"x"), derived_id("a", b"/x"));
+    }
+
+    #[test]
+    fn each_bad_input_has_its_reason() {
+        let l = limits();
+        let reason = |p: &[u8]| parse("t", p, &l).unwrap_err().reason();
+        assert_eq!(reason(&[b'a'; 65]), "too_large");
+        assert_eq!(reason(&[0xff, 0xfe, b'a']), "not_utf8");
+        assert_eq!(reason(b"{\"text\": "), "invalid_json");
+        assert_eq!(reason(br#"{"id": "x"}"#), "missing_text");
+        assert_eq!(reason(br#"{"text": 5}"#), "missing_text");
+        assert_eq!(reason(b"   "), "empty_text");
+        assert_eq!(reason(br#"{"text": ""}"#), "empty_text");
+        assert_eq!(reason("a".repeat(21).as_bytes()), "text_too_long");
+    }
+
+    #[test]
+    fn id_is_reported_even_for_bad_payloads() {
+        assert_eq!(id_of("t", br#"{"id": "z"}"#), "z");
+        assert_eq!(id_of("t", &[0xff]), derived_id("t", &[0xff]));
+    }
+}

@@ -1,0 +1,170 @@
+//! The router: takes stored messages from the inbox in receive order, finds
+//! each one's task, runs it through the engine, and commits the result (or a
+//! structured error) to the outbox in one atomic step.
+//!
+//! At most `limits.max_in_flight` messages are being inferred at once; they
+//! reach the engine together, which batches them. On start the router begins
+//! at the oldest inbox entry, so whatever a crash interrupted runs again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::config::{Limits, TaskConfig};
+use crate::engine::{Engine, EngineError};
+use crate::payload::{self, ClassifyResult, ErrorBody, ErrorResult};
+use crate::store::{now_ms, InboxEntry, OutboxEntry, Store};
+use crate::topic;
+
+pub struct Router {
+    pub store: Store,
+    pub engine: Engine,
+    pub tasks: Arc<Vec<TaskConfig>>,
+    pub limits: Limits,
+    /// Woken by the receiver after new messages are durable.
+    pub inbox_wake: Arc<Notify>,
+    /// Woken after a result enters the outbox.
+    pub outbox_wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Router {
+    /// Runs until shutdown, then waits up to `drain` for messages in flight.
+    /// Returns an error only when the engine is gone (the daemon must stop).
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        drain: Duration,
+    ) -> Result<(), EngineError> {
+        let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
+        let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<EngineError>(1);
+        let mut cursor = None;
+        'outer: loop {
+            let batch = match self.store.inbox_after(cursor, 64) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!("cannot read the inbox: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = self.inbox_wake.notified() => continue,
+                    _ = shutdown.changed() => break,
+                    Some(e) = fatal_rx.recv() => return Err(e),
+                }
+            }
+            for (key, entry) in batch {
+                let permit = tokio::select! {
+                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                    _ = shutdown.changed() => break 'outer,
+                    Some(e) = fatal_rx.recv() => return Err(e),
+                };
+                cursor = Some(key);
+                let this = self.clone();
+                let fatal = fatal_tx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.process(key, entry).await {
+                        let _ = fatal.try_send(e);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        let all = self.limits.max_in_flight as u32;
+        if tokio::time::timeout(drain, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "shutdown: messages still in flight after {} ms stay in the inbox",
+                drain.as_millis()
+            );
+        }
+        Ok(())
+    }
+
+    async fn process(&self, key: u64, entry: InboxEntry) -> Result<(), EngineError> {
+        let Some(task) = self
+            .tasks
+            .iter()
+            .find(|t| t.topics.iter().any(|f| topic::matches(f, &entry.topic)))
+        else {
+            log::warn!("no task consumes topic {}; message dropped", entry.topic);
+            if let Err(e) = self.store.discard_inbox(key) {
+                log::error!("cannot drop message {key}: {e}");
+            }
+            return Ok(());
+        };
+        let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
+            Err(e) => self.error(task, &entry, e.reason(), e.to_string()),
+            Ok(req) => match self.engine.classify(&task.name, req.text).await {
+                Ok(scores) => {
+                    let latency = now_ms().saturating_sub(entry.received_ms) as f64;
+                    let result = ClassifyResult::new(
+                        req.id.clone(),
+                        &task.name,
+                        &scores.ranked,
+                        &self.engine.model,
+                        latency,
+                        scores.inference_ms,
+                    );
+                    log::info!(
+                        "task={} id={} label={} confidence={:.3} latency_ms={:.1}",
+                        task.name,
+                        req.id,
+                        result.label,
+                        result.confidence,
+                        result.latency_ms
+                    );
+                    json_entry(&task.output_topic, &result)
+                }
+                Err(EngineError::Stopped) => return Err(EngineError::Stopped),
+                Err(e @ EngineError::TooLong { .. }) => {
+                    self.error(task, &entry, "text_too_long", e.to_string())
+                }
+                Err(e) => self.error(task, &entry, "inference_failed", e.to_string()),
+            },
+        };
+        match self.store.complete(key, &out) {
+            Ok(()) => (self.outbox_wake)(),
+            // The message stays in the inbox and runs again on restart.
+            Err(e) => log::error!("cannot commit the result of message {key}: {e}"),
+        }
+        Ok(())
+    }
+
+    fn error(
+        &self,
+        task: &TaskConfig,
+        entry: &InboxEntry,
+        reason: &str,
+        message: String,
+    ) -> OutboxEntry {
+        let id = payload::id_of(&entry.topic, &entry.payload);
+        log::warn!(
+            "task={} id={id} topic={} rejected: {reason}: {message}",
+            task.name,
+            entry.topic
+        );
+        let err = ErrorResult {
+            id,
+            task: task.name.clone(),
+            topic: entry.topic.clone(),
+            error: ErrorBody {
+                reason: reason.to_owned(),
+                message,
+            },
+        };
+        json_entry(&task.error_topic(), &err)
+    }
+}
+
+fn json_entry(topic: &str, value: &impl Serialize) -> OutboxEntry {
+    OutboxEntry {
+        topic: topic.to_owned(),
+        payload: serde_json::to_vec(value).expect("results always serialise"),
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building, testing and running slmd need on Debian (and
+# Raspberry Pi OS), only what is missing: cmake and clang/libclang for
+# llama.cpp's build and bindgen, mosquitto for the broker and its clients.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have cmake || need+=(cmake)
+have clang || need+=(clang)
+have c++ || need+=(g++)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+[ -x /usr/sbin/mosquitto ] || have mosquitto || need+=(mosquitto)
+have mosquitto_pub || need+=(mosquitto-clients)
+have curl || need+=(curl)
+
+if ((${#need[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+  echo "setup: Rust (cargo) is needed; install it with rustup, then run this again" >&2
+  exit 1
+fi

@@ -1,0 +1,132 @@
+//! The command line: config checking and one-shot classification.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use slmd::config::{Config, ConfigError};
+
+use crate::util::repo_root;
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/configs").join(name)
+}
+
+fn slmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_slmd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn shipped_and_good_configs_validate() {
+    for path in [fixture("good.toml"), repo_root().join("configs/demo.toml")] {
+        let out = slmd(&["check-config", "--config", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let err = Config::load(&fixture("many-problems.toml")).unwrap_err();
+    let ConfigError::Invalid { problems, .. } = err else {
+        panic!("expected validation problems, got {err}");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for want in [
+        "broker.client_id",
+        "broker.port",
+        "model",
+        "model.context_size",
+        "log.level",
+        "tasks[0].topics[0]",
+        "tasks[0].output_topic",
+        "tasks[0].labels[1].name",
+        "tasks[1].name",
+        "tasks[1].output_topic",
+        "tasks[1].labels",
+        "tasks[1].labels[0].examples",
+    ] {
+        assert!(keys.contains(&want), "{want} missing from {keys:?}");
+    }
+    let dup = problems
+        .iter()
+        .find(|p| p.key == "tasks[0].labels[1].name")
+        .unwrap();
+    assert!(
+        dup.message.contains("duplicate label \"on\""),
+        "{}",
+        dup.message
+    );
+}
+
+#[test]
+fn bad_config_exits_78_and_names_the_keys() {
+    let out = slmd(&[
+        "check-config",
+        "--config",
+        fixture("many-problems.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tasks[0].topics[0]"), "{stderr}");
+    assert!(stderr.contains("broker.client_id"), "{stderr}");
+
+    let out = slmd(&[
+        "check-config",
+        "--config",
+        fixture("unknown-key.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("hots"),
+        "the unknown key is named: {stderr}"
+    );
+
+    let out = slmd(&["check-config", "--config", "/nonexistent/slmd.toml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "a missing file is a config error too"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/slmd.toml"));
+}
+
+#[test]
+fn classify_prints_one_result_from_the_label_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::util::write_config(dir.path(), 1883, "");
+    let out = slmd(&[
+        "classify",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "home",
+        "switch off the lights please",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["label"], "lights_off", "{v}");
+    assert_eq!(v["task"], "home");
+
+    let out = slmd(&[
+        "classify",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "nope",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task named"));
+}

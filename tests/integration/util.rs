@@ -1,0 +1,324 @@
+//! Shared fixtures: a real mosquitto on a free loopback port, the real slmd
+//! binary, the real SmolLM2 model, and an MQTT client that waits with a
+//! deadline.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use tokio::sync::mpsc;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The default model, fetched into `<repo>/.cache/state` on first use.
+pub fn model_path() -> PathBuf {
+    static FETCH: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut cached = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cached.as_ref() {
+        return p.clone();
+    }
+    let root = repo_root();
+    let manifest =
+        slmd::models::find_manifest(&root.join("models"), "smollm2-135m-instruct-q4_1").unwrap();
+    let store = slmd::models::ModelStore::open(&root.join(".cache/state")).unwrap();
+    let path = match store.installed(&manifest) {
+        Some(p) => p,
+        None => store.fetch(&manifest).expect("fetching the test model"),
+    };
+    *cached = Some(path.clone());
+    path
+}
+
+/// A mosquitto process on its own port, killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (scripts/setup.sh installs it)");
+        wait_for_port(port, Duration::from_secs(10));
+        Broker {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The smart-home task used by most tests; `extra` is appended to the file.
+pub fn write_config(dir: &Path, broker_port: u16, extra: &str) -> PathBuf {
+    let root = repo_root();
+    let path = dir.join("slmd.toml");
+    let text = format!(
+        r#"
+[broker]
+port = {broker_port}
+client_id = "slmd-test-{nonce}"
+keep_alive_secs = 5
+max_backoff_secs = 1
+
+[state]
+dir = "{state}"
+
+[model]
+path = "{model}"
+threads = 2
+context_size = 1024
+
+[limits]
+max_payload_bytes = 2048
+max_text_chars = 300
+
+[log]
+level = "debug"
+
+[[tasks]]
+name = "home"
+kind = "classify"
+topics = ["test/home/+"]
+output_topic = "test/out/home"
+error_topic = "test/err/home"
+instruction = "The intent of this smart-home command is:"
+examples_file = "{examples}"
+labels = [
+  {{ name = "lights_on" }}, {{ name = "lights_off" }}, {{ name = "lights_dim" }},
+  {{ name = "lights_brighten" }}, {{ name = "lights_colour" }}, {{ name = "make_coffee" }},
+  {{ name = "vacuum" }}, {{ name = "plug_on" }}, {{ name = "plug_off" }},
+]
+{extra}
+"#,
+        nonce = std::process::id(),
+        state = dir.join("state").display(),
+        model = model_path().display(),
+        examples = root
+            .join("configs/examples/smart-home-hwu64.jsonl")
+            .display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The slmd binary running `run`, stopped on drop; its log is kept in a file.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, broker_url: &str) -> Daemon {
+        let log = config.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_slmd"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--broker", broker_url])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    /// Waits until the daemon's subscriptions are in place (messages
+    /// published before that would not be queued for it on a fresh broker).
+    pub async fn wait_subscribed(&mut self) {
+        self.wait_for_log("subscribed to", Duration::from_secs(120))
+            .await;
+    }
+
+    pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            assert!(self.is_running(), "slmd exited; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A message seen by the test client.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+impl Msg {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!(
+                "{} carried no JSON ({e}): {:?}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
+    }
+}
+
+/// A real MQTT client (rumqttc) subscribed to `filters`.
+pub struct Client {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Msg>,
+}
+
+impl Client {
+    pub async fn connect(port: u16, filters: &[&str]) -> Client {
+        let id = format!("test-client-{}-{}", std::process::id(), free_port());
+        let opts = MqttOptions::new(id, "127.0.0.1", port);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let _ = tx.send(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        });
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        for _ in filters {
+            tokio::time::timeout(Duration::from_secs(10), subscribed_rx.recv())
+                .await
+                .expect("subscription acknowledged");
+        }
+        Client { client, rx }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .unwrap();
+    }
+
+    /// The next `n` messages, or a panic naming how many came by the deadline.
+    pub async fn take(&mut self, n: usize, timeout: Duration) -> Vec<Msg> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) => got.push(m),
+                _ => panic!(
+                    "expected {n} messages within {timeout:?}, got {}: {got:?}",
+                    got.len()
+                ),
+            }
+        }
+        got
+    }
+
+    /// Whatever else arrives within `wait` (to prove nothing extra came).
+    pub async fn extra(&mut self, wait: Duration) -> Vec<Msg> {
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(wait, self.rx.recv()).await {
+            got.push(m);
+        }
+        got
+    }
+}
