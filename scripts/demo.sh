@@ -42,15 +42,17 @@ for _ in $(seq 600); do
 done
 grep -q "subscribed to" "$work/slmd.log" || { cat "$work/slmd.log"; echo "demo: slmd did not come up" >&2; exit 1; }
 
+# Ids are unique per run: slmd skips a message whose id it already processed.
+run=$(date +%s)
 commands=(
-  '{"id": "1", "text": "turn off the kitchen lights"}'
-  '{"id": "2", "text": "could you make me a cup of coffee"}'
-  '{"id": "3", "text": "dim the lights in the living room a bit"}'
-  '{"id": "4", "text": "start the robot vacuum"}'
-  '{"id": "5", "text": "switch the lights to a warm red"}'
-  '{"id": "6", "text": "turn the heater plug on"}'
-  'lights on in the hallway please'
-  '{"id": "8", "text": ""}'
+  "{\"id\": \"$run-1\", \"text\": \"turn off the kitchen lights\"}"
+  "{\"id\": \"$run-2\", \"text\": \"could you make me a cup of coffee\"}"
+  "{\"id\": \"$run-3\", \"text\": \"dim the lights in the living room a bit\"}"
+  "{\"id\": \"$run-4\", \"text\": \"start the robot vacuum\"}"
+  "{\"id\": \"$run-5\", \"text\": \"switch the lights to a warm red\"}"
+  "{\"id\": \"$run-6\", \"text\": \"turn the heater plug on\"}"
+  "lights on in the hallway please (run $run)"
+  "{\"id\": \"$run-8\", \"text\": \"\"}"
 )
 mosquitto_sub -p "$port" -q 1 -v -t 'slmd/home/#' -C "${#commands[@]}" -W 120 >"$work/results" &
 sub=$!

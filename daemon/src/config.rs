@@ -130,6 +130,10 @@ pub struct Limits {
     /// Messages being inferred at once (bounded work in flight).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// How long a processed message id is remembered, so that a redelivery
+    /// of it is not processed twice.
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window_secs: u64,
 }
 
 impl Default for Limits {
@@ -138,6 +142,7 @@ impl Default for Limits {
             max_payload_bytes: default_max_payload(),
             max_text_chars: default_max_text_chars(),
             max_in_flight: default_max_in_flight(),
+            dedup_window_secs: default_dedup_window(),
         }
     }
 }
@@ -222,6 +227,9 @@ fn default_max_text_chars() -> usize {
 }
 fn default_max_in_flight() -> usize {
     16
+}
+fn default_dedup_window() -> u64 {
+    24 * 3600
 }
 fn default_log_level() -> String {
     "info".into()

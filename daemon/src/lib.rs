@@ -107,6 +107,7 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
         context_size: config.model.context_size,
         threads: config.model.threads,
         queue: config.limits.max_in_flight * 2,
+        head_cache: Some(config.state_dir().join("heads")),
     };
     Ok(Engine::start(opts, tasks)?)
 }

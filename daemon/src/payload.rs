@@ -199,6 +199,7 @@ mod tests {
             max_payload_bytes: 64,
             max_text_chars: 20,
             max_in_flight: 4,
+            dedup_window_secs: 60,
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::config::{Limits, TaskConfig};
 use crate::engine::{Engine, EngineError};
 use crate::payload::{self, ClassifyResult, ErrorBody, ErrorResult};
-use crate::store::{now_ms, InboxEntry, OutboxEntry, Store};
+use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Store};
 use crate::topic;
 
 pub struct Router {
@@ -40,7 +40,16 @@ impl Router {
         let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<EngineError>(1);
         let mut cursor = None;
+        let mut pruned_at = std::time::Instant::now() - Duration::from_secs(3600);
         'outer: loop {
+            if pruned_at.elapsed() > Duration::from_secs(60) {
+                pruned_at = std::time::Instant::now();
+                match self.store.prune_seen(self.limits.dedup_window_secs * 1000) {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("forgot {n} processed id(s) older than the dedup window"),
+                    Err(e) => log::error!("cannot prune processed ids: {e}"),
+                }
+            }
             let batch = match self.store.inbox_after(cursor, 64) {
                 Ok(b) => b,
                 Err(e) => {
@@ -98,6 +107,22 @@ impl Router {
             }
             return Ok(());
         };
+        let id = payload::id_of(&entry.topic, &entry.payload);
+        let seen = store::seen_key(&task.name, &id);
+        match self.store.was_seen(&seen) {
+            Ok(true) => {
+                log::info!(
+                    "task={} id={id}: already processed (redelivery); skipped",
+                    task.name
+                );
+                if let Err(e) = self.store.discard_inbox(key) {
+                    log::error!("cannot drop redelivered message {key}: {e}");
+                }
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => log::error!("cannot check whether {id} was processed: {e}"),
+        }
         let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
             Err(e) => self.error(task, &entry, e.reason(), e.to_string()),
             Ok(req) => match self.engine.classify(&task.name, req.text).await {
@@ -128,7 +153,7 @@ impl Router {
                 Err(e) => self.error(task, &entry, "inference_failed", e.to_string()),
             },
         };
-        match self.store.complete(key, &out) {
+        match self.store.complete(key, &out, Some(&seen)) {
             Ok(()) => (self.outbox_wake)(),
             // The message stays in the inbox and runs again on restart.
             Err(e) => log::error!("cannot commit the result of message {key}: {e}"),

@@ -11,6 +11,9 @@
 //!   transaction ([`Store::complete`]), under the same key: it is either
 //!   unprocessed or processed-with-its-result, never both, never neither.
 //! - An outbox entry is removed only when the broker acknowledged its publish.
+//! - The `(task, id)` of a processed message is recorded in `seen` in the same
+//!   transaction, so a redelivery of it (same id) is recognised and not
+//!   processed twice, for as long as the entry is kept (the dedup window).
 //!
 //! # Key layout
 //!
@@ -18,6 +21,7 @@
 //! |----------|----------------|-------------------------------------------|
 //! | `inbox`  | id (u64 BE)    | [`InboxEntry`]: received ms, topic, payload |
 //! | `outbox` | same id        | [`OutboxEntry`]: topic, payload           |
+//! | `seen`   | task, 0, msg id | ms when processed (u64 BE)               |
 //!
 //! # What a crash leaves behind
 //!
@@ -70,6 +74,16 @@ pub struct Store {
     db: sled::Db,
     inbox: sled::Tree,
     outbox: sled::Tree,
+    seen: sled::Tree,
+}
+
+/// The `seen` key of a message id within a task.
+pub fn seen_key(task: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(task.len() + 1 + id.len());
+    k.extend_from_slice(task.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 pub fn now_ms() -> u64 {
@@ -97,6 +111,7 @@ impl Store {
         Ok(Store {
             inbox: open("inbox")?,
             outbox: open("outbox")?,
+            seen: open("seen")?,
             db,
         })
     }
@@ -148,21 +163,51 @@ impl Store {
             .collect()
     }
 
-    /// Moves a message from the inbox to the outbox with its result, atomically.
-    pub fn complete(&self, key: u64, result: &OutboxEntry) -> Result<(), StoreError> {
+    /// Moves a message from the inbox to the outbox with its result, and
+    /// records it as seen, atomically.
+    pub fn complete(
+        &self,
+        key: u64,
+        result: &OutboxEntry,
+        seen: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         use sled::Transactional;
         let mut v = Vec::with_capacity(2 + result.topic.len() + result.payload.len());
         encode_topic_payload(&mut v, &result.topic, &result.payload);
         let k = key.to_be_bytes();
-        (&self.inbox, &self.outbox)
-            .transaction(|(inbox, outbox)| {
+        let now = now_ms().to_be_bytes();
+        (&self.inbox, &self.outbox, &self.seen)
+            .transaction(|(inbox, outbox, seen_tree)| {
                 inbox.remove(&k)?;
                 outbox.insert(&k, v.clone())?;
+                if let Some(s) = seen {
+                    seen_tree.insert(s, &now)?;
+                }
                 Ok(())
             })
             .map_err(|e: sled::transaction::TransactionError<()>| {
                 StoreError::Transaction(format!("{e:?}"))
             })
+    }
+
+    /// Whether a message with this `seen` key was already processed.
+    pub fn was_seen(&self, seen: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.seen.contains_key(seen)?)
+    }
+
+    /// Forgets processed ids older than `window_ms`; returns how many.
+    pub fn prune_seen(&self, window_ms: u64) -> Result<usize, StoreError> {
+        let cutoff = now_ms().saturating_sub(window_ms);
+        let mut n = 0;
+        for kv in self.seen.iter() {
+            let (k, v) = kv?;
+            let at = v.as_ref().try_into().map_or(0, u64::from_be_bytes);
+            if at < cutoff {
+                self.seen.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Drops an inbox entry that has nowhere to go (no task matches it).
@@ -271,7 +316,17 @@ mod tests {
             topic: "out".into(),
             payload: b"{}".to_vec(),
         };
-        store.complete(k, &result).unwrap();
+        let seen = seen_key("task", "id-1");
+        assert!(!store.was_seen(&seen).unwrap());
+        store.complete(k, &result, Some(&seen)).unwrap();
+        assert!(store.was_seen(&seen).unwrap());
+        assert!(!store.was_seen(&seen_key("task", "id-2")).unwrap());
+        assert_eq!(store.prune_seen(60_000).unwrap(), 0, "recent ids are kept");
+        assert_eq!(
+            store.prune_seen(0).unwrap(),
+            0,
+            "within the same millisecond"
+        );
         assert_eq!(store.inbox_len(), 0);
         assert_eq!(
             store.outbox_pending(10, |_| false).unwrap(),

@@ -119,6 +119,39 @@ fn classify_prints_one_result_from_the_label_set() {
     assert_eq!(v["label"], "lights_off", "{v}");
     assert_eq!(v["task"], "home");
 
+    // The second start loads the trained head instead of re-embedding.
+    let cfg = config.to_str().unwrap();
+    let out = slmd(&[
+        "classify",
+        "--config",
+        cfg,
+        "--task",
+        "home",
+        "make me a coffee",
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("head loaded from"), "{log}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["label"], "make_coffee", "{v}");
+
+    // A changed task is a different head: trained afresh.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("smart-home command is:", "home command is:"),
+    )
+    .unwrap();
+    let out = slmd(&[
+        "classify",
+        "--config",
+        cfg,
+        "--task",
+        "home",
+        "make me a coffee",
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("head trained on"), "{log}");
+
     let out = slmd(&[
         "classify",
         "--config",

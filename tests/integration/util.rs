@@ -120,7 +120,7 @@ pub fn write_config(dir: &Path, broker_port: u16, extra: &str) -> PathBuf {
 [broker]
 port = {broker_port}
 client_id = "slmd-test-{nonce}"
-keep_alive_secs = 5
+keep_alive_secs = 30
 max_backoff_secs = 1
 
 [state]

@@ -74,6 +74,9 @@ pub struct EngineOptions {
     pub threads: u32,
     /// Requests queued for the thread; senders wait when it is full.
     pub queue: usize,
+    /// Trained heads are kept here, keyed by everything they depend on, so
+    /// a restart (after a crash, say) does not embed every example again.
+    pub head_cache: Option<PathBuf>,
 }
 
 /// A classification: every label with its probability, best first.
@@ -205,7 +208,7 @@ fn inference_thread(
     };
     let mut heads = Vec::with_capacity(tasks.len());
     for task in &tasks {
-        match train(&mut embedder, task) {
+        match cached_or_train(&mut embedder, task, &opts) {
             Ok(h) => heads.push(h),
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -228,6 +231,68 @@ fn inference_thread(
         run_batch(&mut embedder, &tasks, &heads, jobs, started);
     }
     log::debug!("inference thread stopping: every engine handle is gone");
+}
+
+/// What a trained head depends on: the model, its prompt format, the task's
+/// instruction, labels and examples (in order), and the training code.
+pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    field(b"head-v1");
+    field(model_sha256.as_bytes());
+    field(format!("{format:?}").as_bytes());
+    field(task.instruction.as_bytes());
+    for l in &task.labels {
+        field(l.as_bytes());
+    }
+    for e in &task.examples {
+        field(e.text.as_bytes());
+        field(e.label.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn cached_or_train(
+    embedder: &mut Embedder<'_>,
+    task: &TaskSpec,
+    opts: &EngineOptions,
+) -> Result<Head, EngineError> {
+    let Some(dir) = &opts.head_cache else {
+        return train(embedder, task);
+    };
+    let path = dir.join(format!(
+        "{}.json",
+        head_key(&opts.model.sha256, opts.format, task)
+    ));
+    if let Ok(bytes) = std::fs::read(&path) {
+        match serde_json::from_slice::<Head>(&bytes) {
+            Ok(head) if head.labels == task.labels => {
+                log::info!("task {}: head loaded from {}", task.name, path.display());
+                return Ok(head);
+            }
+            _ => log::warn!("ignoring unreadable cached head {}", path.display()),
+        }
+    }
+    let head = train(embedder, task)?;
+    // A cache that cannot be written costs only time at the next start.
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&head)?)?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        log::warn!(
+            "cannot cache the head of task {} at {}: {e}",
+            task.name,
+            path.display()
+        );
+    }
+    Ok(head)
 }
 
 fn train(embedder: &mut Embedder<'_>, task: &TaskSpec) -> Result<Head, EngineError> {
@@ -300,5 +365,55 @@ fn run_batch(
                 let _ = job.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskSpec {
+        TaskSpec {
+            name: "t".into(),
+            instruction: "The intent is:".into(),
+            labels: vec!["on".into(), "off".into()],
+            examples: vec![
+                Example {
+                    text: "lights on".into(),
+                    label: "on".into(),
+                },
+                Example {
+                    text: "lights off".into(),
+                    label: "off".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn head_key_changes_with_everything_the_head_depends_on() {
+        let base = head_key("sha", PromptFormat::Chatml, &task());
+        assert_eq!(base, head_key("sha", PromptFormat::Chatml, &task()));
+        assert_ne!(base, head_key("other", PromptFormat::Chatml, &task()));
+        assert_ne!(base, head_key("sha", PromptFormat::Gemma, &task()));
+        let mut t = task();
+        t.examples[0].text = "lamp on".into();
+        assert_ne!(
+            base,
+            head_key("sha", PromptFormat::Chatml, &t),
+            "a changed example retrains"
+        );
+        let mut t = task();
+        t.examples.push(Example {
+            text: "on please".into(),
+            label: "on".into(),
+        });
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
+        t.instruction.push('!');
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
+        t.labels.swap(0, 1);
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
     }
 }
