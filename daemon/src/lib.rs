@@ -159,6 +159,7 @@ pub async fn run(
         limits: config.limits.clone(),
         inbox_wake,
         outbox_wake: Arc::new(move || wake_link.publisher_wake.notify_one()),
+        in_flight: Default::default(),
     });
     log::info!(
         "slmd ready: {} task(s), broker {}:{}",

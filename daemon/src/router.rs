@@ -27,6 +27,9 @@ pub struct Router {
     pub inbox_wake: Arc<Notify>,
     /// Woken after a result enters the outbox.
     pub outbox_wake: Arc<dyn Fn() + Send + Sync>,
+    /// `seen` keys of messages being processed: a redelivery that arrives
+    /// while its original is still in flight is a duplicate too.
+    pub in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 impl Router {
@@ -109,8 +112,12 @@ impl Router {
         };
         let id = payload::id_of(&entry.topic, &entry.payload);
         let seen = store::seen_key(&task.name, &id);
-        match self.store.was_seen(&seen) {
+        let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
+        match self.store.was_seen(&seen).map(|done| done || racing) {
             Ok(true) => {
+                if !racing {
+                    self.in_flight.lock().unwrap().remove(&seen);
+                }
                 log::info!(
                     "task={} id={id}: already processed (redelivery); skipped",
                     task.name
@@ -158,6 +165,7 @@ impl Router {
             // The message stays in the inbox and runs again on restart.
             Err(e) => log::error!("cannot commit the result of message {key}: {e}"),
         }
+        self.in_flight.lock().unwrap().remove(&seen);
         Ok(())
     }
 

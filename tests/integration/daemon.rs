@@ -90,6 +90,16 @@ async fn every_message_gets_exactly_one_well_formed_result() {
         }
     }
     assert!(expected.keys().all(|id| ids.contains(id)));
+
+    // A message whose id was already processed is a redelivery: skipped.
+    sub.publish(
+        "test/home/room0",
+        r#"{"id": "m-0-0", "text": "turn off the lights"}"#,
+    )
+    .await;
+    daemon
+        .wait_for_log("already processed", Duration::from_secs(30))
+        .await;
     assert!(
         sub.extra(Duration::from_secs(2)).await.is_empty(),
         "no extra results"

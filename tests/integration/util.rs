@@ -18,12 +18,19 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A free loopback port, never the same one twice in this test binary (a
+/// test that wants nothing listening must not meet another test's broker).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut taken = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if !taken.contains(&port) {
+            taken.push(port);
+            return port;
+        }
+    }
 }
 
 /// The default model, fetched into `<repo>/.cache/state` on first use.
