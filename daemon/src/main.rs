@@ -52,23 +52,26 @@ enum ModelCommand {
     /// Download a model by manifest name, verify size and sha256, install it.
     Fetch {
         name: String,
-        /// Take the state directory and manifest directory from this config.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[arg(long)]
-        manifests: Option<PathBuf>,
+        #[command(flatten)]
+        dirs: DirArgs,
     },
     /// List the manifests and whether each model is installed.
     List {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[arg(long)]
-        manifests: Option<PathBuf>,
+        #[command(flatten)]
+        dirs: DirArgs,
     },
+}
+
+/// Where models are stored and manifests are read.
+#[derive(clap::Args)]
+struct DirArgs {
+    /// Take the state directory and manifest directory from this config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    manifests: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -95,9 +98,11 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 /// State and manifest directories from flags, else the config, else defaults.
 fn dirs(
-    config: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    manifests: Option<PathBuf>,
+    DirArgs {
+        config,
+        state_dir,
+        manifests,
+    }: DirArgs,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let config = config.map(|c| load(&c)).transpose()?;
     if config.is_none() {
@@ -157,13 +162,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Fetch {
-            name,
-            config,
-            state_dir,
-            manifests,
-        }) => {
-            let (state, manifests) = dirs(config, state_dir, manifests)?;
+        Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
+            let (state, manifests) = dirs(d)?;
             let manifest = slmd::models::find_manifest(&manifests, &name)?;
             let store = slmd::models::ModelStore::open(&state)?;
             let started = std::time::Instant::now();
@@ -177,12 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::List {
-            config,
-            state_dir,
-            manifests,
-        }) => {
-            let (state, manifests) = dirs(config, state_dir, manifests)?;
+        Command::Model(ModelCommand::List { dirs: d }) => {
+            let (state, manifests) = dirs(d)?;
             let store = slmd::models::ModelStore::open(&state)?;
             for m in slmd::models::list_manifests(&manifests)? {
                 let status = match store.installed(&m) {
