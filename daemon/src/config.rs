@@ -393,32 +393,23 @@ impl Config {
                 );
             }
         }
-        if let Some(file) = &task.examples_file {
-            match crate::examples::read_jsonl(&self.resolve(file)) {
-                Err(e) => p.add(format!("{key}.examples_file"), e.to_string()),
-                Ok(rows) => {
-                    for (line, row) in rows.iter().enumerate() {
-                        if !seen.contains(row.intent.as_str()) {
-                            p.add(
-                                format!("{key}.examples_file"),
-                                format!(
-                                    "line {}: intent {:?} is not one of the task's labels",
-                                    line + 1,
-                                    row.intent
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        if let Ok(examples) = crate::examples::for_task(self, task) {
-            for (j, label) in task.labels.iter().enumerate() {
-                if !examples.iter().any(|e| e.label == label.name) {
+        // One read of the examples file serves both checks.
+        match crate::examples::for_task(self, task) {
+            Err(e) => p.add(format!("{key}.examples_file"), e.to_string()),
+            Ok(examples) => {
+                for e in examples.iter().filter(|e| !seen.contains(e.label.as_str())) {
                     p.add(
-                        format!("{key}.labels[{j}].examples"),
-                        format!("label {:?} has no examples", label.name),
+                        format!("{key}.examples_file"),
+                        format!("intent {:?} is not one of the task's labels", e.label),
                     );
+                }
+                for (j, label) in task.labels.iter().enumerate() {
+                    if !examples.iter().any(|e| e.label == label.name) {
+                        p.add(
+                            format!("{key}.labels[{j}].examples"),
+                            format!("label {:?} has no examples", label.name),
+                        );
+                    }
                 }
             }
         }

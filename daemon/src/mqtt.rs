@@ -149,10 +149,6 @@ impl Link {
         (Arc::new(link), eventloop)
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.tracker.lock().unwrap().connected
-    }
-
     /// Polls the event loop until shutdown: receives into the inbox, acks,
     /// tracks publishes, reconnects with backoff.
     pub async fn run_receiver(

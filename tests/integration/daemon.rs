@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::util::{write_config, Broker, Client, Daemon};
+use crate::util::{write_config, Broker, Client, Daemon, Running};
 
 /// Commands whose intent no reasonable reader could doubt. (Smart-plug
 /// commands are left out: with the 7-9 plug examples of the dev set the
@@ -52,12 +52,9 @@ const LABELS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_gets_exactly_one_well_formed_result() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), broker.port, "");
-    let mut sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
-    let mut daemon = Daemon::start(&config, &broker.url());
-    daemon.wait_subscribed().await;
+    // Kept whole: its broker must live as long as the test.
+    let mut run = Running::start().await;
+    let (sub, daemon) = (&mut run.sub, &mut run.daemon);
 
     // The clear commands five times over, JSON and plain text.
     let mut expected = HashMap::new();
@@ -108,12 +105,9 @@ async fn every_message_gets_exactly_one_well_formed_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_result_and_the_daemon_keeps_serving() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), broker.port, "");
-    let mut sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
-    let mut daemon = Daemon::start(&config, &broker.url());
-    daemon.wait_subscribed().await;
+    // Kept whole: its broker must live as long as the test.
+    let mut run = Running::start().await;
+    let (sub, daemon) = (&mut run.sub, &mut run.daemon);
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("not_utf8", vec![0xff, 0xfe, 0x00, b'x']),

@@ -329,3 +329,29 @@ impl Client {
         got
     }
 }
+
+/// A broker, the daemon on the test task, and a client watching its results
+/// and errors, with the daemon's subscriptions in place.
+pub struct Running {
+    _broker: Broker,
+    pub daemon: Daemon,
+    pub sub: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub async fn start() -> Running {
+        let broker = Broker::start();
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), broker.port, "");
+        let sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
+        let mut daemon = Daemon::start(&config, &broker.url());
+        daemon.wait_subscribed().await;
+        Running {
+            _broker: broker,
+            daemon,
+            sub,
+            _dir: dir,
+        }
+    }
+}

@@ -112,10 +112,6 @@ impl Head {
         let centred: Vec<f32> = x.iter().zip(&self.mean).map(|(v, m)| v - m).collect();
         softmax(&self.logits_centred(&centred), self.temperature)
     }
-
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
 }
 
 pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
