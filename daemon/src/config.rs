@@ -173,15 +173,35 @@ pub enum TaskKind {
 pub struct TaskConfig {
     pub name: String,
     pub kind: TaskKind,
+    /// `head` (default) or `label_scoring`.
+    #[serde(default)]
+    pub strategy: crate::engine::Strategy,
     /// MQTT topic filters (`+` and `#` allowed) this task consumes.
     pub topics: Vec<String>,
     pub output_topic: String,
     /// Where error results go; default `<output_topic>/error`.
     pub error_topic: Option<String>,
-    /// Words placed after the input that steer the model's final hidden
-    /// state towards what this task distinguishes.
+    /// What the task is, told to the model before the input (its KV is
+    /// computed once and reused for every message).
     #[serde(default = "default_instruction")]
     pub instruction: String,
+    /// Words after the input where the model's reply would begin, read by
+    /// the head's last-token features. Empty by default: every cue token
+    /// costs per-message time (a 7-token cue doubles latency for no
+    /// measured gain; docs/EVAL.md).
+    #[serde(default = "default_cue")]
+    pub cue: String,
+    /// Weight of the text's own word and character n-grams beside the
+    /// model's hidden state in the head (0 turns them off).
+    #[serde(default = "default_lexical_weight")]
+    pub lexical_weight: f32,
+    /// Below this confidence the result says "not recognised" (and still
+    /// lists the best labels). 0 never abstains.
+    #[serde(default)]
+    pub abstain_below: f32,
+    /// A label whose examples are things the task should refuse (out of
+    /// scope); when it wins the result is "not recognised".
+    pub reject_label: Option<String>,
     #[serde(default)]
     pub labels: Vec<LabelConfig>,
     /// JSONL file of `{"text": ..., "intent": ...}` rows adding examples to
@@ -234,8 +254,14 @@ fn default_dedup_window() -> u64 {
 fn default_log_level() -> String {
     "info".into()
 }
-fn default_instruction() -> String {
-    "The intent of this command is:".into()
+pub fn default_instruction() -> String {
+    "You are a voice assistant. Classify the intent of the user's command.".into()
+}
+pub fn default_cue() -> String {
+    String::new()
+}
+fn default_lexical_weight() -> f32 {
+    1.0
 }
 
 impl TaskConfig {
@@ -381,6 +407,20 @@ impl Config {
                 format!("{key}.labels"),
                 "a classify task needs at least two labels",
             );
+        }
+        if !(0.0..=1.0).contains(&task.abstain_below) {
+            p.add(format!("{key}.abstain_below"), "must be between 0 and 1");
+        }
+        if !(0.0..=100.0).contains(&task.lexical_weight) {
+            p.add(format!("{key}.lexical_weight"), "must be between 0 and 100");
+        }
+        if let Some(r) = &task.reject_label {
+            if !task.labels.iter().any(|l| &l.name == r) {
+                p.add(
+                    format!("{key}.reject_label"),
+                    format!("{r:?} is not one of the task's labels"),
+                );
+            }
         }
         let mut seen = HashSet::new();
         for (j, label) in task.labels.iter().enumerate() {

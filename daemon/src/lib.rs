@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod examples;
 pub mod logging;
 pub mod models;
@@ -61,31 +62,59 @@ pub enum RunError {
 
 /// Where the configured model is and how to prompt it.
 pub fn resolve_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
-    if let Some(path) = &config.model.path {
-        let path = config.resolve(path);
-        let sha256 = models::sha256_file(&path).map_err(|source| RunError::Hash {
-            path: path.clone(),
-            source,
-        })?;
-        let name = path
-            .file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-        return Ok((path, ModelInfo { name, sha256 }, PromptFormat::Chatml));
+    match &config.model.path {
+        Some(path) => locate_model(ModelRef::Path(config.resolve(path))),
+        None => locate_model(ModelRef::Name {
+            name: config.model.name.as_deref().unwrap_or_default(),
+            state_dir: config.state_dir(),
+            manifests: config.resolve(&config.model.manifests),
+        }),
     }
-    let name = config.model.name.as_deref().unwrap_or_default();
-    let manifest = models::find_manifest(&config.resolve(&config.model.manifests), name)?;
-    let store = ModelStore::open(&config.state_dir())?;
-    let path = store
-        .installed(&manifest)
-        .ok_or_else(|| RunError::NotInstalled {
-            name: name.to_owned(),
-            store: store.path_for(&manifest),
-        })?;
-    let info = ModelInfo {
-        name: manifest.name.clone(),
-        sha256: manifest.sha256.clone(),
-    };
-    Ok((path, info, manifest.prompt_format))
+}
+
+/// A model named by the user: a GGUF file, or a manifest name installed in
+/// the model store.
+pub enum ModelRef<'a> {
+    Path(PathBuf),
+    Name {
+        name: &'a str,
+        state_dir: PathBuf,
+        manifests: PathBuf,
+    },
+}
+
+pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
+    match r {
+        ModelRef::Path(path) => {
+            let sha256 = models::sha256_file(&path).map_err(|source| RunError::Hash {
+                path: path.clone(),
+                source,
+            })?;
+            let name = path
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+            Ok((path, ModelInfo { name, sha256 }, PromptFormat::Chatml))
+        }
+        ModelRef::Name {
+            name,
+            state_dir,
+            manifests,
+        } => {
+            let manifest = models::find_manifest(&manifests, name)?;
+            let store = ModelStore::open(&state_dir)?;
+            let path = store
+                .installed(&manifest)
+                .ok_or_else(|| RunError::NotInstalled {
+                    name: name.to_owned(),
+                    store: store.path_for(&manifest),
+                })?;
+            let info = ModelInfo {
+                name: manifest.name.clone(),
+                sha256: manifest.sha256.clone(),
+            };
+            Ok((path, info, manifest.prompt_format))
+        }
+    }
 }
 
 /// Loads the model and trains every task's head (blocking; seconds).
@@ -95,9 +124,14 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
     for t in &config.tasks {
         tasks.push(TaskSpec {
             name: t.name.clone(),
+            strategy: t.strategy,
             instruction: t.instruction.clone(),
+            cue: t.cue.clone(),
             labels: t.labels.iter().map(|l| l.name.clone()).collect(),
             examples: examples::for_task(config, t)?,
+            lexical_weight: t.lexical_weight,
+            abstain_below: t.abstain_below,
+            reject_label: t.reject_label.clone(),
         });
     }
     let opts = EngineOptions {
@@ -108,6 +142,7 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
         threads: config.model.threads,
         queue: config.limits.max_in_flight * 2,
         head_cache: Some(config.state_dir().join("heads")),
+        decode: Default::default(),
     };
     Ok(Engine::start(opts, tasks)?)
 }

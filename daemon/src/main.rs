@@ -42,9 +42,95 @@ enum Command {
         #[arg(long, default_value = "/etc/slmd/slmd.toml")]
         config: PathBuf,
     },
+    /// Evaluate classification on labelled JSONL rows and print the report.
+    ///
+    /// `--train A --test B`: train on A, test on B. `--train A --cv K`:
+    /// K-fold cross-validation on A. `--config FILE --task NAME --test B`:
+    /// test a configured task on B.
+    Eval(EvalArgs),
+    /// Latency and throughput through the engine at several concurrencies,
+    /// with and without prefix caching and batching.
+    Bench(BenchArgs),
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Labelled rows to train on (or to cross-validate with --cv).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Labelled rows to test on.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// K-fold stratified cross-validation on the --train file.
+    #[arg(long)]
+    cv: Option<usize>,
+    /// Evaluate this configured task (with --config and --test).
+    #[arg(long)]
+    task: Option<String>,
+    /// Only `classify` is evaluated by this command for now.
+    #[arg(long, default_value = "classify")]
+    kind: String,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Fold assignment seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How labels are chosen.
+    #[arg(long, value_enum, default_value = "head")]
+    strategy: slmd::engine::Strategy,
+    #[arg(
+        long,
+        default_value = "You are a voice assistant. Classify the intent of the user's command."
+    )]
+    instruction: String,
+    /// Words after the input (see the task option `cue`).
+    #[arg(long, default_value = "")]
+    cue: String,
+    #[arg(long, default_value_t = 1.0)]
+    lexical_weight: f32,
+    #[arg(long, default_value_t = 0.0)]
+    abstain_below: f32,
+    /// A label that means out of scope (e.g. `oos`): predicting it rejects.
+    #[arg(long)]
+    reject_label: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// The model and how the engine runs it, for `eval` and `bench`.
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// A manifest name (installed in the state directory) or a GGUF path.
+    #[arg(long, default_value = "smollm2-135m-instruct-q4_1")]
+    model: String,
+    /// Inference threads (0: one per CPU).
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    #[arg(long, default_value_t = 2048)]
+    context_size: u32,
+    #[command(flatten)]
+    dirs: DirArgs,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Labelled rows: the task is trained on them and they are the messages.
+    #[arg(long)]
+    train: PathBuf,
+    /// Concurrent senders, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Messages answered per concurrency level.
+    #[arg(long, default_value_t = 200)]
+    messages: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Subcommand)]
@@ -154,14 +240,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let result = slmd::payload::ClassifyResult::new(
                 id,
                 &task,
-                &scores.ranked,
+                &scores,
                 &engine.model,
-                scores.inference_ms,
                 scores.inference_ms,
             );
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Eval(args) => eval(args),
+        Command::Bench(args) => bench(args),
         Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
             let (state, manifests) = dirs(d)?;
             let manifest = slmd::models::find_manifest(&manifests, &name)?;
@@ -190,6 +277,133 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    use slmd::eval::{self, TaskSettings};
+    use slmd::examples::read_jsonl;
+    if a.kind != "classify" {
+        anyhow::bail!("--kind {}: only classify can be evaluated so far", a.kind);
+    }
+    let settings = TaskSettings {
+        strategy: a.strategy,
+        instruction: a.instruction.clone(),
+        cue: a.cue.clone(),
+        lexical_weight: a.lexical_weight,
+        abstain_below: a.abstain_below,
+        reject_label: a.reject_label.clone(),
+    };
+    let (engine, trials, reject) = if let Some(task) = &a.task {
+        let config_path = a
+            .engine
+            .dirs
+            .config
+            .as_ref()
+            .context("--task needs --config")?;
+        let config = load(config_path)?;
+        let test = read_jsonl(a.test.as_ref().context("--task needs --test")?)?;
+        let reject = config
+            .task(task)
+            .context("no such task")?
+            .reject_label
+            .clone();
+        let engine = slmd::start_engine(&config)?;
+        (engine, vec![(task.clone(), test)], reject)
+    } else {
+        let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
+        let trials = match (a.cv, &a.test) {
+            (Some(k), None) if k >= 2 && k <= train.len() => {
+                eval::cross_validation(&train, k, a.seed, &settings)
+            }
+            (Some(k), None) => anyhow::bail!("--cv {k}: needs 2 <= K <= the number of rows"),
+            (None, Some(test)) => eval::holdout(&train, read_jsonl(test)?, &settings),
+            _ => anyhow::bail!("give either --cv K or --test FILE"),
+        };
+        let level = if a.json {
+            log::LevelFilter::Warn
+        } else {
+            log::LevelFilter::Info
+        };
+        slmd::logging::init(level);
+        let opts = engine_options(&a.engine)?;
+        let names = trials
+            .iter()
+            .map(|t| (t.spec.name.clone(), t.test.clone()))
+            .collect();
+        let engine =
+            slmd::engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
+        (engine, names, a.reject_label.clone())
+    };
+    let report = eval::run(&engine, &trials, reject.as_deref())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Engine options for `eval` and `bench`: the model by name or path; no
+/// head cache, so what is measured includes training.
+fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions> {
+    let (state, manifests) = dirs(DirArgs {
+        config: None,
+        state_dir: a.dirs.state_dir.clone(),
+        manifests: a.dirs.manifests.clone(),
+    })?;
+    let model = if std::path::Path::new(&a.model).is_file() {
+        slmd::ModelRef::Path(PathBuf::from(&a.model))
+    } else {
+        slmd::ModelRef::Name {
+            name: &a.model,
+            state_dir: state,
+            manifests,
+        }
+    };
+    let (model_path, model, format) = slmd::locate_model(model)?;
+    Ok(slmd::engine::EngineOptions {
+        model_path,
+        model,
+        format,
+        context_size: a.context_size,
+        threads: a.threads,
+        queue: 64,
+        head_cache: None,
+        decode: Default::default(),
+    })
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    slmd::logging::init(log::LevelFilter::Warn);
+    let rows = slmd::examples::read_jsonl(&a.train)?;
+    let settings = slmd::eval::TaskSettings {
+        strategy: Default::default(),
+        instruction: slmd::config::default_instruction(),
+        cue: slmd::config::default_cue(),
+        lexical_weight: 1.0,
+        abstain_below: 0.0,
+        reject_label: None,
+    };
+    let trial = slmd::eval::holdout(&rows, Vec::new(), &settings).remove(0);
+    let mut opts = engine_options(&a.engine)?;
+    // Train once; the other configurations load the same head.
+    let cache = tempfile_dir()?;
+    opts.head_cache = Some(cache.clone());
+    let results = slmd::eval::bench::run(&opts, &trial.spec, &rows, &a.concurrency, a.messages);
+    let _ = std::fs::remove_dir_all(&cache);
+    let results = results?;
+    if a.json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        print!("{}", slmd::eval::bench::to_markdown(&results));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("slmd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 async fn shutdown_signal() {

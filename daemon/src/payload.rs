@@ -8,7 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::Limits;
-use crate::engine::ModelInfo;
+use crate::engine::{ModelInfo, Scores};
 
 /// A message ready for inference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,10 +123,15 @@ pub struct Alternative {
 pub struct ClassifyResult {
     pub id: String,
     pub task: String,
-    pub label: String,
-    /// Probability of `label` among the task's labels.
+    /// False when the best label's confidence is below the task's
+    /// `abstain_below`, or the best label is its reject label.
+    pub recognised: bool,
+    /// The recognised label; null when not recognised.
+    pub label: Option<String>,
+    /// Calibrated probability of the best label among the task's labels.
     pub confidence: f32,
-    /// The next best labels, best first.
+    /// The best labels after `label` (or, when not recognised, the best
+    /// labels), most probable first, at most three.
     pub alternatives: Vec<Alternative>,
     pub model: ModelInfo,
     /// From the message being stored to its result being ready.
@@ -139,18 +144,18 @@ impl ClassifyResult {
     pub fn new(
         id: String,
         task: &str,
-        ranked: &[(String, f32)],
+        scores: &Scores,
         model: &ModelInfo,
         latency_ms: f64,
-        inference_ms: f64,
     ) -> ClassifyResult {
-        let (label, confidence) = ranked[0].clone();
+        let skip = usize::from(scores.label.is_some());
         ClassifyResult {
             id,
             task: task.to_owned(),
-            label,
-            confidence: round4(confidence),
-            alternatives: ranked[1..]
+            recognised: scores.label.is_some(),
+            label: scores.label.clone(),
+            confidence: round4(scores.ranked[0].1),
+            alternatives: scores.ranked[skip..]
                 .iter()
                 .take(3)
                 .map(|(l, p)| Alternative {
@@ -160,7 +165,7 @@ impl ClassifyResult {
                 .collect(),
             model: model.clone(),
             latency_ms: round2(latency_ms),
-            inference_ms: round2(inference_ms),
+            inference_ms: round2(scores.inference_ms),
         }
     }
 }

@@ -138,16 +138,15 @@ impl Router {
                     let result = ClassifyResult::new(
                         req.id.clone(),
                         &task.name,
-                        &scores.ranked,
+                        &scores,
                         &self.engine.model,
                         latency,
-                        scores.inference_ms,
                     );
                     log::info!(
                         "task={} id={} label={} confidence={:.3} latency_ms={:.1}",
                         task.name,
                         req.id,
-                        result.label,
+                        result.label.as_deref().unwrap_or("(not recognised)"),
                         result.confidence,
                         result.latency_ms
                     );

@@ -74,19 +74,28 @@ async fn every_message_gets_exactly_one_well_formed_result() {
         }
     }
     let labels: HashSet<&str> = LABELS.iter().copied().collect();
-    let results = sub.take(CLEAR.len() * 5, Duration::from_secs(180)).await;
-    let mut ids = HashSet::new();
-    for m in &results {
+    // One result per id. MQTT QoS 1 is at-least-once, so when a reconnect
+    // (CPU starvation in a parallel test run) makes slmd republish an
+    // unacknowledged result, the subscriber may see it twice; a republish
+    // is the same stored bytes, whereas processing a message twice would
+    // give a different result (latency differs), so only that fails.
+    let mut first: HashMap<String, Vec<u8>> = HashMap::new();
+    while first.len() < CLEAR.len() * 5 {
+        let m = sub.take(1, Duration::from_secs(180)).await.remove(0);
         assert_eq!(m.topic, "test/out/home", "{m:?}");
         let v = m.json();
         check_result(&v, &labels);
         let id = v["id"].as_str().unwrap().to_owned();
-        assert!(ids.insert(id.clone()), "two results for id {id}");
+        if let Some(before) = first.get(&id) {
+            assert_eq!(before, &m.payload, "{id} was processed twice");
+            continue;
+        }
         if let Some(want) = expected.get(&id) {
             assert_eq!(v["label"], *want, "{id}: {v}");
         }
+        first.insert(id, m.payload);
     }
-    assert!(expected.keys().all(|id| ids.contains(id)));
+    assert!(expected.keys().all(|id| first.contains_key(id)));
 
     // A message whose id was already processed is a redelivery: skipped.
     sub.publish(
@@ -124,6 +133,10 @@ async fn bad_input_gets_an_error_result_and_the_daemon_keeps_serving() {
         sub.publish("test/home/bad", payload.clone()).await;
     }
     let errors = sub.take(cases.len(), Duration::from_secs(60)).await;
+    let error_ids: HashSet<String> = errors
+        .iter()
+        .map(|m| m.json()["id"].as_str().unwrap().to_owned())
+        .collect();
     let mut reasons: Vec<String> = errors
         .iter()
         .map(|m| {
@@ -155,17 +168,23 @@ async fn bad_input_gets_an_error_result_and_the_daemon_keeps_serving() {
     )
     .await;
     let labels: HashSet<&str> = LABELS.iter().copied().collect();
-    let after = sub.take(2, Duration::from_secs(60)).await;
-    for m in &after {
+    // Results are at-least-once: under CPU starvation a reconnect may
+    // republish an error result seen above. Skip those; every other
+    // message must be a well-formed result.
+    let mut seen = HashMap::new();
+    while seen.len() < 2 {
+        let m = sub.take(1, Duration::from_secs(60)).await.remove(0);
+        let v = m.json();
+        if m.topic == "test/err/home" {
+            assert!(error_ids.contains(v["id"].as_str().unwrap()), "{v}");
+            continue;
+        }
         assert_eq!(m.topic, "test/out/home");
-        check_result(&m.json(), &labels);
+        check_result(&v, &labels);
+        seen.insert(v["id"].as_str().unwrap().to_owned(), v);
     }
-    let good = after
-        .iter()
-        .map(|m| m.json())
-        .find(|v| v["id"] == "good")
-        .unwrap();
-    assert_eq!(good["label"], "lights_off");
+    assert!(seen.contains_key("inj"), "{seen:?}");
+    assert_eq!(seen["good"]["label"], "lights_off");
     assert!(daemon.is_running(), "log:\n{}", daemon.log_text());
 }
 

@@ -151,7 +151,7 @@ kind = "classify"
 topics = ["test/home/+"]
 output_topic = "test/out/home"
 error_topic = "test/err/home"
-instruction = "The intent of this smart-home command is:"
+instruction = "Classify this smart-home command."
 examples_file = "{examples}"
 labels = [
   {{ name = "lights_on" }}, {{ name = "lights_off" }}, {{ name = "lights_dim" }},

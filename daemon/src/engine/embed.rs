@@ -1,16 +1,20 @@
-//! Pooled hidden states from llama.cpp: the features the heads classify.
+//! Hidden states from llama.cpp: the features the heads classify.
 //!
-//! Each input is wrapped in the model's chat format and followed by the
-//! task's instruction, and the hidden state of the *last* token is taken:
-//! after "The intent of this command is:" the model has gathered what it
-//! would say next, which separates intents better than averaging the tokens
-//! of the bare text (measured; see docs/EVAL.md).
+//! Every task has a fixed prompt prefix (the chat template's opening and the
+//! task's instruction). It is decoded once, at start-up, into a KV sequence
+//! of its own (sequence `t` for task `t`). A request copies that sequence
+//! into a working sequence (the cache is unified, so the copy shares cells
+//! rather than duplicating them) and decodes only its own text, the end of
+//! the user turn and the task's cue. The hidden state of the last token is
+//! the embedding: after the cue the model has gathered what it would say
+//! next, which separates intents better than averaging the tokens.
 //!
-//! The template's own tokens are parsed with special tokens; the user's text
-//! never is, so text such as `<|im_end|>` in a payload stays plain text and
-//! cannot close the turn (a prompt-injection guard that costs nothing).
+//! Template tokens are parsed with special tokens; the user's text never is,
+//! so text such as `<|im_end|>` in a payload stays plain text and cannot
+//! close the turn (a prompt-injection guard that costs nothing).
 //!
-//! Several inputs are decoded together, one sequence each, in one batch.
+//! Several requests are decoded together, one working sequence each, in one
+//! batch.
 
 use std::num::NonZeroU32;
 
@@ -24,128 +28,306 @@ use llama_cpp_2::token::LlamaToken;
 use super::EngineError;
 use crate::models::PromptFormat;
 
-/// The most inputs decoded together in one batch.
+/// The most requests decoded together in one batch.
 pub const MAX_SEQUENCES: usize = 16;
+
+/// How requests are decoded; the defaults are the fast path, the rest exist
+/// so `slmd bench` can measure what each part is worth.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Decode each task's prefix once and copy it per request.
+    pub prefix_cache: bool,
+    /// Most requests per decode (1 turns batching off).
+    pub max_batch: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            prefix_cache: true,
+            max_batch: MAX_SEQUENCES,
+        }
+    }
+}
+
+/// The fixed text around an input, per prompt format.
+pub struct Template {
+    /// Before the input: the task's instruction, then the user turn opens.
+    pub prefix: String,
+    /// After the input: the user turn closes, the reply opens, then the cue.
+    pub suffix: String,
+}
+
+impl Template {
+    pub fn new(format: PromptFormat, instruction: &str, cue: &str) -> Template {
+        // Without a cue the user turn's end token is the last one: every
+        // token after the input costs per-message time.
+        let (prefix, suffix) = match format {
+            PromptFormat::Chatml => (
+                format!("<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n"),
+                match cue {
+                    "" => "<|im_end|>".to_owned(),
+                    _ => format!("<|im_end|>\n<|im_start|>assistant\n{cue}"),
+                },
+            ),
+            // Gemma has no system turn: the instruction opens the user turn.
+            PromptFormat::Gemma => (
+                format!("<start_of_turn>user\n{instruction}\n\n"),
+                match cue {
+                    "" => "<end_of_turn>".to_owned(),
+                    _ => format!("<end_of_turn>\n<start_of_turn>model\n{cue}"),
+                },
+            ),
+            PromptFormat::Plain => (format!("{instruction}\n\nInput: "), format!("\n{cue}")),
+        };
+        Template { prefix, suffix }
+    }
+}
+
+/// A task's prompt prefix, tokenised, and whether it sits in its sequence.
+struct Prefix {
+    tokens: Vec<LlamaToken>,
+    suffix: Vec<LlamaToken>,
+}
 
 pub struct Embedder<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
-    format: PromptFormat,
+    prefixes: Vec<Prefix>,
+    opts: DecodeOptions,
     n_ctx: usize,
+    /// Context cells left for requests once every prefix is cached.
+    room: usize,
 }
 
 impl<'m> Embedder<'m> {
+    /// Creates the context and decodes each template's prefix into its own
+    /// sequence (sequence `i` for `templates[i]`).
     pub fn new(
         backend: &LlamaBackend,
         model: &'m LlamaModel,
-        format: PromptFormat,
+        templates: &[Template],
         n_ctx: u32,
         threads: i32,
+        opts: DecodeOptions,
     ) -> Result<Self, EngineError> {
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
-            .with_n_seq_max(MAX_SEQUENCES as u32)
+            .with_n_seq_max((templates.len() + MAX_SEQUENCES) as u32)
             .with_kv_unified(true)
             .with_embeddings(true)
-            .with_pooling_type(LlamaPoolingType::Last)
+            .with_pooling_type(LlamaPoolingType::None)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
-        Ok(Embedder {
+        let vocab = model.vocab();
+        let prefixes: Vec<Prefix> = templates
+            .iter()
+            .map(|t| {
+                let mut tokens = Vec::new();
+                if vocab.should_add_bos() {
+                    tokens.push(vocab.bos());
+                }
+                tokens.extend(vocab.tokenize(t.prefix.as_bytes(), false, true));
+                Prefix {
+                    tokens,
+                    suffix: vocab.tokenize(t.suffix.as_bytes(), false, true),
+                }
+            })
+            .collect();
+        let cached: usize = if opts.prefix_cache {
+            prefixes.iter().map(|p| p.tokens.len()).sum()
+        } else {
+            0
+        };
+        let n_ctx = n_ctx as usize;
+        if cached >= n_ctx {
+            return Err(EngineError::Context(format!(
+                "the task prompts take {cached} tokens; context_size {n_ctx} leaves no room"
+            )));
+        }
+        let mut embedder = Embedder {
             model,
             ctx,
-            format,
-            n_ctx: n_ctx as usize,
-        })
+            prefixes,
+            opts,
+            n_ctx,
+            room: n_ctx - cached,
+        };
+        if opts.prefix_cache {
+            embedder.cache_prefixes()?;
+        }
+        Ok(embedder)
     }
 
-    /// Tokens of `text` inside the prompt template, ending in `instruction`.
-    pub fn prompt_tokens(&self, text: &str, instruction: &str) -> Vec<LlamaToken> {
-        let (before, after) = match self.format {
-            PromptFormat::Chatml => ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
-            PromptFormat::Gemma => (
-                "<start_of_turn>user\n",
-                "<end_of_turn>\n<start_of_turn>model\n",
-            ),
-            PromptFormat::Plain => ("", "\n"),
-        };
-        let vocab = self.model.vocab();
-        let mut tokens = Vec::with_capacity(64);
-        if vocab.should_add_bos() {
-            tokens.push(vocab.bos());
+    fn cache_prefixes(&mut self) -> Result<(), EngineError> {
+        let total: usize = self.prefixes.iter().map(|p| p.tokens.len()).sum();
+        let mut batch = LlamaBatch::new(total.max(1), self.prefixes.len() as i32);
+        for (seq, p) in self.prefixes.iter().enumerate() {
+            add_seq(&mut batch, &p.tokens, 0, seq as i32)?;
         }
-        tokens.extend(vocab.tokenize(before.as_bytes(), false, true));
-        tokens.extend(vocab.tokenize(text.as_bytes(), false, false));
-        tokens.extend(vocab.tokenize(after.as_bytes(), false, true));
-        tokens.extend(vocab.tokenize(instruction.as_bytes(), false, false));
+        self.ctx
+            .decode(&mut batch)
+            .map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    /// Tokens a request decodes for `text` under task `task`: the text (never
+    /// parsed for special tokens) and the task's suffix.
+    pub fn request_tokens(&self, task: usize, text: &str) -> Vec<LlamaToken> {
+        let mut tokens = self.model.vocab().tokenize(text.as_bytes(), false, false);
+        tokens.extend_from_slice(&self.prefixes[task].suffix);
         tokens
     }
 
-    /// The longest prompt, in tokens, that fits the context.
+    /// The most request tokens one request may have.
     pub fn max_tokens(&self) -> usize {
-        self.n_ctx
+        if self.opts.prefix_cache {
+            self.room
+        } else {
+            self.room
+                - self
+                    .prefixes
+                    .iter()
+                    .map(|p| p.tokens.len())
+                    .max()
+                    .unwrap_or(0)
+        }
     }
 
-    /// One L2-normalised embedding per prompt, in order. Prompts are packed
-    /// into as few decodes as the context allows.
-    pub fn embed(&mut self, prompts: &[Vec<LlamaToken>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let mut out = Vec::with_capacity(prompts.len());
+    /// One L2-normalised embedding per `(task, request tokens)`, in order.
+    /// Requests are packed into as few decodes as the context allows.
+    pub fn embed(
+        &mut self,
+        requests: &[(usize, Vec<LlamaToken>)],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut out = Vec::with_capacity(requests.len());
         let mut start = 0;
-        while start < prompts.len() {
+        while start < requests.len() {
             let mut end = start;
             let mut used = 0;
-            while end < prompts.len() && end - start < MAX_SEQUENCES {
-                let len = prompts[end].len();
-                if len > self.n_ctx {
+            while end < requests.len() && end - start < self.opts.max_batch.max(1) {
+                let len = self.decoded_len(&requests[end]);
+                if len > self.room {
                     return Err(EngineError::TooLong {
                         tokens: len,
-                        limit: self.n_ctx,
+                        limit: self.max_tokens(),
                     });
                 }
-                if used + len > self.n_ctx {
+                if used + len > self.room {
                     break;
                 }
                 used += len;
                 end += 1;
             }
-            out.extend(self.embed_group(&prompts[start..end], used)?);
+            out.extend(self.embed_group(&requests[start..end], used)?);
             start = end;
         }
         Ok(out)
     }
 
+    /// Tokens a request puts through the model in this mode.
+    fn decoded_len(&self, (task, tokens): &(usize, Vec<LlamaToken>)) -> usize {
+        if self.opts.prefix_cache {
+            tokens.len()
+        } else {
+            self.prefixes[*task].tokens.len() + tokens.len()
+        }
+    }
+
     fn embed_group(
         &mut self,
-        prompts: &[Vec<LlamaToken>],
+        requests: &[(usize, Vec<LlamaToken>)],
         total: usize,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.ctx.clear_kv_cache();
-        let mut batch = LlamaBatch::new(total.max(1), prompts.len() as i32);
-        for (seq, tokens) in prompts.iter().enumerate() {
-            let last = tokens.len().saturating_sub(1);
-            for (pos, &tok) in tokens.iter().enumerate() {
-                batch
-                    .add(tok, pos as i32, &[seq as i32], pos == last)
+        let first_work_seq = self.prefixes.len() as i32;
+        let mut batch = LlamaBatch::new(total.max(1), requests.len() as i32);
+        for (i, (task, tokens)) in requests.iter().enumerate() {
+            let seq = first_work_seq + i as i32;
+            self.ctx
+                .clear_kv_cache_seq(Some(seq as u32), None, None)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            let prefix = &self.prefixes[*task].tokens;
+            if self.opts.prefix_cache {
+                self.ctx
+                    .copy_kv_cache_seq(*task as i32, seq, None, None)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
+                add_seq(&mut batch, tokens, prefix.len(), seq)?;
+            } else {
+                let mut all = prefix.clone();
+                all.extend_from_slice(tokens);
+                add_seq(&mut batch, &all, 0, seq)?;
             }
         }
         self.ctx
             .decode(&mut batch)
             .map_err(|e| EngineError::Decode(e.to_string()))?;
-        (0..prompts.len())
-            .map(|seq| {
-                let mut v = self
-                    .ctx
-                    .embeddings_seq_ith(seq as i32)
-                    .map_err(|e| EngineError::Decode(e.to_string()))?
-                    .to_vec();
-                super::head::l2_normalise(&mut v);
-                Ok(v)
-            })
-            .collect()
+        // Every token of the batch is an output; each request's own tokens
+        // are the last `tokens.len()` of its run in the batch.
+        let mut end = 0usize;
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            end += self.decoded_len(r);
+            let own = (end - r.1.len())..end;
+            out.push(
+                self.pool(own)
+                    .map_err(|e| EngineError::Decode(e.to_string())),
+            );
+        }
+        let out: Result<Vec<_>, _> = out.into_iter().collect();
+        // Free the working cells now, so the next group has the whole room.
+        for i in 0..requests.len() {
+            let seq = (first_work_seq + i as i32) as u32;
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+        }
+        out
     }
+
+    /// The features of one request: the mean of its tokens' hidden states
+    /// and the last token's hidden state, each L2-normalised, concatenated.
+    /// The mean keeps what the words say; the last state (after the end of
+    /// the user turn) what the model made of the whole input.
+    fn pool(
+        &self,
+        batch_indices: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, llama_cpp_2::EmbeddingsError> {
+        let n = batch_indices.len().max(1) as f32;
+        let last = batch_indices.end - 1;
+        let mut mean: Vec<f32> = Vec::new();
+        for i in batch_indices {
+            let e = self.ctx.embeddings_ith(i as i32)?;
+            if mean.is_empty() {
+                mean = vec![0.0; e.len()];
+            }
+            mean.iter_mut().zip(e).for_each(|(m, v)| *m += v / n);
+        }
+        let mut last = self.ctx.embeddings_ith(last as i32)?.to_vec();
+        super::head::l2_normalise(&mut mean);
+        super::head::l2_normalise(&mut last);
+        mean.extend(last);
+        Ok(mean)
+    }
+
+    pub fn context_size(&self) -> usize {
+        self.n_ctx
+    }
+}
+
+/// Adds `tokens` to `batch` as sequence `seq` from position `start`; pooled
+/// embeddings need every token marked as output.
+fn add_seq(
+    batch: &mut LlamaBatch,
+    tokens: &[LlamaToken],
+    start: usize,
+    seq: i32,
+) -> Result<(), EngineError> {
+    for (i, &tok) in tokens.iter().enumerate() {
+        batch
+            .add(tok, (start + i) as i32, &[seq], true)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+    }
+    Ok(())
 }

@@ -101,17 +101,98 @@ impl Head {
         (0..self.labels.len())
             .map(|c| {
                 let row = &self.weights[c * self.dim..(c + 1) * self.dim];
-                self.bias[c] + row.iter().zip(x).map(|(w, v)| w * v).sum::<f32>()
+                self.bias[c] + dot(row, x)
             })
             .collect()
     }
 
-    /// Probability per label (same order as `labels`) for an L2-normalised
-    /// embedding.
-    pub fn predict(&self, x: &[f32]) -> Vec<f32> {
+    /// Uncalibrated scores per label (same order as `labels`).
+    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
         let centred: Vec<f32> = x.iter().zip(&self.mean).map(|(v, m)| v - m).collect();
-        softmax(&self.logits_centred(&centred), self.temperature)
+        self.logits_centred(&centred)
     }
+
+    /// Probability per label (same order as `labels`) for a feature vector.
+    pub fn predict(&self, x: &[f32]) -> Vec<f32> {
+        softmax(&self.logits(x), self.temperature)
+    }
+
+    /// Trains on all examples, then sets the softmax temperature so that
+    /// confidences mean what they say: `folds`-fold cross-validation on the
+    /// training examples gives held-out scores for every example, and the
+    /// temperature that minimises their negative log-likelihood is kept
+    /// (temperature scaling; it never changes which label wins).
+    /// With fewer than two examples of some label per fold the temperature
+    /// stays 1.
+    pub fn train_calibrated(
+        labels: Vec<String>,
+        xs: &[Vec<f32>],
+        ys: &[usize],
+        opt: TrainOptions,
+        folds: usize,
+    ) -> Head {
+        let mut head = Head::train(labels.clone(), xs, ys, opt);
+        let names: Vec<String> = ys.iter().map(|y| y.to_string()).collect();
+        if folds < 2 || xs.len() < 2 * folds {
+            return head;
+        }
+        let fold_of = crate::eval::folds::stratified_folds(&names, folds, 0x5eed);
+        let mut held_out = Vec::with_capacity(xs.len());
+        for f in 0..folds {
+            let (train_x, train_y): (Vec<Vec<f32>>, Vec<usize>) = xs
+                .iter()
+                .zip(ys)
+                .zip(&fold_of)
+                .filter(|(_, &k)| k != f)
+                .map(|((x, &y), _)| (x.clone(), y))
+                .unzip();
+            let inner = Head::train(labels.clone(), &train_x, &train_y, opt);
+            for ((x, &y), _) in xs.iter().zip(ys).zip(&fold_of).filter(|(_, &k)| k == f) {
+                held_out.push((inner.logits(x), y));
+            }
+        }
+        head.temperature = fit_temperature(&held_out);
+        head
+    }
+}
+
+/// The temperature in [0.05, 20] that minimises the mean negative
+/// log-likelihood of `(logits, true label)` pairs (log-spaced grid search;
+/// the loss is smooth and one-dimensional).
+pub fn fit_temperature(samples: &[(Vec<f32>, usize)]) -> f32 {
+    if samples.is_empty() {
+        return 1.0;
+    }
+    let nll = |t: f32| -> f32 {
+        samples
+            .iter()
+            .map(|(l, y)| -softmax(l, t)[*y].max(1e-12).ln())
+            .sum::<f32>()
+    };
+    let (lo, hi) = (0.05f32.ln(), 20.0f32.ln());
+    (0..=200)
+        .map(|i| (lo + (hi - lo) * i as f32 / 200.0).exp())
+        .min_by(|a, b| nll(*a).total_cmp(&nll(*b)))
+        .unwrap_or(1.0)
+}
+
+/// Dot product in eight independent lanes, so the compiler can vectorise it
+/// (a single running sum cannot be reordered, and training is mostly this).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
@@ -180,6 +261,22 @@ mod tests {
         let p = head.predict(&point(0.1, 0.95));
         assert!(p[1] > 0.9, "{p:?}");
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn fitted_temperature_softens_overconfident_scores() {
+        // Scores that say 0.99 but are right only 3 times in 4.
+        let mut samples = Vec::new();
+        for i in 0..40 {
+            let y = if i % 4 == 0 { 1 } else { 0 };
+            samples.push((vec![4.6, 0.0], y));
+        }
+        let t = fit_temperature(&samples);
+        let p = softmax(&[4.6, 0.0], t)[0];
+        assert!((p - 0.75).abs() < 0.03, "t = {t}, p = {p}");
+        // Scores that are always right get sharper, not softer.
+        let sure: Vec<_> = (0..10).map(|_| (vec![1.0, 0.0], 0)).collect();
+        assert!(fit_temperature(&sure) < 1.0);
     }
 
     #[test]

@@ -12,7 +12,11 @@
 
 pub mod embed;
 pub mod head;
+pub mod lexical;
+pub mod schema;
+pub mod scorer;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -25,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::examples::Example;
 use crate::models::PromptFormat;
-use embed::Embedder;
+use embed::{DecodeOptions, Embedder, Template};
 use head::{Head, TrainOptions};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,13 +59,39 @@ pub struct ModelInfo {
     pub sha256: String,
 }
 
+/// How a classify task picks its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Strategy {
+    /// A logistic-regression head over the model's hidden states and the
+    /// text's n-grams, trained on the task's examples (fast, most accurate).
+    #[default]
+    Head,
+    /// Each label scored as the model's reply under a prompt with the
+    /// instruction and a few examples ([`scorer`]).
+    LabelScoring,
+}
+
 /// What the engine needs to know about a task.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     pub name: String,
+    pub strategy: Strategy,
+    /// What the task is, said to the model before the input.
     pub instruction: String,
+    /// Words after the input, where the reply would start.
+    pub cue: String,
     pub labels: Vec<String>,
     pub examples: Vec<Example>,
+    /// Weight of the text's own n-gram features beside the hidden state
+    /// (0 turns them off).
+    pub lexical_weight: f32,
+    /// Below this confidence the answer is "not recognised".
+    pub abstain_below: f32,
+    /// A label that means "none of the others" (out of scope): predicting
+    /// it is also "not recognised".
+    pub reject_label: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,12 +107,17 @@ pub struct EngineOptions {
     /// Trained heads are kept here, keyed by everything they depend on, so
     /// a restart (after a crash, say) does not embed every example again.
     pub head_cache: Option<PathBuf>,
+    pub decode: DecodeOptions,
 }
 
-/// A classification: every label with its probability, best first.
+/// A classification: every label with its probability, best first, and the
+/// task's decision.
 #[derive(Debug, Clone)]
 pub struct Scores {
     pub ranked: Vec<(String, f32)>,
+    /// The recognised label; `None` when the best label is below the task's
+    /// `abstain_below` or is its reject label.
+    pub label: Option<String>,
     /// Time on the inference thread, including waiting for the batch.
     pub inference_ms: f64,
 }
@@ -164,77 +199,213 @@ impl Engine {
     }
 }
 
+/// Everything the inference thread owns once set up.
+struct Worker<'m> {
+    embedder: Embedder<'m>,
+    /// Only when some task uses label scoring.
+    scorer: Option<scorer::Scorer<'m>>,
+    tasks: Vec<TaskSpec>,
+    /// `None` for label-scoring tasks.
+    heads: Vec<Option<Head>>,
+}
+
 fn inference_thread(
     opts: EngineOptions,
     tasks: Vec<TaskSpec>,
     mut rx: mpsc::Receiver<Job>,
     ready: std::sync::mpsc::SyncSender<Result<(), EngineError>>,
 ) {
-    let setup = || -> Result<_, EngineError> {
-        let backend = backend()?;
-        let started = Instant::now();
-        let model =
-            LlamaModel::load_from_file(backend, &opts.model_path, &LlamaModelParams::default())
-                .map_err(|e| EngineError::Load {
-                    path: opts.model_path.clone(),
-                    message: e.to_string(),
-                })?;
-        log::info!(
-            "model {} loaded from {} in {} ms",
-            opts.model.name,
-            opts.model_path.display(),
-            started.elapsed().as_millis()
-        );
-        Ok((backend, model))
-    };
-    let (backend, model) = match setup() {
-        Ok(v) => v,
+    let model = match load_model(&opts) {
+        Ok(m) => m,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
-        n => n as i32,
-    };
-    let mut embedder = match Embedder::new(backend, &model, opts.format, opts.context_size, threads)
-    {
-        Ok(e) => e,
+    let mut worker = match Worker::new(&opts, &model, tasks) {
+        Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let mut heads = Vec::with_capacity(tasks.len());
-    for task in &tasks {
-        match cached_or_train(&mut embedder, task, &opts) {
-            Ok(h) => heads.push(h),
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        }
-    }
     let _ = ready.send(Ok(()));
     drop(ready);
 
     while let Some(first) = rx.blocking_recv() {
         let started = Instant::now();
         let mut jobs = vec![first];
-        while jobs.len() < embed::MAX_SEQUENCES {
+        while jobs.len() < opts.decode.max_batch.max(1) {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        run_batch(&mut embedder, &tasks, &heads, jobs, started);
+        worker.run_batch(jobs, started);
     }
     log::debug!("inference thread stopping: every engine handle is gone");
 }
 
+fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
+    let backend = backend()?;
+    let started = Instant::now();
+    let model = LlamaModel::load_from_file(backend, &opts.model_path, &LlamaModelParams::default())
+        .map_err(|e| EngineError::Load {
+            path: opts.model_path.clone(),
+            message: e.to_string(),
+        })?;
+    log::info!(
+        "model {} loaded from {} in {} ms",
+        opts.model.name,
+        opts.model_path.display(),
+        started.elapsed().as_millis()
+    );
+    Ok(model)
+}
+
+fn threads(configured: u32) -> i32 {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+        n => n as i32,
+    }
+}
+
+impl<'m> Worker<'m> {
+    fn new(
+        opts: &EngineOptions,
+        model: &'m LlamaModel,
+        tasks: Vec<TaskSpec>,
+    ) -> Result<Self, EngineError> {
+        let templates: Vec<Template> = tasks
+            .iter()
+            .map(|t| Template::new(opts.format, &t.instruction, &t.cue))
+            .collect();
+        let mut embedder = Embedder::new(
+            backend()?,
+            model,
+            &templates,
+            opts.context_size,
+            threads(opts.threads),
+            opts.decode,
+        )?;
+        // Tasks that share a template and examples (eval's folds) embed
+        // each example once.
+        let mut memo = HashMap::new();
+        let mut heads = Vec::with_capacity(tasks.len());
+        for (i, task) in tasks.iter().enumerate() {
+            heads.push(match task.strategy {
+                Strategy::Head => Some(cached_or_train(&mut embedder, i, task, opts, &mut memo)?),
+                Strategy::LabelScoring => None,
+            });
+        }
+        let scored: Vec<bool> = heads.iter().map(Option::is_none).collect();
+        let scorer = if scored.contains(&true) {
+            Some(scorer::Scorer::new(
+                backend()?,
+                model,
+                opts.format,
+                &tasks,
+                &scored,
+                opts.context_size,
+                threads(opts.threads),
+            )?)
+        } else {
+            None
+        };
+        Ok(Worker {
+            embedder,
+            scorer,
+            tasks,
+            heads,
+        })
+    }
+
+    fn run_batch(&mut self, jobs: Vec<Job>, started: Instant) {
+        let (head_jobs, scored_jobs): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| self.heads[j.task].is_some());
+        for job in scored_jobs {
+            let t0 = Instant::now();
+            let scorer = self.scorer.as_mut().expect("a scorer for scored tasks");
+            let result = scorer.score(job.task, &job.text).map(|logp| {
+                let task = &self.tasks[job.task];
+                decide(task, head::softmax(&logp, 1.0), ms_since(t0))
+            });
+            let _ = job.reply.send(result);
+        }
+        if !head_jobs.is_empty() {
+            self.run_heads(head_jobs, started);
+        }
+    }
+
+    fn run_heads(&mut self, jobs: Vec<Job>, started: Instant) {
+        // Inputs too long for the context fail alone; the rest still run.
+        let mut ok = Vec::with_capacity(jobs.len());
+        let mut requests = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let tokens = self.embedder.request_tokens(job.task, &job.text);
+            if tokens.len() > self.embedder.max_tokens() {
+                let _ = job.reply.send(Err(EngineError::TooLong {
+                    tokens: tokens.len(),
+                    limit: self.embedder.max_tokens(),
+                }));
+            } else {
+                requests.push((job.task, tokens));
+                ok.push(job);
+            }
+        }
+        match self.embedder.embed(&requests) {
+            Ok(xs) => {
+                let inference_ms = ms_since(started);
+                for (job, x) in ok.into_iter().zip(xs) {
+                    let task = &self.tasks[job.task];
+                    let head = self.heads[job.task].as_ref().expect("a head");
+                    let probs = head.predict(&features(task, x, &job.text));
+                    let _ = job.reply.send(Ok(decide(task, probs, inference_ms)));
+                }
+            }
+            Err(e) => {
+                for job in ok {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The head's input: the hidden state, then the text's n-gram features
+/// scaled by the task's lexical weight.
+fn features(task: &TaskSpec, mut hidden: Vec<f32>, text: &str) -> Vec<f32> {
+    if task.lexical_weight > 0.0 {
+        hidden.extend(
+            lexical::features(text)
+                .into_iter()
+                .map(|v| v * task.lexical_weight),
+        );
+    }
+    hidden
+}
+
+/// Ranks the labels and applies the task's abstention rules.
+pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
+    let mut ranked: Vec<(String, f32)> = task.labels.iter().cloned().zip(probs).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (best, p) = &ranked[0];
+    let rejected = task.reject_label.as_deref() == Some(best.as_str());
+    let label = (*p >= task.abstain_below && !rejected).then(|| best.clone());
+    Scores {
+        ranked,
+        label,
+        inference_ms,
+    }
+}
+
 /// What a trained head depends on: the model, its prompt format, the task's
-/// instruction, labels and examples (in order), and the training code.
+/// prompt, labels and examples (in order), its features and the training
+/// code.
 pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -242,10 +413,12 @@ pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> St
         h.update((b.len() as u64).to_le_bytes());
         h.update(b);
     };
-    field(b"head-v1");
+    field(b"head-v2");
     field(model_sha256.as_bytes());
     field(format!("{format:?}").as_bytes());
     field(task.instruction.as_bytes());
+    field(task.cue.as_bytes());
+    field(&task.lexical_weight.to_le_bytes());
     for l in &task.labels {
         field(l.as_bytes());
     }
@@ -258,11 +431,13 @@ pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> St
 
 fn cached_or_train(
     embedder: &mut Embedder<'_>,
+    index: usize,
     task: &TaskSpec,
     opts: &EngineOptions,
+    memo: &mut HashMap<(String, String, String), Vec<f32>>,
 ) -> Result<Head, EngineError> {
     let Some(dir) = &opts.head_cache else {
-        return train(embedder, task);
+        return train(embedder, index, task, memo);
     };
     let path = dir.join(format!(
         "{}.json",
@@ -277,7 +452,7 @@ fn cached_or_train(
             _ => log::warn!("ignoring unreadable cached head {}", path.display()),
         }
     }
-    let head = train(embedder, task)?;
+    let head = train(embedder, index, task, memo)?;
     // A cache that cannot be written costs only time at the next start.
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -295,14 +470,21 @@ fn cached_or_train(
     Ok(head)
 }
 
-fn train(embedder: &mut Embedder<'_>, task: &TaskSpec) -> Result<Head, EngineError> {
+/// Folds of the training examples used to calibrate the head's confidence.
+const CALIBRATION_FOLDS: usize = 5;
+
+fn train(
+    embedder: &mut Embedder<'_>,
+    index: usize,
+    task: &TaskSpec,
+    memo: &mut HashMap<(String, String, String), Vec<f32>>,
+) -> Result<Head, EngineError> {
     let started = Instant::now();
     let fail = |message: String| EngineError::Training {
         task: task.name.clone(),
         message,
     };
     let mut ys = Vec::with_capacity(task.examples.len());
-    let mut prompts = Vec::with_capacity(task.examples.len());
     for ex in &task.examples {
         let y = task
             .labels
@@ -310,62 +492,42 @@ fn train(embedder: &mut Embedder<'_>, task: &TaskSpec) -> Result<Head, EngineErr
             .position(|l| *l == ex.label)
             .ok_or_else(|| fail(format!("example label {:?} is not a task label", ex.label)))?;
         ys.push(y);
-        prompts.push(embedder.prompt_tokens(&ex.text, &task.instruction));
     }
-    let xs = embedder.embed(&prompts)?;
-    let head = Head::train(task.labels.clone(), &xs, &ys, TrainOptions::default());
+    let key = |text: &str| (task.instruction.clone(), task.cue.clone(), text.to_owned());
+    let missing: Vec<&Example> = task
+        .examples
+        .iter()
+        .filter(|e| !memo.contains_key(&key(&e.text)))
+        .collect();
+    let requests: Vec<_> = missing
+        .iter()
+        .map(|e| (index, embedder.request_tokens(index, &e.text)))
+        .collect();
+    for (e, x) in missing.iter().zip(embedder.embed(&requests)?) {
+        memo.insert(key(&e.text), x);
+    }
+    let xs: Vec<Vec<f32>> = task
+        .examples
+        .iter()
+        .map(|e| features(task, memo[&key(&e.text)].clone(), &e.text))
+        .collect();
+    let head = Head::train_calibrated(
+        task.labels.clone(),
+        &xs,
+        &ys,
+        TrainOptions::default(),
+        CALIBRATION_FOLDS,
+    );
     log::info!(
-        "task {}: head trained on {} examples, {} labels, in {} ms",
+        "task {}: head trained on {} examples ({} embedded), {} labels, temperature {:.2}, in {} ms",
         task.name,
         xs.len(),
+        requests.len(),
         task.labels.len(),
+        head.temperature,
         started.elapsed().as_millis()
     );
     Ok(head)
-}
-
-fn run_batch(
-    embedder: &mut Embedder<'_>,
-    tasks: &[TaskSpec],
-    heads: &[Head],
-    jobs: Vec<Job>,
-    started: Instant,
-) {
-    // Inputs too long for the context fail alone; the rest still run.
-    let mut ok = Vec::with_capacity(jobs.len());
-    let mut prompts = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let tokens = embedder.prompt_tokens(&job.text, &tasks[job.task].instruction);
-        if tokens.len() > embedder.max_tokens() {
-            let _ = job.reply.send(Err(EngineError::TooLong {
-                tokens: tokens.len(),
-                limit: embedder.max_tokens(),
-            }));
-        } else {
-            prompts.push(tokens);
-            ok.push(job);
-        }
-    }
-    match embedder.embed(&prompts) {
-        Ok(xs) => {
-            let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
-            for (job, x) in ok.into_iter().zip(xs) {
-                let head = &heads[job.task];
-                let mut ranked: Vec<(String, f32)> =
-                    head.labels.iter().cloned().zip(head.predict(&x)).collect();
-                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let _ = job.reply.send(Ok(Scores {
-                    ranked,
-                    inference_ms,
-                }));
-            }
-        }
-        Err(e) => {
-            for job in ok {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -375,7 +537,12 @@ mod tests {
     fn task() -> TaskSpec {
         TaskSpec {
             name: "t".into(),
-            instruction: "The intent is:".into(),
+            strategy: Strategy::Head,
+            instruction: "Classify the command.".into(),
+            cue: "The intent is:".into(),
+            lexical_weight: 1.0,
+            abstain_below: 0.5,
+            reject_label: Some("oos".into()),
             labels: vec!["on".into(), "off".into()],
             examples: vec![
                 Example {
@@ -413,7 +580,27 @@ mod tests {
         t.instruction.push('!');
         assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
         let mut t = task();
+        t.cue.push('!');
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
+        t.lexical_weight = 0.5;
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
         t.labels.swap(0, 1);
         assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+    }
+
+    #[test]
+    fn decide_abstains_below_threshold_and_on_the_reject_label() {
+        let mut t = task();
+        t.labels = vec!["on".into(), "off".into(), "oos".into()];
+        let s = decide(&t, vec![0.7, 0.2, 0.1], 1.0);
+        assert_eq!(s.label.as_deref(), Some("on"));
+        assert_eq!(s.ranked[0].0, "on");
+        let s = decide(&t, vec![0.45, 0.35, 0.2], 1.0);
+        assert_eq!(s.label, None, "below abstain_below");
+        assert_eq!(s.ranked.len(), 3, "alternatives are still listed");
+        let s = decide(&t, vec![0.1, 0.1, 0.8], 1.0);
+        assert_eq!(s.label, None, "the reject label is not a recognition");
     }
 }

