@@ -46,8 +46,12 @@ async fn main() {
         }
     }
     let mut latencies = Vec::with_capacity(n);
+    // Ids unique per run: the daemon skips an id it has already processed.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     for i in 0..n {
-        let id = format!("lat-{i}");
+        let id = format!("lat-{run}-{i}");
         let text = TEXTS[i % TEXTS.len()];
         let payload = serde_json::json!({"id": id, "text": text}).to_string();
         let sent = Instant::now();

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::util::{write_config, Broker, Client, Daemon, Running};
+use crate::util::{write_config, Broker, Client, Daemon, Running, LABELS};
 
 /// Commands whose intent no reasonable reader could doubt. (Smart-plug
 /// commands are left out: with the 7-9 plug examples of the dev set the
@@ -37,18 +37,6 @@ fn check_result(v: &serde_json::Value, labels: &HashSet<&str>) {
     }
     assert!(sum <= 1.0 + 1e-3);
 }
-
-const LABELS: &[&str] = &[
-    "lights_on",
-    "lights_off",
-    "lights_dim",
-    "lights_brighten",
-    "lights_colour",
-    "make_coffee",
-    "vacuum",
-    "plug_on",
-    "plug_off",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_gets_exactly_one_well_formed_result() {

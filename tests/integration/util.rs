@@ -355,3 +355,16 @@ impl Running {
         }
     }
 }
+
+/// The test task's labels.
+pub const LABELS: &[&str] = &[
+    "lights_on",
+    "lights_off",
+    "lights_dim",
+    "lights_brighten",
+    "lights_colour",
+    "make_coffee",
+    "vacuum",
+    "plug_on",
+    "plug_off",
+];

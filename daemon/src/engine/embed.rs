@@ -16,9 +16,7 @@
 //! Several requests are decoded together, one working sequence each, in one
 //! batch.
 
-use std::num::NonZeroU32;
-
-use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::context::params::LlamaPoolingType;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -111,16 +109,9 @@ impl<'m> Embedder<'m> {
         threads: i32,
         opts: DecodeOptions,
     ) -> Result<Self, EngineError> {
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_ctx)
-            .with_n_ubatch(n_ctx)
-            .with_n_seq_max((templates.len() + MAX_SEQUENCES) as u32)
-            .with_kv_unified(true)
+        let params = super::context_params(n_ctx, templates.len() + MAX_SEQUENCES, threads)
             .with_embeddings(true)
-            .with_pooling_type(LlamaPoolingType::None)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+            .with_pooling_type(LlamaPoolingType::None);
         let ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -261,6 +262,19 @@ fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
         started.elapsed().as_millis()
     );
     Ok(model)
+}
+
+/// A context whose whole window can be decoded in one batch, with a unified
+/// KV cache so that copying a sequence shares its cells.
+fn context_params(n_ctx: u32, sequences: usize, threads: i32) -> LlamaContextParams {
+    LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        .with_n_ubatch(n_ctx)
+        .with_n_seq_max(sequences as u32)
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
 }
 
 fn threads(configured: u32) -> i32 {

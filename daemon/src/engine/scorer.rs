@@ -12,9 +12,6 @@
 //! This needs logits, so it runs in a context of its own (the embedding
 //! context outputs hidden states for every token instead).
 
-use std::num::NonZeroU32;
-
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -106,14 +103,7 @@ impl<'m> Scorer<'m> {
         n_ctx: u32,
         threads: i32,
     ) -> Result<Self, EngineError> {
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_ctx)
-            .with_n_ubatch(n_ctx)
-            .with_n_seq_max((tasks.len() + 1 + MAX_LABELS) as u32)
-            .with_kv_unified(true)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+        let params = super::context_params(n_ctx, tasks.len() + 1 + MAX_LABELS, threads);
         let mut ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
