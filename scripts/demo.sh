@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n' "$port" >"$work/mosquitto.conf"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n' "$port" >"$work/mosquitto.conf"
 mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 "$mosquitto" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
 pids+=($!)

@@ -39,6 +39,10 @@ async fn main() {
     );
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    // Like the daemon: no Nagle delay on small packets.
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     client.subscribe(&results, QoS::AtLeastOnce).await.unwrap();
     loop {
         if let Ok(Event::Incoming(Incoming::SubAck(_))) = eventloop.poll().await {

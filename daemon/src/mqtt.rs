@@ -138,7 +138,13 @@ impl Link {
     pub fn new(opts: MqttOptions, store: Store) -> (Arc<Link>, EventLoop) {
         let max_inflight = opts.inflight() as usize;
         // Room for every publish we may have outstanding plus the subscribe.
-        let (client, eventloop) = AsyncClient::new(opts, max_inflight + 8);
+        let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
+        // Small packets (a PUBACK, then a result) must not wait for the
+        // broker's delayed TCP ACK: with Nagle's algorithm on, each result
+        // sat about 40 ms in the socket (e2e p50 91.9 ms vs 40 ms inference).
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let link = Link {
             client,
             tracker: Mutex::new(Tracker::default()),
