@@ -54,12 +54,23 @@ commands=(
   "lights on in the hallway please (run $run)"
   "{\"id\": \"$run-8\", \"text\": \"\"}"
 )
-mosquitto_sub -p "$port" -q 1 -v -t 'slmd/home/#' -C "${#commands[@]}" -W 120 >"$work/results" &
+# Intent + slots (the `assist` extract task).
+assist=(
+  "{\"id\": \"$run-a1\", \"text\": \"turn off the kitchen lights\"}"
+  "{\"id\": \"$run-a2\", \"text\": \"set the bedroom lamp to 40 percent\"}"
+  "{\"id\": \"$run-a3\", \"text\": \"start a 10 minute timer\"}"
+)
+total=$(( ${#commands[@]} + ${#assist[@]} ))
+mosquitto_sub -p "$port" -q 1 -v -t 'slmd/#' -C "$total" -W 180 >"$work/results" &
 sub=$!
 sleep 0.5
 for c in "${commands[@]}"; do
   echo "  -> home/kitchen/command  $c"
   mosquitto_pub -p "$port" -q 1 -t home/kitchen/command -m "$c"
+done
+for c in "${assist[@]}"; do
+  echo "  -> assist/kitchen/text   $c"
+  mosquitto_pub -p "$port" -q 1 -t assist/kitchen/text -m "$c"
 done
 wait "$sub" || true
 echo
@@ -67,5 +78,5 @@ echo "results:"
 sed 's/^/  <- /' "$work/results"
 n=$(wc -l <"$work/results")
 echo
-echo "demo: $n of ${#commands[@]} messages answered"
-[ "$n" -eq "${#commands[@]}" ]
+echo "demo: $n of $total messages answered"
+[ "$n" -eq "$total" ]

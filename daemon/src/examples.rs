@@ -12,13 +12,46 @@ use crate::config::{Config, TaskConfig};
 pub struct Row {
     pub text: String,
     pub intent: String,
+    /// Slot name to value, for extraction; absent when not annotated.
+    #[serde(default)]
+    pub slots: Option<Slots>,
 }
 
+/// Slot values as annotated: strings, numbers, or a list of acceptable
+/// spellings (the first is used).
+pub type Slots = serde_json::Map<String, serde_json::Value>;
+
 /// One training example of a task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub text: String,
     pub label: String,
+    /// Its slots when annotated (only annotated examples are shown to the
+    /// model as extraction examples).
+    pub slots: Option<Slots>,
+}
+
+impl From<Row> for Example {
+    fn from(r: Row) -> Example {
+        Example {
+            text: r.text,
+            label: r.intent,
+            slots: r.slots,
+        }
+    }
+}
+
+/// An annotated slot value as one string: a list gives its first entry,
+/// trimmed; numbers print as JSON does. `None` for null or empty values.
+pub fn slot_text(v: &serde_json::Value) -> Option<String> {
+    let s = match v {
+        serde_json::Value::String(s) => s.trim().to_owned(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Array(a) => return a.first().and_then(slot_text),
+        _ => return None,
+    };
+    (!s.is_empty()).then_some(s)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,14 +103,12 @@ pub fn for_task(config: &Config, task: &TaskConfig) -> Result<Vec<Example>, Exam
         out.extend(texts.map(|t| Example {
             text: t.clone(),
             label: label.name.clone(),
+            slots: None,
         }));
     }
     if let Some(file) = &task.examples_file {
         let rows = read_jsonl(&config.resolve(file))?;
-        out.extend(rows.into_iter().map(|r| Example {
-            text: r.text,
-            label: r.intent,
-        }));
+        out.extend(rows.into_iter().map(Example::from));
     }
     Ok(out)
 }

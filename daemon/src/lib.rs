@@ -132,6 +132,11 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
             lexical_weight: t.lexical_weight,
             abstain_below: t.abstain_below,
             reject_label: t.reject_label.clone(),
+            extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
+                slots: t.slots.clone(),
+                instruction: t.slot_instruction.clone(),
+                label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
+            }),
         });
     }
     let opts = EngineOptions {
@@ -143,6 +148,7 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
         queue: config.limits.max_in_flight * 2,
         head_cache: Some(config.state_dir().join("heads")),
         decode: Default::default(),
+        extract_context: config.model.extract_context_size,
     };
     Ok(Engine::start(opts, tasks)?)
 }

@@ -70,9 +70,22 @@ struct EvalArgs {
     /// Evaluate this configured task (with --config and --test).
     #[arg(long)]
     task: Option<String>,
-    /// Only `classify` is evaluated by this command for now.
-    #[arg(long, default_value = "classify")]
-    kind: String,
+    /// `extract` also generates each recognised intent's slots (schema
+    /// from the training rows' `slots`) and reports slot P/R/F1.
+    #[arg(long, value_enum, default_value = "classify")]
+    kind: EvalKind,
+    /// Extract: known slot values, YAML or JSON: a map of slot name to
+    /// values, or a Home Assistant fixtures file (areas, floors, entities).
+    #[arg(long)]
+    slot_values: Option<PathBuf>,
+    /// More training rows for every task, never tested: labelled JSONL or a
+    /// Home Assistant intent catalogue (`intents.yaml`: its example
+    /// sentences). Rows whose text is also in --train or --test are dropped.
+    #[arg(long)]
+    extra_train: Option<PathBuf>,
+    /// Extract: what the model is told before an intent's examples.
+    #[arg(long, default_value = slmd::engine::extract::DEFAULT_INSTRUCTION)]
+    slot_instruction: String,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
@@ -101,6 +114,12 @@ struct EvalArgs {
     engine: EngineArgs,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EvalKind {
+    Classify,
+    Extract,
+}
+
 /// The model and how the engine runs it, for `eval` and `bench`.
 #[derive(clap::Args)]
 struct EngineArgs {
@@ -112,6 +131,9 @@ struct EngineArgs {
     threads: u32,
     #[arg(long, default_value_t = 2048)]
     context_size: u32,
+    /// Context of the slot generator (extract only).
+    #[arg(long, default_value_t = 8192)]
+    extract_context_size: u32,
     #[command(flatten)]
     dirs: DirArgs,
 }
@@ -235,9 +257,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("no task named {task:?} in the configuration");
             }
             let engine = slmd::start_engine(&config)?;
-            let scores = engine.classify_blocking(&task, text.clone())?;
+            let scores = engine.infer_blocking(&task, text.clone())?;
             let id = slmd::payload::derived_id("cli", text.as_bytes());
-            let result = slmd::payload::ClassifyResult::new(
+            let result = slmd::payload::TaskResult::new(
                 id,
                 &task,
                 &scores,
@@ -282,10 +304,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     use slmd::eval::{self, TaskSettings};
     use slmd::examples::read_jsonl;
-    if a.kind != "classify" {
-        anyhow::bail!("--kind {}: only classify can be evaluated so far", a.kind);
-    }
+    let extract = match a.kind {
+        EvalKind::Classify => None,
+        EvalKind::Extract => Some(eval::ExtractSettings {
+            instruction: a.slot_instruction.clone(),
+            known: match &a.slot_values {
+                Some(path) => eval::slots::read_known(path)?,
+                None => Default::default(),
+            },
+        }),
+    };
+    let extra = match &a.extra_train {
+        None => Vec::new(),
+        Some(path) => {
+            let mut tested = Vec::new();
+            for p in [&a.train, &a.test].into_iter().flatten() {
+                tested.extend(read_jsonl(p)?);
+            }
+            let (rows, dropped) = eval::read_extra(path, &tested)?;
+            eprintln!(
+                "--extra-train: {} rows from {} ({dropped} dropped: their text is also in the evaluated rows)",
+                rows.len(),
+                path.display()
+            );
+            rows
+        }
+    };
     let settings = TaskSettings {
+        extra,
+        extract,
         strategy: a.strategy,
         instruction: a.instruction.clone(),
         cue: a.cue.clone(),
@@ -370,6 +417,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions>
         queue: 64,
         head_cache: None,
         decode: Default::default(),
+        extract_context: a.extract_context_size,
     })
 }
 
@@ -383,6 +431,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         lexical_weight: 1.0,
         abstain_below: 0.0,
         reject_label: None,
+        extract: None,
+        extra: Vec::new(),
     };
     let trial = slmd::eval::holdout(&rows, Vec::new(), &settings).remove(0);
     let mut opts = engine_options(&a.engine)?;

@@ -8,6 +8,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::Limits;
+use std::collections::BTreeMap;
+
+use crate::engine::schema::{SlotValue, Span};
 use crate::engine::{ModelInfo, Scores};
 
 /// A message ready for inference.
@@ -118,16 +121,17 @@ pub struct Alternative {
     pub confidence: f32,
 }
 
-/// A classification result, as published.
+/// A task's result, as published: the label of a classify task, or the
+/// intent and slots of an extract task, with confidence and alternatives.
 #[derive(Debug, Clone, Serialize)]
-pub struct ClassifyResult {
+pub struct TaskResult {
     pub id: String,
     pub task: String,
     /// False when the best label's confidence is below the task's
     /// `abstain_below`, or the best label is its reject label.
     pub recognised: bool,
-    /// The recognised label; null when not recognised.
-    pub label: Option<String>,
+    #[serde(flatten)]
+    pub answer: Answer,
     /// Calibrated probability of the best label among the task's labels.
     pub confidence: f32,
     /// The best labels after `label` (or, when not recognised, the best
@@ -140,20 +144,61 @@ pub struct ClassifyResult {
     pub inference_ms: f64,
 }
 
-impl ClassifyResult {
+/// What the task found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Classify {
+        /// The recognised label; null when not recognised.
+        label: Option<String>,
+    },
+    Extract {
+        /// The recognised intent; null when not recognised.
+        intent: Option<String>,
+        /// Slot name to value (string or number); empty when not recognised.
+        slots: BTreeMap<String, SlotValue>,
+        /// Slot name to where its value was said in the text (byte offsets,
+        /// end exclusive, and the raw text); slots whose value is not in
+        /// the text have none.
+        spans: BTreeMap<String, Span>,
+    },
+}
+
+impl Answer {
+    fn new(scores: &Scores) -> Answer {
+        match &scores.slots {
+            None => Answer::Classify {
+                label: scores.label.clone(),
+            },
+            Some(slots) => Answer::Extract {
+                intent: scores.label.clone(),
+                slots: slots
+                    .iter()
+                    .map(|s| (s.name.clone(), s.value.clone()))
+                    .collect(),
+                spans: slots
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), s.span.clone()?)))
+                    .collect(),
+            },
+        }
+    }
+}
+
+impl TaskResult {
     pub fn new(
         id: String,
         task: &str,
         scores: &Scores,
         model: &ModelInfo,
         latency_ms: f64,
-    ) -> ClassifyResult {
+    ) -> TaskResult {
         let skip = usize::from(scores.label.is_some());
-        ClassifyResult {
+        TaskResult {
             id,
             task: task.to_owned(),
             recognised: scores.label.is_some(),
-            label: scores.label.clone(),
+            answer: Answer::new(scores),
             confidence: round4(scores.ranked[0].1),
             alternatives: scores.ranked[skip..]
                 .iter()

@@ -14,7 +14,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Limits, TaskConfig};
 use crate::engine::{Engine, EngineError};
-use crate::payload::{self, ClassifyResult, ErrorBody, ErrorResult};
+use crate::payload::{self, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Store};
 use crate::topic;
 
@@ -132,10 +132,10 @@ impl Router {
         }
         let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
             Err(e) => self.error(task, &entry, e.reason(), e.to_string()),
-            Ok(req) => match self.engine.classify(&task.name, req.text).await {
+            Ok(req) => match self.engine.infer(&task.name, req.text).await {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
-                    let result = ClassifyResult::new(
+                    let result = TaskResult::new(
                         req.id.clone(),
                         &task.name,
                         &scores,
@@ -146,7 +146,7 @@ impl Router {
                         "task={} id={} label={} confidence={:.3} latency_ms={:.1}",
                         task.name,
                         req.id,
-                        result.label.as_deref().unwrap_or("(not recognised)"),
+                        scores.label.as_deref().unwrap_or("(not recognised)"),
                         result.confidence,
                         result.latency_ms
                     );

@@ -11,6 +11,7 @@
 //! (up to [`embed::MAX_SEQUENCES`]) into the next batch, one sequence each.
 
 pub mod embed;
+pub mod extract;
 pub mod head;
 pub mod lexical;
 pub mod schema;
@@ -31,7 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::examples::Example;
 use crate::models::PromptFormat;
 use embed::{DecodeOptions, Embedder, Template};
+use extract::{Generator, IntentPrompt};
 use head::{Head, TrainOptions};
+use schema::{Slot, SlotSpec};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -93,6 +96,57 @@ pub struct TaskSpec {
     /// A label that means "none of the others" (out of scope): predicting
     /// it is also "not recognised".
     pub reject_label: Option<String>,
+    /// Set for `extract` tasks: the labels are intents with slots.
+    pub extract: Option<ExtractSpec>,
+}
+
+/// What an extract task adds to classification: its slots.
+#[derive(Debug, Clone)]
+pub struct ExtractSpec {
+    /// Every slot of the task, in the order replies list them.
+    pub slots: Vec<SlotSpec>,
+    /// Said to the model before each intent's slots and examples.
+    pub instruction: String,
+    /// Per label (in the task's label order), the slots it may fill; `None`
+    /// takes the slots its annotated examples fill (all of them when it has
+    /// no annotated examples).
+    pub label_slots: Vec<Option<Vec<String>>>,
+}
+
+impl ExtractSpec {
+    /// Each label's prompt; `None` for an intent without slots (its answer
+    /// needs no generation).
+    pub fn prompts(&self, format: PromptFormat, task: &TaskSpec) -> Vec<Option<IntentPrompt>> {
+        task.labels
+            .iter()
+            .enumerate()
+            .map(|(i, label)| {
+                let annotated: Vec<&Example> = task
+                    .examples
+                    .iter()
+                    .filter(|e| &e.label == label && e.slots.is_some())
+                    .collect();
+                let names: Vec<String> = match self.label_slots.get(i).cloned().flatten() {
+                    Some(names) => names,
+                    None if annotated.is_empty() => {
+                        self.slots.iter().map(|s| s.name.clone()).collect()
+                    }
+                    None => annotated
+                        .iter()
+                        .flat_map(|e| e.slots.iter().flat_map(|m| m.keys().cloned()))
+                        .collect(),
+                };
+                let slots: Vec<SlotSpec> = self
+                    .slots
+                    .iter()
+                    .filter(|s| names.contains(&s.name))
+                    .cloned()
+                    .collect();
+                (!slots.is_empty())
+                    .then(|| IntentPrompt::new(format, &self.instruction, label, slots, &annotated))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +163,9 @@ pub struct EngineOptions {
     /// a restart (after a crash, say) does not embed every example again.
     pub head_cache: Option<PathBuf>,
     pub decode: DecodeOptions,
+    /// Context of the slot generator (intent prompts and replies); at least
+    /// [`extract::MIN_CONTEXT`]. Only allocated when a task extracts.
+    pub extract_context: u32,
 }
 
 /// A classification: every label with its probability, best first, and the
@@ -119,6 +176,9 @@ pub struct Scores {
     /// The recognised label; `None` when the best label is below the task's
     /// `abstain_below` or is its reject label.
     pub label: Option<String>,
+    /// For extract tasks, the recognised intent's slots (empty when nothing
+    /// was recognised); `None` for classify tasks.
+    pub slots: Option<Vec<Slot>>,
     /// Time on the inference thread, including waiting for the batch.
     pub inference_ms: f64,
 }
@@ -126,6 +186,8 @@ pub struct Scores {
 struct Job {
     task: usize,
     text: String,
+    /// Not a message: decode the task's intent prompts now.
+    warm: bool,
     reply: oneshot::Sender<Result<Scores, EngineError>>,
 }
 
@@ -181,17 +243,40 @@ impl Engine {
             .position(|t| t == task)
             .ok_or_else(|| EngineError::UnknownTask(task.to_owned()))?;
         let (reply, rx) = oneshot::channel();
-        Ok((Job { task, text, reply }, rx))
+        let warm = false;
+        Ok((
+            Job {
+                task,
+                text,
+                warm,
+                reply,
+            },
+            rx,
+        ))
     }
 
-    pub async fn classify(&self, task: &str, text: String) -> Result<Scores, EngineError> {
+    /// Decodes an extract task's intent prompts ahead of its messages (the
+    /// engine does this at start-up when every task's prompts fit; `eval`
+    /// does it per fold, so latency is measured as the daemon sees it).
+    pub fn warm_blocking(&self, task: &str) -> Result<(), EngineError> {
+        let (mut job, rx) = self.job(task, String::new())?;
+        job.warm = true;
+        self.tx
+            .blocking_send(job)
+            .map_err(|_| EngineError::Stopped)?;
+        rx.blocking_recv()
+            .map_err(|_| EngineError::Stopped)?
+            .map(drop)
+    }
+
+    pub async fn infer(&self, task: &str, text: String) -> Result<Scores, EngineError> {
         let (job, rx) = self.job(task, text)?;
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// For callers outside the async runtime (the CLI, eval).
-    pub fn classify_blocking(&self, task: &str, text: String) -> Result<Scores, EngineError> {
+    pub fn infer_blocking(&self, task: &str, text: String) -> Result<Scores, EngineError> {
         let (job, rx) = self.job(task, text)?;
         self.tx
             .blocking_send(job)
@@ -208,6 +293,10 @@ struct Worker<'m> {
     tasks: Vec<TaskSpec>,
     /// `None` for label-scoring tasks.
     heads: Vec<Option<Head>>,
+    /// Only when some task extracts.
+    generator: Option<Generator<'m>>,
+    /// Per task, per label: the intent's slot prompt.
+    prompts: Vec<Vec<Option<IntentPrompt>>>,
 }
 
 fn inference_thread(
@@ -326,17 +415,72 @@ impl<'m> Worker<'m> {
         } else {
             None
         };
-        Ok(Worker {
+        let prompts: Vec<Vec<Option<IntentPrompt>>> = tasks
+            .iter()
+            .map(|t| match &t.extract {
+                Some(x) => x.prompts(opts.format, t),
+                None => Vec::new(),
+            })
+            .collect();
+        let generator = if tasks.iter().any(|t| t.extract.is_some()) {
+            Some(Generator::new(
+                backend()?,
+                model,
+                opts.format,
+                opts.extract_context,
+                threads(opts.threads),
+            )?)
+        } else {
+            None
+        };
+        let mut worker = Worker {
             embedder,
             scorer,
             tasks,
             heads,
-        })
+            generator,
+            prompts,
+        };
+        // Every intent prompt decoded now, when they all fit at once (eval's
+        // folds do not: it warms each fold before testing it).
+        let all: Vec<&IntentPrompt> = worker.prompts.iter().flatten().flatten().collect();
+        if let Some(g) = &worker.generator {
+            if g.fits(&all) {
+                for t in 0..worker.tasks.len() {
+                    worker.warm(t)?;
+                }
+            }
+        }
+        Ok(worker)
+    }
+
+    /// Decodes task `task`'s intent prompts into the generator's cache.
+    fn warm(&mut self, task: usize) -> Result<(), EngineError> {
+        let Some(generator) = self.generator.as_mut() else {
+            return Ok(());
+        };
+        let prompts: Vec<(u64, &IntentPrompt)> = self.prompts[task]
+            .iter()
+            .enumerate()
+            .filter_map(|(l, p)| Some((prompt_key(task, l), p.as_ref()?)))
+            .collect();
+        generator.warm(&prompts)
     }
 
     fn run_batch(&mut self, jobs: Vec<Job>, started: Instant) {
+        let (warm, jobs): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.warm);
+        for job in warm {
+            let result = self.warm(job.task).map(|()| Scores {
+                ranked: Vec::new(),
+                label: None,
+                slots: None,
+                inference_ms: ms_since(started),
+            });
+            let _ = job.reply.send(result);
+        }
         let (head_jobs, scored_jobs): (Vec<Job>, Vec<Job>) =
             jobs.into_iter().partition(|j| self.heads[j.task].is_some());
+        let mut decided = Vec::with_capacity(head_jobs.len() + scored_jobs.len());
         for job in scored_jobs {
             let t0 = Instant::now();
             let scorer = self.scorer.as_mut().expect("a scorer for scored tasks");
@@ -344,24 +488,37 @@ impl<'m> Worker<'m> {
                 let task = &self.tasks[job.task];
                 decide(task, head::softmax(&logp, 1.0), ms_since(t0))
             });
-            let _ = job.reply.send(result);
+            decided.push((job, result));
         }
         if !head_jobs.is_empty() {
-            self.run_heads(head_jobs, started);
+            decided.extend(self.run_heads(head_jobs, started));
+        }
+        self.fill_slots(&mut decided, started);
+        for (job, result) in decided {
+            let _ = job.reply.send(result);
         }
     }
 
-    fn run_heads(&mut self, jobs: Vec<Job>, started: Instant) {
+    fn run_heads(
+        &mut self,
+        jobs: Vec<Job>,
+        started: Instant,
+    ) -> Vec<(Job, Result<Scores, EngineError>)> {
         // Inputs too long for the context fail alone; the rest still run.
+        let mut out = Vec::with_capacity(jobs.len());
         let mut ok = Vec::with_capacity(jobs.len());
         let mut requests = Vec::with_capacity(jobs.len());
         for job in jobs {
             let tokens = self.embedder.request_tokens(job.task, &job.text);
             if tokens.len() > self.embedder.max_tokens() {
-                let _ = job.reply.send(Err(EngineError::TooLong {
-                    tokens: tokens.len(),
-                    limit: self.embedder.max_tokens(),
-                }));
+                let limit = self.embedder.max_tokens();
+                out.push((
+                    job,
+                    Err(EngineError::TooLong {
+                        tokens: tokens.len(),
+                        limit,
+                    }),
+                ));
             } else {
                 requests.push((job.task, tokens));
                 ok.push(job);
@@ -374,16 +531,79 @@ impl<'m> Worker<'m> {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
                     let probs = head.predict(&features(task, x, &job.text));
-                    let _ = job.reply.send(Ok(decide(task, probs, inference_ms)));
+                    out.push((job, Ok(decide(task, probs, inference_ms))));
                 }
             }
-            Err(e) => {
-                for job in ok {
-                    let _ = job.reply.send(Err(e.clone()));
+            Err(e) => out.extend(ok.into_iter().map(|job| (job, Err(e.clone())))),
+        }
+        out
+    }
+
+    /// Generates the slots of every recognised intent of an extract task,
+    /// all in one batch; a reply that fails fails only its own request.
+    fn fill_slots(&mut self, decided: &mut [(Job, Result<Scores, EngineError>)], started: Instant) {
+        let Worker {
+            generator: Some(generator),
+            prompts,
+            tasks,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let mut wanted = Vec::new();
+        for (i, (job, result)) in decided.iter_mut().enumerate() {
+            let Ok(scores) = result else { continue };
+            if tasks[job.task].extract.is_none() {
+                continue;
+            }
+            scores.slots = Some(Vec::new());
+            let Some(label) = &scores.label else { continue };
+            let l = tasks[job.task]
+                .labels
+                .iter()
+                .position(|x| x == label)
+                .expect("a task label");
+            if let Some(prompt) = &prompts[job.task][l] {
+                wanted.push((i, prompt_key(job.task, l), prompt));
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let requests: Vec<extract::Request<'_>> = wanted
+            .iter()
+            .map(|&(i, key, prompt)| extract::Request {
+                key,
+                prompt,
+                text: &decided[i].0.text,
+            })
+            .collect();
+        let replies = generator.generate(&requests);
+        drop(requests);
+        for ((i, _, prompt), reply) in wanted.into_iter().zip(replies) {
+            let (job, result) = &mut decided[i];
+            let slots = reply.and_then(|g| {
+                let mut slots = schema::parse_output(&prompt.slots, &g, &job.text)
+                    .map_err(|e| EngineError::Decode(format!("generated slots {g:?}: {e}")))?;
+                schema::ground(&prompt.slots, &mut slots, &job.text);
+                Ok(slots)
+            });
+            match (slots, result) {
+                (Ok(slots), Ok(scores)) => {
+                    scores.slots = Some(slots);
+                    scores.inference_ms = ms_since(started);
                 }
+                (Err(e), result) => *result = Err(e),
+                (Ok(_), Err(_)) => unreachable!("only answered requests generate"),
             }
         }
     }
+}
+
+/// The generator's cache key of task `task`'s label `label`.
+fn prompt_key(task: usize, label: usize) -> u64 {
+    ((task as u64) << 32) | label as u64
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -413,6 +633,7 @@ pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
     Scores {
         ranked,
         label,
+        slots: None,
         inference_ms,
     }
 }
@@ -557,15 +778,18 @@ mod tests {
             lexical_weight: 1.0,
             abstain_below: 0.5,
             reject_label: Some("oos".into()),
+            extract: None,
             labels: vec!["on".into(), "off".into()],
             examples: vec![
                 Example {
                     text: "lights on".into(),
                     label: "on".into(),
+                    slots: None,
                 },
                 Example {
                     text: "lights off".into(),
                     label: "off".into(),
+                    slots: None,
                 },
             ],
         }
@@ -588,6 +812,7 @@ mod tests {
         t.examples.push(Example {
             text: "on please".into(),
             label: "on".into(),
+            slots: None,
         });
         assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
         let mut t = task();

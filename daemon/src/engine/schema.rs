@@ -35,8 +35,13 @@ pub enum SlotKind {
     String,
     /// A decimal number.
     Number,
-    /// Exactly one of `values`.
-    Enum { values: Vec<String> },
+    /// One of `values`; when `open`, also any other string (the known values
+    /// guide the model and fix the spelling of what matches them).
+    Enum {
+        values: Vec<String>,
+        #[serde(default)]
+        open: bool,
+    },
 }
 
 /// One named slot of an extraction schema.
@@ -54,6 +59,15 @@ pub struct SlotSpec {
 pub enum SlotValue {
     Text(String),
     Number(f64),
+}
+
+impl fmt::Display for SlotValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlotValue::Text(t) => f.write_str(t),
+            SlotValue::Number(x) => write!(f, "{x}"),
+        }
+    }
 }
 
 /// Where a value was said: byte offsets into the input (`end` exclusive) and
@@ -123,7 +137,7 @@ pub fn validate_schema(slots: &[SlotSpec]) -> Result<(), SchemaError> {
         if !names.insert(slot.name.as_str()) {
             return Err(SchemaError::DuplicateName(slot.name.clone()));
         }
-        if let SlotKind::Enum { values } = &slot.kind {
+        if let SlotKind::Enum { values, .. } = &slot.kind {
             if values.is_empty() {
                 return Err(SchemaError::EmptyEnum(slot.name.clone()));
             }
@@ -181,11 +195,15 @@ pub fn gbnf(slots: &[SlotSpec]) -> String {
                 numbers = true;
                 "number".to_string()
             }
-            SlotKind::Enum { values } => {
-                let alternatives: Vec<String> = values
+            SlotKind::Enum { values, open } => {
+                let mut alternatives: Vec<String> = values
                     .iter()
                     .map(|v| gbnf_literal(&json_string(v)))
                     .collect();
+                if *open {
+                    strings = true;
+                    alternatives.push("string".into());
+                }
                 out.push_str(&format!("enum-{i} ::= {}\n", alternatives.join(" | ")));
                 format!("enum-{i}")
             }
@@ -330,16 +348,68 @@ fn slot_value(spec: &SlotSpec, value: Value) -> Result<Option<SlotValue>, Schema
         (SlotKind::String, Some(text)) => Ok(Some(SlotValue::Text(text))),
         (SlotKind::String, None) => Err(wrong("a string")),
         (SlotKind::Number, _) => Err(wrong("a number")),
-        (SlotKind::Enum { values }, Some(text)) => values
+        (SlotKind::Enum { values, open }, Some(text)) => values
             .iter()
             .find(|v| v.as_str() == text || v.to_lowercase() == text.to_lowercase())
             .map(|v| Some(SlotValue::Text(v.clone())))
+            .or_else(|| open.then(|| Some(SlotValue::Text(text.clone()))))
             .ok_or(SchemaError::NotInEnum {
                 slot: spec.name.clone(),
                 value: text,
             }),
         (SlotKind::Enum { .. }, None) => Err(wrong("a string")),
     }
+}
+
+/// Brings closed-enum slots in line with what the input says: a slot the
+/// reply left out, or filled with a value not in the input, takes the one
+/// value of its enum that the input names (on word boundaries, ignoring
+/// case), when exactly one does. A small model copies its examples' values
+/// too readily; the text is the better witness.
+pub fn ground(slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
+    for spec in slots {
+        let SlotKind::Enum {
+            values,
+            open: false,
+        } = &spec.kind
+        else {
+            continue;
+        };
+        let named: Vec<(&String, (usize, usize))> = values
+            .iter()
+            .filter_map(|v| Some((v, find_word(input, v)?)))
+            .collect();
+        let [(value, (start, end))] = named[..] else {
+            continue;
+        };
+        let slot = Slot {
+            name: spec.name.clone(),
+            value: SlotValue::Text(value.clone()),
+            span: Some(Span {
+                start,
+                end,
+                raw: input[start..end].to_string(),
+            }),
+        };
+        match found.iter_mut().find(|s| s.name == spec.name) {
+            Some(s) if s.span.is_none() => *s = slot,
+            Some(_) => {}
+            None => found.push(slot),
+        }
+    }
+    found.sort_by_key(|s| slots.iter().position(|spec| spec.name == s.name));
+}
+
+/// `value` in `input` on word boundaries, ignoring case.
+fn find_word(input: &str, value: &str) -> Option<(usize, usize)> {
+    let (hay, needle) = (input.to_lowercase(), value.to_lowercase());
+    if hay.len() != input.len() || needle.is_empty() {
+        return None;
+    }
+    let boundary = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);
+    hay.match_indices(&needle)
+        .map(|(i, m)| (i, i + m.len()))
+        .find(|&(a, b)| boundary(hay[..a].chars().next_back()) && boundary(hay[b..].chars().next()))
 }
 
 /// Where in `input` a value was said, or `None`.
@@ -483,7 +553,72 @@ mod tests {
     fn enumeration(values: &[&str]) -> SlotKind {
         SlotKind::Enum {
             values: values.iter().map(|v| v.to_string()).collect(),
+            open: false,
         }
+    }
+
+    #[test]
+    fn grounding_takes_the_enum_value_the_input_names() {
+        let slots = vec![
+            spec("area", enumeration(&["Kitchen", "Living Room"])),
+            spec("floor", enumeration(&["First Floor", "Basement"])),
+            spec("domain", SlotKind::String),
+        ];
+        let input = "turn off the kitchen lights";
+        let mut got = parse_output(
+            &slots,
+            r#"{"floor": "First Floor", "domain": "light"}"#,
+            input,
+        )
+        .unwrap();
+        ground(&slots, &mut got, input);
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["area", "floor", "domain"], "added, in schema order");
+        assert_eq!(got[0].value, SlotValue::Text("Kitchen".into()));
+        assert_eq!(got[0].span.as_ref().unwrap().raw, "kitchen");
+        assert_eq!(
+            got[1].value,
+            SlotValue::Text("First Floor".into()),
+            "nothing names a floor: kept"
+        );
+
+        let input = "pause music in the living room";
+        let mut got = parse_output(&slots, r#"{"area": "Kitchen"}"#, input).unwrap();
+        ground(&slots, &mut got, input);
+        assert_eq!(
+            got[0].value,
+            SlotValue::Text("Living Room".into()),
+            "replaced"
+        );
+
+        let input = "kitchen and living room";
+        let mut got = parse_output(&slots, r#"{"area": "Kitchen"}"#, input).unwrap();
+        ground(&slots, &mut got, input);
+        assert_eq!(got.len(), 1, "two named: left to the model");
+        assert_eq!(got[0].value, SlotValue::Text("Kitchen".into()));
+    }
+
+    #[test]
+    fn an_open_enum_admits_other_strings_and_fixes_known_spellings() {
+        let slots = vec![spec(
+            "name",
+            SlotKind::Enum {
+                values: vec!["Bedroom Lamp".into()],
+                open: true,
+            },
+        )];
+        let grammar = gbnf(&slots);
+        assert!(
+            grammar.contains("\"\\\"Bedroom Lamp\\\"\" | string"),
+            "{grammar}"
+        );
+        assert!(grammar.contains("string ::="), "{grammar}");
+        let input = "dim the bedroom lamp, then the pizza timer";
+        let got = parse_output(&slots, r#"{"name": "bedroom lamp"}"#, input).unwrap();
+        assert_eq!(got[0].value, SlotValue::Text("Bedroom Lamp".into()));
+        let got = parse_output(&slots, r#"{"name": "pizza"}"#, input).unwrap();
+        assert_eq!(got[0].value, SlotValue::Text("pizza".into()));
+        assert_eq!(got[0].span.as_ref().map(|s| s.raw.as_str()), Some("pizza"));
     }
 
     /// area (enum), brightness (number), label (string), mode (enum with

@@ -51,7 +51,9 @@ pub struct Scorer<'m> {
     work: i32,
 }
 
-fn turns(format: PromptFormat) -> (&'static str, &'static str, &'static str, &'static str) {
+pub(super) fn turns(
+    format: PromptFormat,
+) -> (&'static str, &'static str, &'static str, &'static str) {
     // (system open, user open, turn end + reply open, reply end)
     match format {
         PromptFormat::Chatml => (

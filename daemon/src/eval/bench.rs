@@ -51,7 +51,7 @@ pub fn run(
         let engine = Engine::start(o, vec![task.clone()])?;
         // One warm-up pass so page faults and thread start-up are not timed.
         for r in rows.iter().take(4) {
-            engine.classify_blocking(&task.name, r.text.clone())?;
+            engine.infer_blocking(&task.name, r.text.clone())?;
         }
         for &c in concurrencies {
             let (latencies, wall) = drive(&engine, &task.name, rows, c, messages)?;
@@ -91,7 +91,7 @@ fn drive(
                 }
                 let text = rows[i % rows.len()].text.clone();
                 let t0 = Instant::now();
-                match engine.classify_blocking(task, text) {
+                match engine.infer_blocking(task, text) {
                     Ok(_) => latencies
                         .lock()
                         .unwrap()

@@ -10,13 +10,13 @@
 pub mod bench;
 pub mod folds;
 pub mod metrics;
+pub mod slots;
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use crate::engine::{Engine, EngineError, TaskSpec};
-use crate::examples::{Example, Row};
+use crate::examples::{slot_text, Example, Row};
 use metrics::{Outcome, Report};
 
 /// A task to evaluate: the engine's spec, the rows it is tested on.
@@ -35,6 +35,20 @@ pub struct TaskSettings {
     pub lexical_weight: f32,
     pub abstain_below: f32,
     pub reject_label: Option<String>,
+    /// Set for `--kind extract`.
+    pub extract: Option<ExtractSettings>,
+    /// Rows added to every task's training examples and never tested
+    /// (`--extra-train`); those whose intent is not among the training
+    /// rows' are left out.
+    pub extra: Vec<Row>,
+}
+
+/// How extraction tasks are built: the slot schema comes from the training
+/// rows ([`slots::infer_schema`]).
+#[derive(Debug, Clone)]
+pub struct ExtractSettings {
+    pub instruction: String,
+    pub known: slots::Known,
 }
 
 /// One task trained on `train` and tested on `test`; labels are the distinct
@@ -76,18 +90,70 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
         strategy: s.strategy,
         instruction: s.instruction.clone(),
         cue: s.cue.clone(),
-        labels,
         examples: train
             .iter()
-            .map(|r| Example {
-                text: r.text.clone(),
-                label: r.intent.clone(),
-            })
+            .chain(s.extra.iter().filter(|r| labels.contains(&r.intent)))
+            .map(|r| Example::from(r.clone()))
             .collect(),
         lexical_weight: s.lexical_weight,
         abstain_below: s.abstain_below,
         reject_label: s.reject_label.clone(),
+        extract: s.extract.as_ref().map(|x| crate::engine::ExtractSpec {
+            slots: slots::infer_schema(train, &x.known),
+            instruction: x.instruction.clone(),
+            label_slots: Vec::new(),
+        }),
+        labels,
     }
+}
+
+/// Extra training rows from `path`: labelled JSONL, or (`.yaml`/`.yml`) a
+/// Home Assistant intent catalogue (`intents.yaml`), whose slot
+/// combinations' `example` sentences become rows of their intent, without
+/// slots. Rows whose text (ignoring case) is one of `exclude`'s are dropped,
+/// so nothing tested is trained on; returns the rows and how many were
+/// dropped.
+pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<(Vec<Row>, usize)> {
+    let is_yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let rows = if is_yaml {
+        let doc: serde_json::Value = serde_norway::from_str(&std::fs::read_to_string(path)?)?;
+        let mut rows = Vec::new();
+        for (intent, spec) in doc.as_object().into_iter().flatten() {
+            let combos = spec.get("slot_combinations").and_then(|c| c.as_object());
+            for combo in combos.into_iter().flat_map(|c| c.values()) {
+                let texts: Vec<String> = match combo.get("example") {
+                    Some(serde_json::Value::String(s)) => vec![s.clone()],
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                rows.extend(texts.into_iter().map(|text| Row {
+                    text,
+                    intent: intent.clone(),
+                    slots: None,
+                }));
+            }
+        }
+        rows
+    } else {
+        crate::examples::read_jsonl(path)?
+    };
+    let tested: std::collections::HashSet<String> = exclude
+        .iter()
+        .map(|r| r.text.trim().to_lowercase())
+        .collect();
+    let before = rows.len();
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| !tested.contains(&r.text.trim().to_lowercase()))
+        .collect();
+    let dropped = before - rows.len();
+    Ok((rows, dropped))
 }
 
 /// Runs every test row of every trial through `engine`, one at a time.
@@ -101,9 +167,10 @@ pub fn run(
     let mut outcomes = Vec::with_capacity(total);
     let started = Instant::now();
     for (task, rows) in trials {
+        engine.warm_blocking(task)?;
         for row in rows {
             let t0 = Instant::now();
-            let scores = engine.classify_blocking(task, row.text.clone())?;
+            let scores = engine.infer_blocking(task, row.text.clone())?;
             let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
             let (top, confidence) = scores.ranked[0].clone();
             outcomes.push(Outcome {
@@ -112,8 +179,19 @@ pub fn run(
                 confidence,
                 abstained: scores.label.is_none()
                     && reject_label != Some(scores.ranked[0].0.as_str()),
-                truth_slots: BTreeMap::new(),
-                predicted_slots: BTreeMap::new(),
+                truth_slots: row
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|_| scores.slots.is_some())
+                    .filter_map(|(k, v)| Some((k.clone(), slot_text(v)?)))
+                    .collect(),
+                predicted_slots: scores
+                    .slots
+                    .iter()
+                    .flatten()
+                    .map(|s| (s.name.clone(), s.value.to_string()))
+                    .collect(),
                 latency_ms,
             });
             progress.tick();
@@ -180,6 +258,7 @@ mod tests {
             .map(|i| Row {
                 text: format!("text {i}"),
                 intent: ["a", "b"][i % 2].into(),
+                slots: None,
             })
             .collect()
     }
@@ -192,6 +271,52 @@ mod tests {
             lexical_weight: 1.0,
             abstain_below: 0.0,
             reject_label: None,
+            extract: None,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn catalogue_examples_become_rows_and_tested_texts_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("intents.yaml");
+        std::fs::write(
+            &path,
+            "HassTurnOn:\n  supported: true\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
+        )
+        .unwrap();
+        let tested = vec![Row {
+            text: "nevermind ".into(),
+            intent: "HassNevermind".into(),
+            slots: None,
+        }];
+        let (extra, dropped) = read_extra(&path, &tested).unwrap();
+        let mut texts: Vec<&str> = extra.iter().map(|r| r.text.as_str()).collect();
+        texts.sort();
+        assert_eq!(texts, ["lights on in the kitchen", "turn on the lamp"]);
+        assert!(extra
+            .iter()
+            .all(|r| r.intent == "HassTurnOn" && r.slots.is_none()));
+        assert_eq!(dropped, 1, "a tested text is never trained on");
+
+        // Extra rows join every fold's training, only for known intents.
+        let mut s = settings();
+        s.extra = vec![
+            Row {
+                text: "extra a".into(),
+                intent: "a".into(),
+                slots: None,
+            },
+            Row {
+                text: "extra z".into(),
+                intent: "z".into(),
+                slots: None,
+            },
+        ];
+        for t in cross_validation(&rows(), 5, 1, &s) {
+            assert!(t.spec.examples.iter().any(|e| e.text == "extra a"));
+            assert!(t.spec.examples.iter().all(|e| e.text != "extra z"));
+            assert!(t.test.iter().all(|r| !r.text.starts_with("extra")));
         }
     }
 
