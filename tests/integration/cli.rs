@@ -165,27 +165,25 @@ fn classify_below_abstain_threshold_is_not_recognised_but_lists_alternatives() {
     );
 }
 
-#[test]
-fn eval_cross_validates_and_reports_every_key() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let rows = root.join("configs/examples/smart-home-hwu64.jsonl");
+/// `slmd eval --json` with the test model and `args`; must succeed.
+fn eval_json(args: &[&str]) -> serde_json::Value {
     let model = crate::util::model_path();
-    let out = slmd(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        rows.to_str().unwrap(),
-        "--cv",
-        "2",
-        "--json",
-    ]);
+    let mut all = vec!["eval", "--json", "--model", model.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = slmd(&all);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn eval_cross_validates_and_reports_every_key() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rows = root.join("configs/examples/smart-home-hwu64.jsonl");
+    let v = eval_json(&["--train", rows.to_str().unwrap(), "--cv", "2"]);
     for key in [
         "accuracy",
         "macro_f1",
@@ -342,25 +340,8 @@ fn extract_gives_the_intent_and_slots_of_the_schema_for_any_input() {
 #[test]
 fn eval_extract_reports_slot_scores() {
     let rows = repo_root().join("tests/fixtures/ha-lights.jsonl");
-    let model = crate::util::model_path();
-    let out = slmd(&[
-        "eval",
-        "--kind",
-        "extract",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        rows.to_str().unwrap(),
-        "--test",
-        rows.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.to_str().unwrap();
+    let v = eval_json(&["--kind", "extract", "--train", rows, "--test", rows]);
     // Tested on its own examples: this checks the plumbing (schema from
     // the rows, slots compared value by value), not generalisation, which
     // docs/EVAL.md measures by cross-validation.

@@ -54,11 +54,24 @@ pub struct SlotSpec {
 }
 
 /// A slot value as produced.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SlotValue {
     Text(String),
     Number(f64),
+}
+
+/// Text as a JSON string; a whole number as a JSON integer (`40`, not
+/// `40.0`), any other number as it is.
+impl Serialize for SlotValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SlotValue::Text(t) => s.serialize_str(t),
+            SlotValue::Number(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => {
+                s.serialize_i64(*x as i64)
+            }
+            SlotValue::Number(x) => s.serialize_f64(*x),
+        }
+    }
 }
 
 impl fmt::Display for SlotValue {
@@ -558,44 +571,49 @@ mod tests {
     }
 
     #[test]
+    fn whole_numbers_serialise_as_integers() {
+        let v = |x: SlotValue| serde_json::to_string(&x).unwrap();
+        assert_eq!(v(SlotValue::Number(40.0)), "40");
+        assert_eq!(v(SlotValue::Number(20.5)), "20.5");
+        assert_eq!(v(SlotValue::Number(-3.0)), "-3");
+        assert_eq!(v(SlotValue::Text("Kitchen".into())), "\"Kitchen\"");
+    }
+
+    #[test]
     fn grounding_takes_the_enum_value_the_input_names() {
         let slots = vec![
             spec("area", enumeration(&["Kitchen", "Living Room"])),
             spec("floor", enumeration(&["First Floor", "Basement"])),
             spec("domain", SlotKind::String),
         ];
-        let input = "turn off the kitchen lights";
-        let mut got = parse_output(
-            &slots,
+        let grounded = |input: &str, reply: &str| {
+            let mut got = parse_output(&slots, reply, input).unwrap();
+            ground(&slots, &mut got, input);
+            got
+        };
+        let kitchen = SlotValue::Text("Kitchen".into());
+
+        let got = grounded(
+            "turn off the kitchen lights",
             r#"{"floor": "First Floor", "domain": "light"}"#,
-            input,
-        )
-        .unwrap();
-        ground(&slots, &mut got, input);
+        );
         let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["area", "floor", "domain"], "added, in schema order");
-        assert_eq!(got[0].value, SlotValue::Text("Kitchen".into()));
+        assert_eq!(got[0].value, kitchen);
         assert_eq!(got[0].span.as_ref().unwrap().raw, "kitchen");
-        assert_eq!(
-            got[1].value,
-            SlotValue::Text("First Floor".into()),
-            "nothing names a floor: kept"
-        );
+        let first = SlotValue::Text("First Floor".into());
+        assert_eq!(got[1].value, first, "nothing names a floor: kept");
 
-        let input = "pause music in the living room";
-        let mut got = parse_output(&slots, r#"{"area": "Kitchen"}"#, input).unwrap();
-        ground(&slots, &mut got, input);
+        let got = grounded("pause music in the living room", r#"{"area": "Kitchen"}"#);
         assert_eq!(
             got[0].value,
             SlotValue::Text("Living Room".into()),
             "replaced"
         );
 
-        let input = "kitchen and living room";
-        let mut got = parse_output(&slots, r#"{"area": "Kitchen"}"#, input).unwrap();
-        ground(&slots, &mut got, input);
+        let got = grounded("kitchen and living room", r#"{"area": "Kitchen"}"#);
         assert_eq!(got.len(), 1, "two named: left to the model");
-        assert_eq!(got[0].value, SlotValue::Text("Kitchen".into()));
+        assert_eq!(got[0].value, kitchen);
     }
 
     #[test]
@@ -1064,7 +1082,7 @@ mod tests {
         assert_eq!(slots[3].span, None);
         assert_eq!(
             serde_json::to_value(&slots[1]).unwrap(),
-            serde_json::json!({"name": "brightness", "value": 50.0, "span": {"start": 26, "end": 29, "raw": "50%"}})
+            serde_json::json!({"name": "brightness", "value": 50, "span": {"start": 26, "end": 29, "raw": "50%"}})
         );
     }
 
