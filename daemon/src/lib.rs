@@ -14,7 +14,8 @@
 //! - [`mqtt`]: the broker link; receive, acknowledge, publish, reconnect.
 //! - [`store`]: the durable inbox and outbox, and what a crash leaves.
 //! - [`router`]: inbox to outbox: payload checks, task choice, results.
-//! - [`engine`]: the llama.cpp model on its own thread; classification heads.
+//! - [`engine`]: the llama.cpp model on its own thread; classification heads
+//!   and grammar-constrained slot generation.
 //! - [`models`]: manifests, fetching and verifying GGUF files.
 
 pub mod config;

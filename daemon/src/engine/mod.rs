@@ -9,6 +9,10 @@
 //!
 //! Requests that arrive while a batch is being decoded are taken together
 //! (up to [`embed::MAX_SEQUENCES`]) into the next batch, one sequence each.
+//!
+//! For `extract` tasks the recognised intent's slots are then generated in
+//! one more batch, under the grammar of the intent's slot schema
+//! ([`extract`], [`schema`]).
 
 pub mod embed;
 pub mod extract;
