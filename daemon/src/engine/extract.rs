@@ -136,7 +136,7 @@ pub struct Generator<'m> {
     /// Context cells intent prompts may take.
     budget: usize,
     /// Decodes of the current generation (for the debug log).
-    steps: std::cell::Cell<usize>,
+    decodes: usize,
 }
 
 /// What one request is doing between steps.
@@ -183,7 +183,7 @@ impl<'m> Generator<'m> {
             cached: (0..CACHED_PROMPTS).map(|_| None).collect(),
             clock: 0,
             budget: n_ctx as usize - WORK_CELLS,
-            steps: Default::default(),
+            decodes: 0,
         })
     }
 
@@ -307,7 +307,7 @@ impl<'m> Generator<'m> {
             "generated {} tokens for {} request(s) in {} decodes, {:.1} ms",
             live.iter().map(|l| l.generated).sum::<usize>(),
             live.len(),
-            self.steps.replace(0),
+            std::mem::take(&mut self.decodes),
             t0.elapsed().as_secs_f64() * 1000.0
         );
         for i in 0..requests.len() {
@@ -324,7 +324,7 @@ impl<'m> Generator<'m> {
     fn run(&mut self, live: &mut [Live], mut batch: LlamaBatch) -> Result<(), EngineError> {
         while batch.n_tokens() > 0 {
             self.ctx.decode(&mut batch).map_err(decode_err)?;
-            self.steps.set(self.steps.get() + 1);
+            self.decodes += 1;
             batch.clear();
             for l in live.iter_mut().filter(|l| l.result.is_none()) {
                 let Some(next) = self.verify(l)? else {

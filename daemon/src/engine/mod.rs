@@ -190,15 +190,23 @@ pub struct Scores {
 struct Job {
     task: usize,
     text: String,
-    /// Not a message: decode the task's intent prompts now.
-    warm: bool,
     reply: oneshot::Sender<Result<Scores, EngineError>>,
+}
+
+/// What the inference thread is asked to do.
+enum Command {
+    Infer(Job),
+    /// Decode task `task`'s intent prompts now.
+    Warm {
+        task: usize,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// A cheap, cloneable handle to the inference thread.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Command>,
     tasks: std::sync::Arc<Vec<String>>,
     pub model: ModelInfo,
 }
@@ -236,41 +244,33 @@ impl Engine {
         })
     }
 
+    fn task_index(&self, task: &str) -> Result<usize, EngineError> {
+        self.tasks
+            .iter()
+            .position(|t| t == task)
+            .ok_or_else(|| EngineError::UnknownTask(task.to_owned()))
+    }
+
     fn job(
         &self,
         task: &str,
         text: String,
-    ) -> Result<(Job, oneshot::Receiver<Result<Scores, EngineError>>), EngineError> {
-        let task = self
-            .tasks
-            .iter()
-            .position(|t| t == task)
-            .ok_or_else(|| EngineError::UnknownTask(task.to_owned()))?;
+    ) -> Result<(Command, oneshot::Receiver<Result<Scores, EngineError>>), EngineError> {
+        let task = self.task_index(task)?;
         let (reply, rx) = oneshot::channel();
-        let warm = false;
-        Ok((
-            Job {
-                task,
-                text,
-                warm,
-                reply,
-            },
-            rx,
-        ))
+        Ok((Command::Infer(Job { task, text, reply }), rx))
     }
 
     /// Decodes an extract task's intent prompts ahead of its messages (the
     /// engine does this at start-up when every task's prompts fit; `eval`
     /// does it per fold, so latency is measured as the daemon sees it).
     pub fn warm_blocking(&self, task: &str) -> Result<(), EngineError> {
-        let (mut job, rx) = self.job(task, String::new())?;
-        job.warm = true;
+        let task = self.task_index(task)?;
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .blocking_send(job)
+            .blocking_send(Command::Warm { task, reply })
             .map_err(|_| EngineError::Stopped)?;
-        rx.blocking_recv()
-            .map_err(|_| EngineError::Stopped)?
-            .map(drop)
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)?
     }
 
     pub async fn infer(&self, task: &str, text: String) -> Result<Scores, EngineError> {
@@ -306,7 +306,7 @@ struct Worker<'m> {
 fn inference_thread(
     opts: EngineOptions,
     tasks: Vec<TaskSpec>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Command>,
     ready: std::sync::mpsc::SyncSender<Result<(), EngineError>>,
 ) {
     let model = match load_model(&opts) {
@@ -328,14 +328,14 @@ fn inference_thread(
 
     while let Some(first) = rx.blocking_recv() {
         let started = Instant::now();
-        let mut jobs = vec![first];
-        while jobs.len() < opts.decode.max_batch.max(1) {
+        let mut commands = vec![first];
+        while commands.len() < opts.decode.max_batch.max(1) {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(command) => commands.push(command),
                 Err(_) => break,
             }
         }
-        worker.run_batch(jobs, started);
+        worker.run_batch(commands, started);
     }
     log::debug!("inference thread stopping: every engine handle is gone");
 }
@@ -471,16 +471,15 @@ impl<'m> Worker<'m> {
         generator.warm(&prompts)
     }
 
-    fn run_batch(&mut self, jobs: Vec<Job>, started: Instant) {
-        let (warm, jobs): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.warm);
-        for job in warm {
-            let result = self.warm(job.task).map(|()| Scores {
-                ranked: Vec::new(),
-                label: None,
-                slots: None,
-                inference_ms: ms_since(started),
-            });
-            let _ = job.reply.send(result);
+    fn run_batch(&mut self, commands: Vec<Command>, started: Instant) {
+        let mut jobs = Vec::with_capacity(commands.len());
+        for command in commands {
+            match command {
+                Command::Infer(job) => jobs.push(job),
+                Command::Warm { task, reply } => {
+                    let _ = reply.send(self.warm(task));
+                }
+            }
         }
         let (head_jobs, scored_jobs): (Vec<Job>, Vec<Job>) =
             jobs.into_iter().partition(|j| self.heads[j.task].is_some());
@@ -587,19 +586,20 @@ impl<'m> Worker<'m> {
         drop(requests);
         for ((i, _, prompt), reply) in wanted.into_iter().zip(replies) {
             let (job, result) = &mut decided[i];
+            // Only answered requests generate.
+            let Ok(scores) = result else { continue };
             let slots = reply.and_then(|g| {
                 let mut slots = schema::parse_output(&prompt.slots, &g, &job.text)
                     .map_err(|e| EngineError::Decode(format!("generated slots {g:?}: {e}")))?;
                 schema::ground(&prompt.slots, &mut slots, &job.text);
                 Ok(slots)
             });
-            match (slots, result) {
-                (Ok(slots), Ok(scores)) => {
+            match slots {
+                Ok(slots) => {
                     scores.slots = Some(slots);
                     scores.inference_ms = ms_since(started);
                 }
-                (Err(e), result) => *result = Err(e),
-                (Ok(_), Err(_)) => unreachable!("only answered requests generate"),
+                Err(e) => *result = Err(e),
             }
         }
     }

@@ -249,6 +249,16 @@ impl Progress {
     }
 }
 
+/// A file `name` holding `contents` in a new temporary folder (kept while
+/// the returned guard lives).
+#[cfg(test)]
+fn temp_file(name: &str, contents: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    (dir, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,13 +288,10 @@ mod tests {
 
     #[test]
     fn catalogue_examples_become_rows_and_tested_texts_are_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("intents.yaml");
-        std::fs::write(
-            &path,
+        let (_dir, path) = temp_file(
+            "intents.yaml",
             "HassTurnOn:\n  supported: true\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
-        )
-        .unwrap();
+        );
         let tested = vec![Row {
             text: "nevermind ".into(),
             intent: "HassNevermind".into(),

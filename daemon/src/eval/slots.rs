@@ -177,13 +177,10 @@ mod tests {
 
     #[test]
     fn home_assistant_fixtures_give_areas_floors_and_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fixtures.yaml");
-        std::fs::write(
-            &path,
+        let (_dir, path) = crate::eval::temp_file(
+            "fixtures.yaml",
             "language: en\nfloors:\n  - name: \"Upstairs\"\n    id: up\nareas:\n  - name: \"Kitchen\"\n    id: k\n    floor: up\nentities:\n  - name: \"TV\"\n    id: media_player.tv\n",
-        )
-        .unwrap();
+        );
         let known = read_known(&path).unwrap();
         assert_eq!(known["area"], (vec!["Kitchen".to_string()], false));
         assert_eq!(known["floor"], (vec!["Upstairs".to_string()], false));
