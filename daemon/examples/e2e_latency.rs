@@ -1,7 +1,12 @@
 //! Publish-to-result latency through a running slmd, measured by a real MQTT
 //! client: `cargo run --release --example e2e_latency -- PORT [N] [TOPIC]
-//! [RESULT_FILTER]`. Messages go one at a time (each waits for its result),
-//! so the figure is the latency a single speaker sees, not queueing.
+//! [RESULT_FILTER] [serial|burst]`.
+//!
+//! - `serial` (default): one message at a time, each waiting for its result:
+//!   the latency a single speaker sees, not queueing.
+//! - `burst`: all N published at once; prints the throughput (results per
+//!   second from the first publish to the last result) and latencies that
+//!   include queueing.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +36,7 @@ async fn main() {
         .cloned()
         .unwrap_or_else(|| "home/bench/command".into());
     let results = args.get(4).cloned().unwrap_or_else(|| "slmd/home/#".into());
+    let burst = args.get(5).is_some_and(|m| m == "burst");
 
     let mut opts = MqttOptions::new(
         format!("e2e-latency-{}", std::process::id()),
@@ -49,41 +55,53 @@ async fn main() {
             break;
         }
     }
-    let mut latencies = Vec::with_capacity(n);
     // Ids unique per run: the daemon skips an id it has already processed.
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    for i in 0..n {
-        let id = format!("lat-{run}-{i}");
-        let text = TEXTS[i % TEXTS.len()];
-        let payload = serde_json::json!({"id": id, "text": text}).to_string();
-        let sent = Instant::now();
-        client
-            .publish(&topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&p.payload).unwrap_or_default();
-                    if v["id"] == id.as_str() {
-                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-                        break;
-                    }
+    let ids: Vec<String> = (0..n).map(|i| format!("lat-{run}-{i}")).collect();
+    let publish = |i: usize| {
+        let client = client.clone();
+        let payload = serde_json::json!({"id": ids[i], "text": TEXTS[i % TEXTS.len()]}).to_string();
+        let topic = topic.clone();
+        async move {
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap()
+        }
+    };
+    let started = Instant::now();
+    let mut sent = vec![started; n];
+    let mut latencies = Vec::with_capacity(n);
+    let mut next = 0;
+    while latencies.len() < n {
+        // Serial: the next message once the last result is in. Burst: all.
+        while next < n && (burst || next == latencies.len()) {
+            sent[next] = Instant::now();
+            publish(next).await;
+            next += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                if let Some(i) = ids.iter().position(|id| v["id"] == id.as_str()) {
+                    latencies.push(sent[i].elapsed().as_secs_f64() * 1000.0);
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("broker: {e}"),
-                Err(_) => panic!("no result for {id} within 30 s"),
             }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("broker: {e}"),
+            Err(_) => panic!("no result within 60 s ({} of {n} in)", latencies.len()),
         }
     }
+    let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "n={} p50_ms={:.1} p95_ms={:.1} max_ms={:.1}",
+        "mode={} n={} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} max_ms={:.1}",
+        if burst { "burst" } else { "serial" },
         latencies.len(),
+        n as f64 / elapsed,
         pct(0.50),
         pct(0.95),
         latencies[latencies.len() - 1]

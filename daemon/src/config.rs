@@ -138,6 +138,22 @@ pub struct Limits {
     /// of it is not processed twice.
     #[serde(default = "default_dedup_window")]
     pub dedup_window_secs: u64,
+    /// For messages without an id (identified by topic and payload hash):
+    /// how long a fresh copy counts as a duplicate. A copy the broker marks
+    /// as a redelivery (DUP) counts for the whole `dedup_window_secs`; a
+    /// user repeating a command after this window gets a new answer.
+    #[serde(default = "default_content_dedup_window")]
+    pub content_dedup_window_secs: u64,
+    /// Quota for the inbox plus outbox. Above it the daemon stops
+    /// acknowledging input (the broker keeps it) until space frees.
+    #[serde(default = "default_max_store_bytes")]
+    pub max_store_bytes: u64,
+    /// Crashes a message may interrupt before it goes to the dead letters.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Where messages given up on are reported, with the reason.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
 }
 
 impl Default for Limits {
@@ -147,6 +163,10 @@ impl Default for Limits {
             max_text_chars: default_max_text_chars(),
             max_in_flight: default_max_in_flight(),
             dedup_window_secs: default_dedup_window(),
+            content_dedup_window_secs: default_content_dedup_window(),
+            max_store_bytes: default_max_store_bytes(),
+            max_attempts: default_max_attempts(),
+            dead_letter_topic: default_dead_letter_topic(),
         }
     }
 }
@@ -276,6 +296,18 @@ fn default_max_in_flight() -> usize {
 fn default_dedup_window() -> u64 {
     24 * 3600
 }
+fn default_content_dedup_window() -> u64 {
+    10
+}
+fn default_max_store_bytes() -> u64 {
+    64 << 20
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_dead_letter_topic() -> String {
+    "slmd/dead-letter".into()
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -371,6 +403,19 @@ impl Config {
         }
         if self.limits.max_in_flight == 0 {
             p.add("limits.max_in_flight", "must be at least 1");
+        }
+        if self.limits.max_attempts == 0 {
+            p.add("limits.max_attempts", "must be at least 1");
+        }
+        // Room for at least one message of the largest size.
+        if self.limits.max_store_bytes < 4 * self.limits.max_payload_bytes as u64 {
+            p.add(
+                "limits.max_store_bytes",
+                "must be at least 4 x limits.max_payload_bytes",
+            );
+        }
+        if let Err(e) = crate::topic::check_name(&self.limits.dead_letter_topic) {
+            p.add("limits.dead_letter_topic", e);
         }
         if self.log.level.parse::<log::LevelFilter>().is_err() {
             p.add(

@@ -17,6 +17,7 @@
 //! - [`engine`]: the llama.cpp model on its own thread; classification heads
 //!   and grammar-constrained slot generation.
 //! - [`models`]: manifests, fetching and verifying GGUF files.
+//! - [`status`]: the store's figures for `slmd status`, while running too.
 
 pub mod config;
 pub mod engine;
@@ -27,6 +28,7 @@ pub mod models;
 pub mod mqtt;
 pub mod payload;
 pub mod router;
+pub mod status;
 pub mod store;
 pub mod topic;
 
@@ -154,31 +156,69 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
     Ok(Engine::start(opts, tasks)?)
 }
 
+/// Whether messages go through the model (always, but for measuring the
+/// message path alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inference {
+    Model,
+    /// [`Engine::trivial`]: the first label of the task, at once.
+    Skipped,
+}
+
 /// Runs the daemon until `shutdown` turns true.
 pub async fn run(
     config: Config,
     broker: Option<mqtt::BrokerAddr>,
+    inference: Inference,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let store = store::Store::open(&config.state_dir())?;
+    let stats = store.stats()?;
     log::info!(
         "store open at {}: {} message(s) waiting, {} result(s) unsent",
         config.state_dir().display(),
-        store.inbox_len(),
-        store.outbox_len()
+        stats.inbox,
+        stats.outbox
     );
-    let engine = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || start_engine(&config))
-            .await
-            .map_err(|e| EngineError::Backend(e.to_string()))??
+    if store.mark_running().await? && stats.inbox > 0 {
+        let n = store.blame_oldest(config.limits.max_in_flight).await?;
+        log::warn!(
+            "the last run did not stop cleanly: the {n} oldest waiting message(s) may have \
+             been in flight and run one at a time"
+        );
+    }
+    let engine = match inference {
+        Inference::Model => {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || start_engine(&config))
+                .await
+                .map_err(|e| EngineError::Backend(e.to_string()))??
+        }
+        Inference::Skipped => {
+            log::warn!("--no-inference: every result is the task's first label, not a model's");
+            let tasks: Vec<_> = config
+                .tasks
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        t.labels.iter().map(|l| l.name.clone()).collect(),
+                    )
+                })
+                .collect();
+            Engine::trivial(&tasks)
+        }
     };
 
     let addr = broker.unwrap_or(mqtt::BrokerAddr {
         host: config.broker.host.clone(),
         port: config.broker.port,
     });
-    let (link, eventloop) = mqtt::Link::new(mqtt::options(&config.broker, &addr), store.clone());
+    let (link, eventloop) = mqtt::Link::new(
+        mqtt::options(&config.broker, &addr),
+        store.clone(),
+        config.limits.max_store_bytes,
+    );
     let filters: Vec<String> = config
         .tasks
         .iter()
@@ -193,9 +233,15 @@ pub async fn run(
         shutdown.clone(),
     ));
     let publisher = tokio::spawn(link.clone().run_publisher(shutdown.clone()));
+    let status = tokio::spawn(status::run_writer(
+        config.state_dir(),
+        store.clone(),
+        link.clone(),
+        shutdown.clone(),
+    ));
     let wake_link = link.clone();
     let router = Arc::new(router::Router {
-        store,
+        store: store.clone(),
         engine,
         tasks: Arc::new(config.tasks.clone()),
         limits: config.limits.clone(),
@@ -212,6 +258,8 @@ pub async fn run(
     let routed = router.run(shutdown, Duration::from_secs(10)).await;
     let _ = receiver.await;
     let _ = publisher.await;
+    let _ = status.await;
     routed?;
+    store.mark_stopped().await?;
     Ok(())
 }

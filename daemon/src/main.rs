@@ -28,6 +28,10 @@ enum Command {
         /// Override the broker address: mqtt://HOST:PORT.
         #[arg(long)]
         broker: Option<slmd::mqtt::BrokerAddr>,
+        /// Measure the message path alone: answer every message with its
+        /// task's first label, without loading the model.
+        #[arg(long, hide = true)]
+        no_inference: bool,
     },
     /// Classify one text with a configured task and print the result JSON.
     Classify {
@@ -54,6 +58,12 @@ enum Command {
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Inbox depth, outbox depth, dead letters and the oldest pending ages,
+    /// as JSON; works while the daemon runs.
+    Status {
+        #[arg(long, default_value = "/etc/slmd/slmd.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -234,7 +244,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Err(e) => Err(e.into()),
         },
-        Command::Run { config, broker } => {
+        Command::Run {
+            config,
+            broker,
+            no_inference,
+        } => {
+            let inference = if no_inference {
+                slmd::Inference::Skipped
+            } else {
+                slmd::Inference::Model
+            };
             let config = load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -247,7 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     log::info!("shutting down");
                     let _ = tx.send(true);
                 });
-                slmd::run(config, broker, rx).await
+                slmd::run(config, broker, inference, rx).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -284,6 +303,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 path.display(),
                 started.elapsed().as_secs_f64()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config } => {
+            let config = Config::load(&config)?;
+            let status = slmd::status::read(&config.state_dir())?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::List { dirs: d }) => {

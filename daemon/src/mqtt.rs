@@ -10,6 +10,13 @@
 //! queued, in receive order, on the event loop's own pending queue (from the
 //! polling task itself, so it can never wait on a full channel: no deadlock).
 //!
+//! # Quota
+//!
+//! While the store holds more than its quota, incoming messages are neither
+//! stored nor acknowledged: the broker keeps them (and, its in-flight window
+//! full, stops sending). Once the store is below 90% of the quota the link
+//! reconnects, and the resumed session redelivers them. Nothing is dropped.
+//!
 //! # Send path
 //!
 //! Our outbox, not rumqttc's in-memory state, is the record of what still
@@ -19,9 +26,12 @@
 //! the entry on its PUBACK. When the connection drops, rumqttc's own copies
 //! (retransmits and requests it drained from its channel) are removed and
 //! those entries become unsent again, to be published anew after reconnect:
-//! at-least-once, never lost, and one place that decides.
+//! at-least-once, never lost, and one place that decides. The store is
+//! flushed before each batch is published, so no published result can be
+//! undone by a crash.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,6 +127,10 @@ pub struct Link {
     tracker: Mutex<Tracker>,
     store: Store,
     max_inflight: usize,
+    /// Store bytes above which input is held at the broker.
+    quota: u64,
+    /// Input is being held because the store is over its quota.
+    holding: AtomicBool,
     /// Woken when the outbox has something new or room to send.
     pub publisher_wake: Notify,
 }
@@ -135,7 +149,7 @@ pub fn options(cfg: &BrokerConfig, addr: &BrokerAddr) -> MqttOptions {
 }
 
 impl Link {
-    pub fn new(opts: MqttOptions, store: Store) -> (Arc<Link>, EventLoop) {
+    pub fn new(opts: MqttOptions, store: Store, quota: u64) -> (Arc<Link>, EventLoop) {
         let max_inflight = opts.inflight() as usize;
         // Room for every publish we may have outstanding plus the subscribe.
         let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
@@ -150,6 +164,8 @@ impl Link {
             tracker: Mutex::new(Tracker::default()),
             store,
             max_inflight,
+            quota,
+            holding: AtomicBool::new(false),
             publisher_wake: Notify::new(),
         };
         (Arc::new(link), eventloop)
@@ -171,9 +187,23 @@ impl Link {
         };
         let mut backoff = Duration::from_millis(200);
         let mut to_ack: Vec<u16> = Vec::new();
+        let mut quota_check = tokio::time::interval(Duration::from_millis(250));
         loop {
+            let holding = self.holding.load(Ordering::Relaxed);
             let event = tokio::select! {
                 ev = eventloop.poll() => ev,
+                _ = quota_check.tick(), if holding => {
+                    if self.store.bytes() < self.quota / 10 * 9 {
+                        log::info!(
+                            "store below 90% of its quota again: reconnecting so the broker \
+                             redelivers what it held"
+                        );
+                        self.holding.store(false, Ordering::Relaxed);
+                        eventloop.clean();
+                        self.tracker.lock().unwrap().reset_after_disconnect(&mut eventloop);
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => break,
             };
             match event {
@@ -192,9 +222,23 @@ impl Link {
                     self.tracker.lock().unwrap().connected = true;
                     self.publisher_wake.notify_one();
                 }
+                Ok(Event::Incoming(Incoming::Publish(_)))
+                    if holding || self.store.bytes() >= self.quota =>
+                {
+                    // Neither stored nor acknowledged: redelivered later.
+                    if !holding {
+                        log::warn!(
+                            "store quota of {} bytes reached: not acknowledging new messages \
+                             (the broker keeps them) until results drain",
+                            self.quota
+                        );
+                        self.holding.store(true, Ordering::Relaxed);
+                    }
+                }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     let entry = InboxEntry {
                         received_ms: now_ms(),
+                        dup: p.dup,
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
                     };
@@ -293,13 +337,21 @@ impl Link {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => break,
             }
-            if let Err(e) = self.publish_some() {
+            if let Err(e) = self.publish_some().await {
                 log::error!("cannot read the outbox: {e}");
             }
         }
     }
 
-    fn publish_some(&self) -> Result<(), crate::store::StoreError> {
+    /// Whether the link is connected and whether input is being held.
+    pub fn state(&self) -> (bool, bool) {
+        let connected = self.tracker.lock().unwrap().connected;
+        (connected, self.holding.load(Ordering::Relaxed))
+    }
+
+    async fn publish_some(&self) -> Result<(), crate::store::StoreError> {
+        // Results become durable before anyone can see them.
+        self.store.flush().await?;
         let mut t = self.tracker.lock().unwrap();
         if !t.connected || t.inflight.len() >= self.max_inflight {
             return Ok(());

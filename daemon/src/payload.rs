@@ -62,10 +62,14 @@ pub fn derived_id(topic: &str, payload: &[u8]) -> String {
 
 /// The id to report for a payload, even one that fails to parse.
 pub fn id_of(topic: &str, payload: &[u8]) -> String {
+    own_id(payload).unwrap_or_else(|| derived_id(topic, payload))
+}
+
+/// The id a JSON payload brings, if any.
+pub fn own_id(payload: &[u8]) -> Option<String> {
     serde_json::from_slice::<serde_json::Value>(payload)
         .ok()
         .and_then(|v| json_id(&v))
-        .unwrap_or_else(|| derived_id(topic, payload))
 }
 
 fn json_id(v: &serde_json::Value) -> Option<String> {
@@ -227,9 +231,47 @@ pub struct ErrorResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorBody {
     /// Machine-readable: `too_large`, `not_utf8`, `invalid_json`,
-    /// `missing_text`, `empty_text`, `text_too_long`, `inference_failed`.
+    /// `missing_text`, `empty_text`, `text_too_long`, `inference_failed`;
+    /// on the dead-letter topic, `too_many_attempts`.
     pub reason: String,
     pub message: String,
+}
+
+/// A message given up on, as published on `limits.dead_letter_topic`: the
+/// original comes along so an operator can inspect or re-send it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub task: String,
+    pub topic: String,
+    pub attempts: u32,
+    pub error: ErrorBody,
+    /// The original payload when it is UTF-8 text, else `payload_hex`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_hex: Option<String>,
+}
+
+impl DeadLetter {
+    pub fn new(task: &str, topic: &str, payload: &[u8], attempts: u32) -> DeadLetter {
+        let text = std::str::from_utf8(payload).ok().map(str::to_owned);
+        DeadLetter {
+            id: id_of(topic, payload),
+            task: task.to_owned(),
+            topic: topic.to_owned(),
+            attempts,
+            error: ErrorBody {
+                reason: "too_many_attempts".into(),
+                message: format!(
+                    "processing was interrupted {attempts} time(s) (the daemon crashed or was \
+                     killed while it ran); given up"
+                ),
+            },
+            payload_hex: text.is_none().then(|| hex::encode(payload)),
+            payload: text,
+        }
+    }
 }
 
 fn round4(x: f32) -> f32 {
@@ -249,7 +291,7 @@ mod tests {
             max_payload_bytes: 64,
             max_text_chars: 20,
             max_in_flight: 4,
-            dedup_window_secs: 60,
+            ..Limits::default()
         }
     }
 

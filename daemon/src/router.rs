@@ -4,7 +4,14 @@
 //!
 //! At most `limits.max_in_flight` messages are being inferred at once; they
 //! reach the engine together, which batches them. On start the router begins
-//! at the oldest inbox entry, so whatever a crash interrupted runs again.
+//! at the oldest inbox entry, so whatever a crash interrupted runs again:
+//! entries the store blamed for a crash run one at a time, so a message that
+//! crashes the daemon takes no neighbour down with it, and one blamed
+//! `limits.max_attempts` times goes to the dead-letter topic instead.
+//!
+//! A message already processed within the dedup window (same task and id;
+//! for id-less messages, same topic and payload) is not processed again: its
+//! stored result is published again, so a producer that retries gets it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +21,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Limits, TaskConfig};
 use crate::engine::{Engine, EngineError};
-use crate::payload::{self, ErrorBody, ErrorResult, TaskResult};
+use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Store};
 use crate::topic;
 
@@ -41,6 +48,7 @@ impl Router {
         drain: Duration,
     ) -> Result<(), EngineError> {
         let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
+        let all = self.limits.max_in_flight as u32;
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<EngineError>(1);
         let mut cursor = None;
         let mut pruned_at = std::time::Instant::now() - Duration::from_secs(3600);
@@ -69,8 +77,14 @@ impl Router {
                 }
             }
             for (key, entry) in batch {
+                let attempts = self.store.attempts(key).unwrap_or_else(|e| {
+                    log::error!("cannot read the attempts of message {key}: {e}");
+                    0
+                });
+                // A suspect of a crash runs alone.
+                let n = if attempts > 0 { all } else { 1 };
                 let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                    p = permits.clone().acquire_many_owned(n) => p.expect("semaphore is never closed"),
                     _ = shutdown.changed() => break 'outer,
                     Some(e) = fatal_rx.recv() => return Err(e),
                 };
@@ -78,14 +92,13 @@ impl Router {
                 let this = self.clone();
                 let fatal = fatal_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = this.process(key, entry).await {
+                    if let Err(e) = this.process(key, entry, attempts).await {
                         let _ = fatal.try_send(e);
                     }
                     drop(permit);
                 });
             }
         }
-        let all = self.limits.max_in_flight as u32;
         if tokio::time::timeout(drain, permits.acquire_many(all))
             .await
             .is_err()
@@ -98,7 +111,7 @@ impl Router {
         Ok(())
     }
 
-    async fn process(&self, key: u64, entry: InboxEntry) -> Result<(), EngineError> {
+    async fn process(&self, key: u64, entry: InboxEntry, attempts: u32) -> Result<(), EngineError> {
         let Some(task) = self
             .tasks
             .iter()
@@ -110,25 +123,59 @@ impl Router {
             }
             return Ok(());
         };
-        let id = payload::id_of(&entry.topic, &entry.payload);
+        if attempts >= self.limits.max_attempts {
+            let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
+            log::error!(
+                "task={} id={} topic={}: interrupted by {attempts} crash(es); sent to {}",
+                task.name,
+                dead.id,
+                entry.topic,
+                self.limits.dead_letter_topic
+            );
+            let report = json_entry(&self.limits.dead_letter_topic, &dead);
+            match self.store.dead_letter(key, &report) {
+                Ok(()) => (self.outbox_wake)(),
+                Err(e) => log::error!("cannot commit dead letter {key}: {e}"),
+            }
+            return Ok(());
+        }
+        let own_id = payload::own_id(&entry.payload);
+        // An id-less copy the broker does not call a redelivery may be the
+        // user repeating themselves: only a short window applies to it.
+        let window_secs = if own_id.is_some() || entry.dup {
+            self.limits.dedup_window_secs
+        } else {
+            self.limits.content_dedup_window_secs
+        };
+        let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
         let seen = store::seen_key(&task.name, &id);
         let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
-        match self.store.was_seen(&seen).map(|done| done || racing) {
-            Ok(true) => {
-                if !racing {
-                    self.in_flight.lock().unwrap().remove(&seen);
-                }
-                log::info!(
-                    "task={} id={id}: already processed (redelivery); skipped",
-                    task.name
-                );
-                if let Err(e) = self.store.discard_inbox(key) {
-                    log::error!("cannot drop redelivered message {key}: {e}");
-                }
-                return Ok(());
+        let before = if racing {
+            Ok(None)
+        } else {
+            self.store.seen_result(&seen, window_secs * 1000)
+        };
+        if racing || matches!(before, Ok(Some(_))) {
+            if !racing {
+                self.in_flight.lock().unwrap().remove(&seen);
             }
-            Ok(false) => {}
-            Err(e) => log::error!("cannot check whether {id} was processed: {e}"),
+            log::info!(
+                "task={} id={id}: already processed (redelivery); not processed again",
+                task.name
+            );
+            // The original still in flight publishes its own result.
+            let done = match before {
+                Ok(Some(stored)) => self.store.complete(key, &stored, None),
+                _ => self.store.discard_inbox(key),
+            };
+            match done {
+                Ok(()) => (self.outbox_wake)(),
+                Err(e) => log::error!("cannot settle redelivered message {key}: {e}"),
+            }
+            return Ok(());
+        }
+        if let Err(e) = before {
+            log::error!("cannot check whether {id} was processed: {e}");
         }
         let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
             Err(e) => self.error(task, &entry, e.reason(), e.to_string()),

@@ -7,44 +7,72 @@
 //!   flushed to disk ([`Store::flush`]). Until then the broker still owns it.
 //! - Inbox keys are sled's monotonic ids (big-endian `u64`), so key order is
 //!   receive order, across restarts.
-//! - A processed message leaves the inbox and enters the outbox in one sled
-//!   transaction ([`Store::complete`]), under the same key: it is either
-//!   unprocessed or processed-with-its-result, never both, never neither.
-//! - An outbox entry is removed only when the broker acknowledged its publish.
-//! - The `(task, id)` of a processed message is recorded in `seen` in the same
-//!   transaction, so a redelivery of it (same id) is recognised and not
-//!   processed twice, for as long as the entry is kept (the dedup window).
+//! - A processed message leaves the inbox and enters the outbox with its
+//!   result in one sled transaction ([`Store::complete`]), under the same key:
+//!   it is either unprocessed or processed-with-its-result, never both, never
+//!   neither. The same transaction records its id in `seen`, with the result.
+//! - A result is published only after the store is flushed, so a published
+//!   result never belongs to a completion a crash could undo; it is removed
+//!   from the outbox only when the broker acknowledged it.
+//! - `bytes` counts the inbox and outbox values; the receiver stops taking
+//!   messages while it is above the configured quota.
 //!
 //! # Key layout
 //!
-//! | tree     | key            | value                                     |
-//! |----------|----------------|-------------------------------------------|
-//! | `inbox`  | id (u64 BE)    | [`InboxEntry`]: received ms, topic, payload |
-//! | `outbox` | same id        | [`OutboxEntry`]: topic, payload           |
-//! | `seen`   | task, 0, msg id | ms when processed (u64 BE)               |
+//! | tree       | key             | value                                          |
+//! |------------|-----------------|------------------------------------------------|
+//! | `inbox`    | id (u64 BE)     | received ms, flags, topic, payload             |
+//! | `outbox`   | same id         | created ms, topic, payload                     |
+//! | `seen`     | task, 0, msg id | processed ms, result topic, result payload     |
+//! | `attempts` | inbox id        | times a crash interrupted it (u32 BE)          |
+//! | `meta`     | name            | `format`, `running`, `dead_letters`            |
+//!
+//! Times are wall-clock ms (u64 BE); a topic is a u16 BE length then bytes.
 //!
 //! # What a crash leaves behind
 //!
 //! - Before the inbox flush: nothing of the message; it was not acknowledged,
 //!   so the broker redelivers it (persistent session).
 //! - After the flush, before the ack: the entry, and a redelivery of the same
-//!   message; the consumer sees its result twice, with the same `id`.
-//! - During processing: the inbox entry; it is processed again on start.
-//! - After `complete`, before the publish is acknowledged: the outbox entry;
-//!   it is published again on start (at-least-once).
+//!   message (DUP set); the router finds it in `seen` and publishes the stored
+//!   result again instead of processing it twice.
+//! - During processing: the inbox entry, and `running` still set. On start
+//!   the oldest `max_in_flight` entries are blamed (`attempts` + 1) and run
+//!   one at a time; one blamed `max_attempts` times goes to the dead letters.
+//! - After `complete`, before the flush: possibly the inbox entry again (the
+//!   completion was not durable); its result was not published, so it is
+//!   processed once as far as anyone outside can tell.
+//! - After the publish, before the PUBACK is handled: the outbox entry; it is
+//!   published again on start, byte for byte (at-least-once).
 //!
 //! Nothing else in slmd touches sled: the engine under this module can change.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The layout above; a store written in another one is refused, not guessed.
+const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot open the store at {path}: {source}. If it is corrupt, stop slmd, \
-         move the directory aside (it holds unprocessed messages and unsent results) and restart"
+        "cannot open the store at {path}: {reason}. It holds unprocessed messages and unsent \
+         results, so slmd never wipes it: if it is corrupt, stop slmd, move the directory \
+         aside (keep it for inspection) and restart with an empty one"
     )]
-    Open { path: PathBuf, source: sled::Error },
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "the store at {path} is in use by another process (is slmd already running with this \
+         state directory?)"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "the store at {path} has format {found:?}, this slmd reads format {FORMAT}. Drain it \
+         with the slmd that wrote it, or move it aside and restart with an empty one"
+    )]
+    Format { path: PathBuf, found: Option<u32> },
     #[error("store I/O: {0}")]
     Io(#[from] sled::Error),
     #[error("store transaction: {0}")]
@@ -58,6 +86,8 @@ pub enum StoreError {
 pub struct InboxEntry {
     /// Wall-clock ms when it was received; latency is measured from here.
     pub received_ms: u64,
+    /// The broker's DUP flag: it may have delivered this message before.
+    pub dup: bool,
     pub topic: String,
     pub payload: Vec<u8>,
 }
@@ -69,12 +99,29 @@ pub struct OutboxEntry {
     pub payload: Vec<u8>,
 }
 
+/// What `slmd status` reports about the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub inbox: usize,
+    pub outbox: usize,
+    pub dead_letters: u64,
+    /// Inbox plus outbox values, the figure the quota limits.
+    pub bytes: u64,
+    /// Age of the oldest unprocessed message, ms.
+    pub oldest_inbox_age_ms: Option<u64>,
+    /// Age of the oldest unsent result, ms.
+    pub oldest_outbox_age_ms: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     inbox: sled::Tree,
     outbox: sled::Tree,
     seen: sled::Tree,
+    attempts: sled::Tree,
+    meta: sled::Tree,
+    bytes: Arc<AtomicU64>,
 }
 
 /// The `seen` key of a message id within a task.
@@ -95,34 +142,90 @@ pub fn now_ms() -> u64 {
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         let path = state_dir.join("store");
-        let db = sled::Config::new()
-            .path(&path)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let open = |name: &str| {
-            db.open_tree(name).map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })
+        let fail = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
         };
-        Ok(Store {
+        let existed = std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some());
+        // sled panics on some damaged files rather than returning an error.
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(&path).open())
+            .map_err(|_| fail("sled could not read its files".into()))?;
+        let db = opened.map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked { path: path.clone() }
+            }
+            e => fail(e.to_string()),
+        })?;
+        let open = |name: &str| db.open_tree(name).map_err(|e| fail(e.to_string()));
+        let store = Store {
             inbox: open("inbox")?,
             outbox: open("outbox")?,
             seen: open("seen")?,
+            attempts: open("attempts")?,
+            meta: open("meta")?,
+            bytes: Arc::default(),
             db,
-        })
+        };
+        store.check_format(&path, existed)?;
+        let mut bytes = 0;
+        for kv in store.inbox.iter().chain(store.outbox.iter()) {
+            bytes += kv?.1.len() as u64;
+        }
+        store.bytes.store(bytes, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// A new store gets the format written (and flushed) at once, so an
+    /// existing store without it is damaged, not new: sled may open
+    /// unreadable files as empty, and that must not pass as a fresh start.
+    fn check_format(&self, path: &Path, existed: bool) -> Result<(), StoreError> {
+        let found = self
+            .meta
+            .get("format")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes));
+        let empty = self.inbox.is_empty() && self.outbox.is_empty() && self.seen.is_empty();
+        match found {
+            Some(FORMAT) => Ok(()),
+            None if empty && existed => Err(StoreError::Open {
+                path: path.to_owned(),
+                reason: "its files hold no readable slmd data (damaged, or not an slmd store)"
+                    .into(),
+            }),
+            None if empty => {
+                self.meta.insert("format", &FORMAT.to_be_bytes())?;
+                self.db.flush()?;
+                Ok(())
+            }
+            found => Err(StoreError::Format {
+                path: path.to_owned(),
+                found,
+            }),
+        }
+    }
+
+    /// Records that a daemon is running on this store; returns whether the
+    /// previous one stopped without [`Store::mark_stopped`] (a crash).
+    pub async fn mark_running(&self) -> Result<bool, StoreError> {
+        let crashed = self.meta.insert("running", &[1])?.is_some();
+        self.flush().await?;
+        Ok(crashed)
+    }
+
+    /// A clean stop: nothing was interrupted.
+    pub async fn mark_stopped(&self) -> Result<(), StoreError> {
+        self.meta.remove("running")?;
+        self.flush().await
     }
 
     /// Appends a received message; durable only after [`Store::flush`].
     pub fn append_inbox(&self, entry: &InboxEntry) -> Result<u64, StoreError> {
         let key = self.db.generate_id()?;
-        let mut v = Vec::with_capacity(10 + entry.topic.len() + entry.payload.len());
+        let mut v = Vec::with_capacity(11 + entry.topic.len() + entry.payload.len());
         v.extend_from_slice(&entry.received_ms.to_be_bytes());
+        v.push(u8::from(entry.dup));
         encode_topic_payload(&mut v, &entry.topic, &entry.payload);
-        self.inbox.insert(key.to_be_bytes(), v)?;
+        self.inbox.insert(key.to_be_bytes(), v.as_slice())?;
+        self.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
         Ok(key)
     }
 
@@ -145,54 +248,107 @@ impl Store {
             .map(|kv| {
                 let (k, v) = kv?;
                 let key = decode_key(&k);
-                let corrupt = StoreError::Corrupt { tree: "inbox", key };
-                if v.len() < 8 {
-                    return Err(corrupt);
-                }
-                let received_ms = u64::from_be_bytes(v[..8].try_into().unwrap());
-                let (topic, payload) = decode_topic_payload(&v[8..]).ok_or(corrupt)?;
-                Ok((
-                    key,
-                    InboxEntry {
-                        received_ms,
-                        topic,
-                        payload,
-                    },
-                ))
+                let entry = decode_inbox(&v).ok_or(StoreError::Corrupt { tree: "inbox", key })?;
+                Ok((key, entry))
             })
             .collect()
     }
 
+    /// After a crash: the `n` oldest inbox entries were the ones in flight,
+    /// so each gets one more attempt on its record. Durable on return.
+    pub async fn blame_oldest(&self, n: usize) -> Result<usize, StoreError> {
+        let mut blamed = 0;
+        for kv in self.inbox.iter().take(n) {
+            let (k, _) = kv?;
+            self.attempts.update_and_fetch(&k, |old| {
+                let n = old.and_then(|v| v.try_into().ok().map(u32::from_be_bytes));
+                Some(n.unwrap_or(0).saturating_add(1).to_be_bytes().to_vec())
+            })?;
+            blamed += 1;
+        }
+        self.flush().await?;
+        Ok(blamed)
+    }
+
+    /// How many crashes interrupted this inbox entry.
+    pub fn attempts(&self, key: u64) -> Result<u32, StoreError> {
+        Ok(self
+            .attempts
+            .get(key.to_be_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(0))
+    }
+
     /// Moves a message from the inbox to the outbox with its result, and
-    /// records it as seen, atomically.
+    /// records it (with the result) as seen, atomically.
     pub fn complete(
         &self,
         key: u64,
         result: &OutboxEntry,
         seen: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        use sled::Transactional;
-        let mut v = Vec::with_capacity(2 + result.topic.len() + result.payload.len());
-        encode_topic_payload(&mut v, &result.topic, &result.payload);
-        let k = key.to_be_bytes();
-        let now = now_ms().to_be_bytes();
-        (&self.inbox, &self.outbox, &self.seen)
-            .transaction(|(inbox, outbox, seen_tree)| {
-                inbox.remove(&k)?;
-                outbox.insert(&k, v.clone())?;
-                if let Some(s) = seen {
-                    seen_tree.insert(s, &now)?;
-                }
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Transaction(format!("{e:?}"))
-            })
+        self.commit(key, result, seen, false)
     }
 
-    /// Whether a message with this `seen` key was already processed.
-    pub fn was_seen(&self, seen: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.seen.contains_key(seen)?)
+    /// Like [`Store::complete`] for a message that is given up on: its
+    /// dead-letter report goes out instead of a result, and is counted.
+    pub fn dead_letter(&self, key: u64, report: &OutboxEntry) -> Result<(), StoreError> {
+        self.commit(key, report, None, true)
+    }
+
+    fn commit(
+        &self,
+        key: u64,
+        result: &OutboxEntry,
+        seen: Option<&[u8]>,
+        dead: bool,
+    ) -> Result<(), StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        let now = now_ms();
+        let v = encode_outbox(now, result);
+        let k = key.to_be_bytes();
+        let removed = (
+            &self.inbox,
+            &self.outbox,
+            &self.seen,
+            &self.attempts,
+            &self.meta,
+        )
+            .transaction(|(inbox, outbox, seen_tree, attempts, meta)| {
+                let removed = inbox.remove(&k)?.map_or(0, |old| old.len());
+                outbox.insert(&k, v.as_slice())?;
+                attempts.remove(&k)?;
+                if let Some(s) = seen {
+                    seen_tree.insert(s, v.as_slice())?;
+                }
+                if dead {
+                    let n = meta.get("dead_letters")?.map_or(0, |v| decode_u64(&v));
+                    meta.insert("dead_letters", &(n + 1).to_be_bytes())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(removed)
+            })
+            .map_err(|e: TransactionError<()>| StoreError::Transaction(format!("{e:?}")))?;
+        self.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_sub(removed as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The result of a message with this `seen` key and when it was
+    /// produced, if it was processed within the last `window_ms`.
+    pub fn seen_result(
+        &self,
+        seen: &[u8],
+        window_ms: u64,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        let Some(v) = self.seen.get(seen)? else {
+            return Ok(None);
+        };
+        let (at, entry) = decode_outbox(&v).ok_or(StoreError::Corrupt {
+            tree: "seen",
+            key: 0,
+        })?;
+        Ok((now_ms().saturating_sub(at) <= window_ms).then_some(entry))
     }
 
     /// Forgets processed ids older than `window_ms`; returns how many.
@@ -201,8 +357,7 @@ impl Store {
         let mut n = 0;
         for kv in self.seen.iter() {
             let (k, v) = kv?;
-            let at = v.as_ref().try_into().map_or(0, u64::from_be_bytes);
-            if at < cutoff {
+            if decode_u64(&v) < cutoff {
                 self.seen.remove(k)?;
                 n += 1;
             }
@@ -212,7 +367,10 @@ impl Store {
 
     /// Drops an inbox entry that has nowhere to go (no task matches it).
     pub fn discard_inbox(&self, key: u64) -> Result<(), StoreError> {
-        self.inbox.remove(key.to_be_bytes())?;
+        self.attempts.remove(key.to_be_bytes())?;
+        if let Some(old) = self.inbox.remove(key.to_be_bytes())? {
+            self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -232,28 +390,50 @@ impl Store {
             if skip(key) {
                 continue;
             }
-            let (topic, payload) = decode_topic_payload(&v).ok_or(StoreError::Corrupt {
+            let (_, entry) = decode_outbox(&v).ok_or(StoreError::Corrupt {
                 tree: "outbox",
                 key,
             })?;
-            out.push((key, OutboxEntry { topic, payload }));
+            out.push((key, entry));
         }
         Ok(out)
     }
 
     /// The broker has the result: forget it.
     pub fn outbox_remove(&self, key: u64) -> Result<(), StoreError> {
-        self.outbox.remove(key.to_be_bytes())?;
+        if let Some(old) = self.outbox.remove(key.to_be_bytes())? {
+            self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        }
         Ok(())
     }
 
-    pub fn inbox_len(&self) -> usize {
-        self.inbox.len()
+    /// Inbox plus outbox bytes, the figure the quota limits.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
-    pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let now = now_ms();
+        let age = |first: Option<(sled::IVec, sled::IVec)>| {
+            first.map(|(_, v)| now.saturating_sub(decode_u64(&v)))
+        };
+        Ok(Stats {
+            inbox: self.inbox.len(),
+            outbox: self.outbox.len(),
+            dead_letters: self.meta.get("dead_letters")?.map_or(0, |v| decode_u64(&v)),
+            bytes: self.bytes(),
+            oldest_inbox_age_ms: age(self.inbox.first()?),
+            // Outbox keys are inbox keys, so the first is the oldest too.
+            oldest_outbox_age_ms: age(self.outbox.first()?),
+        })
     }
+}
+
+/// The leading u64 BE of a value (a time or a counter); 0 if too short.
+fn decode_u64(v: &[u8]) -> u64 {
+    v.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 fn decode_key(k: &[u8]) -> u64 {
@@ -276,6 +456,28 @@ fn decode_topic_payload(v: &[u8]) -> Option<(String, Vec<u8>)> {
     Some((topic, v[2 + len..].to_vec()))
 }
 
+fn decode_inbox(v: &[u8]) -> Option<InboxEntry> {
+    let (topic, payload) = decode_topic_payload(v.get(9..)?)?;
+    Some(InboxEntry {
+        received_ms: decode_u64(v),
+        dup: v[8] != 0,
+        topic,
+        payload,
+    })
+}
+
+fn encode_outbox(at_ms: u64, e: &OutboxEntry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(10 + e.topic.len() + e.payload.len());
+    v.extend_from_slice(&at_ms.to_be_bytes());
+    encode_topic_payload(&mut v, &e.topic, &e.payload);
+    v
+}
+
+fn decode_outbox(v: &[u8]) -> Option<(u64, OutboxEntry)> {
+    let (topic, payload) = decode_topic_payload(v.get(8..)?)?;
+    Some((decode_u64(v), OutboxEntry { topic, payload }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,8 +485,16 @@ mod tests {
     fn entry(topic: &str, payload: &[u8]) -> InboxEntry {
         InboxEntry {
             received_ms: 42,
+            dup: topic.ends_with("dup"),
             topic: topic.into(),
             payload: payload.to_vec(),
+        }
+    }
+
+    fn result(payload: &str) -> OutboxEntry {
+        OutboxEntry {
+            topic: "out".into(),
+            payload: payload.into(),
         }
     }
 
@@ -294,7 +504,7 @@ mod tests {
         let (a, b) = {
             let store = Store::open(dir.path()).unwrap();
             let a = store.append_inbox(&entry("t/1", b"one")).unwrap();
-            let b = store.append_inbox(&entry("t/2", &[0xff, 0])).unwrap();
+            let b = store.append_inbox(&entry("t/dup", &[0xff, 0])).unwrap();
             store.flush().await.unwrap();
             (a, b)
         };
@@ -302,9 +512,15 @@ mod tests {
         let got = store.inbox_after(None, 10).unwrap();
         assert_eq!(
             got,
-            vec![(a, entry("t/1", b"one")), (b, entry("t/2", &[0xff, 0]))]
+            vec![(a, entry("t/1", b"one")), (b, entry("t/dup", &[0xff, 0]))]
         );
+        assert!(got[1].1.dup);
         assert_eq!(store.inbox_after(Some(a), 10).unwrap().len(), 1);
+        assert_eq!(
+            store.bytes(),
+            2 * 11 + 3 + 3 + 5 + 2,
+            "bytes are recounted on open"
+        );
     }
 
     #[tokio::test]
@@ -312,26 +528,92 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let k = store.append_inbox(&entry("in", b"x")).unwrap();
-        let result = OutboxEntry {
-            topic: "out".into(),
-            payload: b"{}".to_vec(),
-        };
         let seen = seen_key("task", "id-1");
-        assert!(!store.was_seen(&seen).unwrap());
-        store.complete(k, &result, Some(&seen)).unwrap();
-        assert!(store.was_seen(&seen).unwrap());
-        assert!(!store.was_seen(&seen_key("task", "id-2")).unwrap());
+        assert_eq!(store.seen_result(&seen, 60_000).unwrap(), None);
+        store.complete(k, &result("{}"), Some(&seen)).unwrap();
+        assert_eq!(
+            store.seen_result(&seen, 60_000).unwrap(),
+            Some(result("{}"))
+        );
+        assert_eq!(
+            store
+                .seen_result(&seen_key("task", "id-2"), 60_000)
+                .unwrap(),
+            None
+        );
         assert_eq!(store.prune_seen(60_000).unwrap(), 0, "recent ids are kept");
         std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(
+            store.seen_result(&seen, 1).unwrap(),
+            None,
+            "outside the window"
+        );
         assert_eq!(store.prune_seen(1).unwrap(), 1, "old ids are forgotten");
-        assert!(!store.was_seen(&seen).unwrap());
-        assert_eq!(store.inbox_len(), 0);
+        assert_eq!(store.seen_result(&seen, 60_000).unwrap(), None);
+        assert_eq!(store.stats().unwrap().inbox, 0);
         assert_eq!(
             store.outbox_pending(10, |_| false).unwrap(),
-            vec![(k, result)]
+            vec![(k, result("{}"))]
         );
         assert!(store.outbox_pending(10, |key| key == k).unwrap().is_empty());
+        assert_eq!(store.bytes(), 8 + 2 + 3 + 2);
         store.outbox_remove(k).unwrap();
-        assert_eq!(store.outbox_len(), 0);
+        assert_eq!(store.stats().unwrap(), Stats::default());
+    }
+
+    #[tokio::test]
+    async fn crashes_blame_the_oldest_and_dead_letters_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<u64> = {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(!store.mark_running().await.unwrap(), "a fresh store");
+            let keys = (0..3)
+                .map(|i| store.append_inbox(&entry("in", &[i])).unwrap())
+                .collect();
+            store.flush().await.unwrap();
+            keys
+            // Dropped without mark_stopped: a crash.
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.mark_running().await.unwrap(), "the last run crashed");
+        assert_eq!(store.blame_oldest(2).await.unwrap(), 2);
+        assert_eq!(store.blame_oldest(1).await.unwrap(), 1);
+        let attempts: Vec<u32> = keys.iter().map(|&k| store.attempts(k).unwrap()).collect();
+        assert_eq!(attempts, [2, 1, 0]);
+        store.dead_letter(keys[0], &result("dead")).unwrap();
+        store.complete(keys[1], &result("ok"), None).unwrap();
+        assert_eq!(
+            store.attempts(keys[0]).unwrap(),
+            0,
+            "forgotten with the entry"
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.inbox, stats.outbox, stats.dead_letters), (1, 2, 1));
+        assert!(
+            stats.oldest_inbox_age_ms.unwrap() > 1000,
+            "received_ms is 42"
+        );
+        assert!(stats.oldest_outbox_age_ms.unwrap() < 60_000);
+        store.mark_stopped().await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.mark_running().await.unwrap(), "a clean stop");
+    }
+
+    #[test]
+    fn a_second_opener_and_a_foreign_format_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().expect("locked");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        store.meta.insert("format", &1u32.to_be_bytes()).unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        let err = Store::open(dir.path()).err().expect("format 1");
+        assert!(
+            matches!(err, StoreError::Format { found: Some(1), .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
 }

@@ -1,8 +1,13 @@
 //! MQTT topic names and filters (MQTT 3.1.1 section 4.7).
 
-/// Checks a filter that may hold `+` and a trailing `#`.
+/// Checks a filter that may hold `+` and a trailing `#`, optionally as a
+/// shared subscription `$share/GROUP/FILTER`.
 pub fn check_filter(filter: &str) -> Result<(), String> {
     check_common(filter)?;
+    if filter.starts_with("$share/") && unshared(filter) == filter {
+        return Err(format!("{filter:?}: expected $share/GROUP/FILTER"));
+    }
+    let filter = unshared(filter);
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
         if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
@@ -41,9 +46,21 @@ fn check_common(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The topic filter of a shared subscription `$share/GROUP/FILTER` (which
+/// several clients subscribe to, each message going to one of them); any
+/// other filter as it is.
+pub fn unshared(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .filter(|(group, f)| !group.is_empty() && !f.is_empty())
+        .map_or(filter, |(_, f)| f)
+}
+
 /// Whether `topic` is matched by `filter`. Topics starting with `$` are not
 /// matched by a leading wildcard, as brokers do.
 pub fn matches(filter: &str, topic: &str) -> bool {
+    let filter = unshared(filter);
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
@@ -74,6 +91,8 @@ mod tests {
         assert!(!matches("#", "$SYS/broker"));
         assert!(!matches("a/b", "a/b/c"));
         assert!(matches("a/b", "a/b"));
+        assert!(matches("$share/slmd/home/+", "home/kitchen"));
+        assert!(!matches("$share/slmd/home/+", "office/x"));
     }
 
     #[test]
@@ -84,5 +103,8 @@ mod tests {
         assert!(check_filter("a/+/#").is_ok());
         assert!(check_name("a/+").is_err());
         assert!(check_name("a/b").is_ok());
+        assert!(check_filter("$share/g/a/#").is_ok());
+        assert!(check_filter("$share/g").is_err());
+        assert!(check_filter("$share/g/a/#/b").is_err());
     }
 }

@@ -3,4 +3,6 @@
 
 mod cli;
 mod daemon;
+mod faults;
+mod proxy;
 mod util;

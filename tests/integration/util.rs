@@ -56,7 +56,7 @@ pub fn model_path() -> PathBuf {
 pub struct Broker {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Broker {
@@ -65,28 +65,55 @@ impl Broker {
     }
 
     pub fn start_on(port: u16) -> Broker {
+        Broker::start_with(port, false)
+    }
+
+    /// With `persistence`, sessions and queued messages survive a restart.
+    pub fn start_with(port: u16, persistence: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
+        let persist = if persistence {
+            // mosquitto started as root runs as user mosquitto: let it write.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".into()
+        };
+        std::fs::write(
+            dir.path().join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\n{persist}\
                  max_queued_messages 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )
         .unwrap();
+        let child = Broker::spawn(dir.path(), port);
+        Broker { port, child, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
         let child = Command::new(mosquitto())
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("mosquitto.conf"))
             .stdout(Stdio::null())
             .spawn()
             .expect("mosquitto must be installed (scripts/setup.sh installs it)");
         wait_for_port(port, Duration::from_secs(10));
-        Broker {
-            port,
-            child,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Stops the broker as an operator would (SIGTERM: a persistent broker
+    /// saves its state).
+    pub fn stop(&mut self) {
+        terminate(&mut self.child);
+    }
+
+    /// Starts it again on the same port with the same configuration.
+    pub fn restart(&mut self) {
+        self.child = Broker::spawn(self.dir.path(), self.port);
     }
 
     pub fn url(&self) -> String {
@@ -160,7 +187,7 @@ labels = [
 ]
 {extra}
 "#,
-        nonce = std::process::id(),
+        nonce = dir.file_name().unwrap().to_string_lossy(),
         state = dir.join("state").display(),
         model = model_path().display(),
         examples = root
@@ -179,7 +206,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, broker_url: &str) -> Daemon {
-        let log = config.with_extension("log");
+        Daemon::start_logged(config, broker_url, &config.with_extension("log"))
+    }
+
+    /// As [`Daemon::start`], logging to `log` (one file per run).
+    pub fn start_logged(config: &Path, broker_url: &str, log: &Path) -> Daemon {
+        let log = log.to_path_buf();
         let child = Command::new(env!("CARGO_BIN_EXE_slmd"))
             .args(["run", "--config"])
             .arg(config)
@@ -217,24 +249,50 @@ impl Daemon {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    pub async fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "slmd did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after 10 s.
+fn terminate(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A message seen by the test client.
@@ -263,18 +321,26 @@ pub struct Client {
 }
 
 impl Client {
+    /// A persistent session that reconnects by itself, and subscribes
+    /// again when the broker lost the session (a restart without
+    /// persistence).
     pub async fn connect(port: u16, filters: &[&str]) -> Client {
         let id = format!("test-client-{}-{}", std::process::id(), free_port());
-        let opts = MqttOptions::new(id, "127.0.0.1", port);
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(false);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        for f in filters {
-            client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
-        }
         let (tx, rx) = mpsc::unbounded_channel();
         let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
+        let filters_owned: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        let resubscribe = client.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) if !ack.session_present => {
+                        for f in &filters_owned {
+                            let _ = resubscribe.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                        }
+                    }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         let _ = tx.send(Msg {
                             topic: p.topic.clone(),
@@ -318,6 +384,14 @@ impl Client {
             }
         }
         got
+    }
+
+    /// The next message, if one comes within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Msg> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whatever else arrives within `wait` (to prove nothing extra came).

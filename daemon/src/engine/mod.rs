@@ -244,6 +244,43 @@ impl Engine {
         })
     }
 
+    /// No model: every message gets its task's first label with confidence
+    /// 1, at once. For measuring the message path alone (`slmd run
+    /// --no-inference`); never a substitute for the engine in a result.
+    pub fn trivial(tasks: &[(String, Vec<String>)]) -> Engine {
+        let (tx, mut rx) = mpsc::channel::<Command>(64);
+        let firsts: Vec<String> = tasks
+            .iter()
+            .map(|(_, labels)| labels.first().cloned().unwrap_or_default())
+            .collect();
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    Command::Infer(job) => {
+                        let label = firsts[job.task].clone();
+                        let _ = job.reply.send(Ok(Scores {
+                            ranked: vec![(label.clone(), 1.0)],
+                            label: Some(label),
+                            slots: None,
+                            inference_ms: 0.0,
+                        }));
+                    }
+                    Command::Warm { reply, .. } => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+        });
+        Engine {
+            tx,
+            tasks: std::sync::Arc::new(tasks.iter().map(|(n, _)| n.clone()).collect()),
+            model: ModelInfo {
+                name: "none (--no-inference)".into(),
+                sha256: "0".repeat(64),
+            },
+        }
+    }
+
     fn task_index(&self, task: &str) -> Result<usize, EngineError> {
         self.tasks
             .iter()
