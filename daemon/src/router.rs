@@ -151,11 +151,16 @@ impl Router {
         let seen = store::seen_key(&task.name, &id);
         let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
         let before = if racing {
-            Ok(None)
+            None
         } else {
-            self.store.seen_result(&seen, window_secs * 1000)
+            self.store
+                .seen_result(&seen, window_secs * 1000)
+                .unwrap_or_else(|e| {
+                    log::error!("cannot check whether {id} was processed: {e}");
+                    None
+                })
         };
-        if racing || matches!(before, Ok(Some(_))) {
+        if racing || before.is_some() {
             if !racing {
                 self.in_flight.lock().unwrap().remove(&seen);
             }
@@ -165,17 +170,14 @@ impl Router {
             );
             // The original still in flight publishes its own result.
             let done = match before {
-                Ok(Some(stored)) => self.store.complete(key, &stored, None),
-                _ => self.store.discard_inbox(key),
+                Some(stored) => self.store.complete(key, &stored, None),
+                None => self.store.discard_inbox(key),
             };
             match done {
                 Ok(()) => (self.outbox_wake)(),
                 Err(e) => log::error!("cannot settle redelivered message {key}: {e}"),
             }
             return Ok(());
-        }
-        if let Err(e) = before {
-            log::error!("cannot check whether {id} was processed: {e}");
         }
         let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
             Err(e) => self.error(task, &entry, e.reason(), e.to_string()),

@@ -14,8 +14,10 @@
 //! - A result is published only after the store is flushed, so a published
 //!   result never belongs to a completion a crash could undo; it is removed
 //!   from the outbox only when the broker acknowledged it.
-//! - `bytes` counts the inbox and outbox values; the receiver stops taking
-//!   messages while it is above the configured quota.
+//! - A tally (entries and value bytes of inbox and outbox) is counted once
+//!   at open and kept with every write, so status and the quota check never
+//!   scan a tree; the receiver stops taking messages while the bytes are
+//!   above the configured quota.
 //!
 //! # Key layout
 //!
@@ -121,7 +123,28 @@ pub struct Store {
     seen: sled::Tree,
     attempts: sled::Tree,
     meta: sled::Tree,
-    bytes: Arc<AtomicU64>,
+    tally: Arc<Tally>,
+}
+
+/// Entries and value bytes of inbox and outbox, kept with every write.
+#[derive(Default)]
+struct Tally {
+    inbox: AtomicU64,
+    outbox: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Tally {
+    /// One entry of `len` bytes entered (`+1`) or left (`-1`) `tree`.
+    fn entry(&self, tree: &AtomicU64, len: usize, sign: i8) {
+        if sign > 0 {
+            tree.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            tree.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(len as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The `seen` key of a message id within a task.
@@ -163,15 +186,16 @@ impl Store {
             seen: open("seen")?,
             attempts: open("attempts")?,
             meta: open("meta")?,
-            bytes: Arc::default(),
+            tally: Arc::default(),
             db,
         };
         store.check_format(&path, existed)?;
-        let mut bytes = 0;
-        for kv in store.inbox.iter().chain(store.outbox.iter()) {
-            bytes += kv?.1.len() as u64;
+        let t = &store.tally;
+        for (tree, count) in [(&store.inbox, &t.inbox), (&store.outbox, &t.outbox)] {
+            for kv in tree.iter() {
+                t.entry(count, kv?.1.len(), 1);
+            }
         }
-        store.bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -225,7 +249,7 @@ impl Store {
         v.push(u8::from(entry.dup));
         encode_topic_payload(&mut v, &entry.topic, &entry.payload);
         self.inbox.insert(key.to_be_bytes(), v.as_slice())?;
-        self.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        self.tally.entry(&self.tally.inbox, v.len(), 1);
         Ok(key)
     }
 
@@ -308,7 +332,7 @@ impl Store {
         let now = now_ms();
         let v = encode_outbox(now, result);
         let k = key.to_be_bytes();
-        let removed = (
+        let (removed, replaced) = (
             &self.inbox,
             &self.outbox,
             &self.seen,
@@ -316,8 +340,8 @@ impl Store {
             &self.meta,
         )
             .transaction(|(inbox, outbox, seen_tree, attempts, meta)| {
-                let removed = inbox.remove(&k)?.map_or(0, |old| old.len());
-                outbox.insert(&k, v.as_slice())?;
+                let removed = inbox.remove(&k)?.map(|old| old.len());
+                let replaced = outbox.insert(&k, v.as_slice())?.map(|old| old.len());
                 attempts.remove(&k)?;
                 if let Some(s) = seen {
                     seen_tree.insert(s, v.as_slice())?;
@@ -326,11 +350,17 @@ impl Store {
                     let n = meta.get("dead_letters")?.map_or(0, |v| decode_u64(&v));
                     meta.insert("dead_letters", &(n + 1).to_be_bytes())?;
                 }
-                Ok::<_, ConflictableTransactionError<()>>(removed)
+                Ok::<_, ConflictableTransactionError<()>>((removed, replaced))
             })
             .map_err(|e: TransactionError<()>| StoreError::Transaction(format!("{e:?}")))?;
-        self.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
-        self.bytes.fetch_sub(removed as u64, Ordering::Relaxed);
+        let t = &self.tally;
+        if let Some(len) = removed {
+            t.entry(&t.inbox, len, -1);
+        }
+        if let Some(len) = replaced {
+            t.entry(&t.outbox, len, -1);
+        }
+        t.entry(&t.outbox, v.len(), 1);
         Ok(())
     }
 
@@ -369,7 +399,7 @@ impl Store {
     pub fn discard_inbox(&self, key: u64) -> Result<(), StoreError> {
         self.attempts.remove(key.to_be_bytes())?;
         if let Some(old) = self.inbox.remove(key.to_be_bytes())? {
-            self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            self.tally.entry(&self.tally.inbox, old.len(), -1);
         }
         Ok(())
     }
@@ -402,14 +432,14 @@ impl Store {
     /// The broker has the result: forget it.
     pub fn outbox_remove(&self, key: u64) -> Result<(), StoreError> {
         if let Some(old) = self.outbox.remove(key.to_be_bytes())? {
-            self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            self.tally.entry(&self.tally.outbox, old.len(), -1);
         }
         Ok(())
     }
 
     /// Inbox plus outbox bytes, the figure the quota limits.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.tally.bytes.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> Result<Stats, StoreError> {
@@ -418,8 +448,8 @@ impl Store {
             first.map(|(_, v)| now.saturating_sub(decode_u64(&v)))
         };
         Ok(Stats {
-            inbox: self.inbox.len(),
-            outbox: self.outbox.len(),
+            inbox: self.tally.inbox.load(Ordering::Relaxed) as usize,
+            outbox: self.tally.outbox.load(Ordering::Relaxed) as usize,
             dead_letters: self.meta.get("dead_letters")?.map_or(0, |v| decode_u64(&v)),
             bytes: self.bytes(),
             oldest_inbox_age_ms: age(self.inbox.first()?),
