@@ -13,6 +13,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 [ -x /usr/sbin/mosquitto ] || have mosquitto || need+=(mosquitto)
 have mosquitto_pub || need+=(mosquitto-clients)
 have curl || need+=(curl)
+have openssl || need+=(openssl) # the TLS test makes its certificates with it
 
 if ((${#need[@]})); then
   sudo=""
@@ -26,3 +27,5 @@ if ! have cargo; then
   echo "setup: Rust (cargo) is needed; install it with rustup, then run this again" >&2
   exit 1
 fi
+# The test build lints with clippy-driver (scripts/test.sh).
+rustup which clippy-driver >/dev/null 2>&1 || rustup component add clippy rustfmt

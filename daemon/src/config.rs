@@ -88,9 +88,29 @@ pub struct BrokerConfig {
     /// Upper bound on the reconnect backoff.
     #[serde(default = "default_max_backoff")]
     pub max_backoff_secs: u64,
-    /// Results published but not yet acknowledged by the broker.
+    /// Results published but not yet acknowledged by the broker, and
+    /// messages the broker may send before we acknowledge (MQTT 5 receive
+    /// maximum).
     #[serde(default = "default_inflight")]
     pub max_inflight: u16,
+    /// How long the broker keeps our session (subscriptions and the QoS 1
+    /// messages queued for us) while we are disconnected.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
+    /// Connect over TLS (the broker's port is then usually 8883).
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS to the broker; paths are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificate(s) that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, for brokers that require one.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate (PKCS#8, PKCS#1 or SEC1).
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +174,11 @@ pub struct Limits {
     /// Where messages given up on are reported, with the reason.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Topic filters an MQTT 5 request may name as its response topic; the
+    /// default allows any (leave access control to the broker's ACL). An
+    /// empty list refuses every response topic.
+    #[serde(default = "default_response_topics")]
+    pub response_topics: Vec<String>,
 }
 
 impl Default for Limits {
@@ -167,6 +192,7 @@ impl Default for Limits {
             max_store_bytes: default_max_store_bytes(),
             max_attempts: default_max_attempts(),
             dead_letter_topic: default_dead_letter_topic(),
+            response_topics: default_response_topics(),
         }
     }
 }
@@ -272,6 +298,10 @@ fn default_max_backoff() -> u64 {
 fn default_inflight() -> u16 {
     32
 }
+fn default_session_expiry() -> u32 {
+    // A week: a device can be offline that long without losing queued input.
+    7 * 24 * 3600
+}
 fn default_manifests() -> PathBuf {
     PathBuf::from("/usr/share/slmd/models")
 }
@@ -307,6 +337,9 @@ fn default_max_attempts() -> u32 {
 }
 fn default_dead_letter_topic() -> String {
     "slmd/dead-letter".into()
+}
+fn default_response_topics() -> Vec<String> {
+    vec!["#".into()]
 }
 fn default_log_level() -> String {
     "info".into()
@@ -416,6 +449,34 @@ impl Config {
         }
         if let Err(e) = crate::topic::check_name(&self.limits.dead_letter_topic) {
             p.add("limits.dead_letter_topic", e);
+        }
+        for (i, f) in self.limits.response_topics.iter().enumerate() {
+            if let Err(why) = crate::topic::check_filter(f) {
+                p.add(format!("limits.response_topics[{i}]"), why);
+            }
+        }
+        if let Some(tls) = &self.broker.tls {
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                p.add(
+                    "broker.tls",
+                    "client_cert and client_key go together (set both or neither)",
+                );
+            }
+            for (key, file) in [
+                ("ca_file", Some(&tls.ca_file)),
+                ("client_cert", tls.client_cert.as_ref()),
+                ("client_key", tls.client_key.as_ref()),
+            ] {
+                if let Some(file) = file {
+                    let path = self.resolve(file);
+                    if !path.is_file() {
+                        p.add(
+                            format!("broker.tls.{key}"),
+                            format!("{} is not a readable file", path.display()),
+                        );
+                    }
+                }
+            }
         }
         if self.log.level.parse::<log::LevelFilter>().is_err() {
             p.add(

@@ -52,6 +52,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Examples(#[from] examples::ExamplesError),
+    #[error(transparent)]
+    Tls(#[from] mqtt::TlsFileError),
     #[error(
         "model {name:?} is not installed in {store}: run `slmd model fetch {name} --config <this config>`"
     )]
@@ -215,7 +217,7 @@ pub async fn run(
         port: config.broker.port,
     });
     let (link, eventloop) = mqtt::Link::new(
-        mqtt::options(&config.broker, &addr),
+        mqtt::options(&config, &addr)?,
         store.clone(),
         config.limits.max_store_bytes,
     );

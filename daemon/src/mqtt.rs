@@ -1,10 +1,18 @@
 //! The broker link: one task polls rumqttc's event loop (receive, persist,
 //! acknowledge; match PUBACKs to outbox entries), one publishes the outbox.
 //!
+//! slmd speaks MQTT 5 (mosquitto since 1.6, EMQX, HiveMQ, VerneMQ, NanoMQ
+//! and the cloud brokers all do): a request's response topic and correlation
+//! data are kept with it in the inbox, and the session outlives a
+//! disconnection for `broker.session_expiry_secs`. Clients of any protocol
+//! version can publish to slmd and read its results; the broker translates.
+//! TLS (CA file, optional client certificate) uses rustls with *ring*.
+//!
 //! # Receive path
 //!
 //! Subscriptions are QoS 1 with manual acks and a persistent session, so the
-//! broker keeps what we have not acknowledged. Each PUBLISH is appended to the
+//! broker keeps what we have not acknowledged (at most `max_inflight`
+//! unacknowledged at a time: our receive maximum). Each PUBLISH is appended to the
 //! inbox; when the event loop has no more buffered events (the end of a
 //! burst), the inbox is flushed once and the PUBACKs of the whole burst are
 //! queued, in receive order, on the event loop's own pending queue (from the
@@ -31,18 +39,29 @@
 //! undone by a crash.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, PubAck, QoS, Request,
-    Subscribe, SubscribeFilter, SubscribeReasonCode,
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, PubAck, PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
 };
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Request};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::{watch, Notify};
 
-use crate::config::BrokerConfig;
-use crate::store::{now_ms, InboxEntry, Store};
+use crate::config::Config;
+use crate::store::{now_ms, InboxEntry, Reply, Store};
+
+/// A TLS file named in the config could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read TLS file {path}: {source}")]
+pub struct TlsFileError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
 
 /// Where to connect, from the config or `--broker mqtt://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,30 +154,50 @@ pub struct Link {
     pub publisher_wake: Notify,
 }
 
-pub fn options(cfg: &BrokerConfig, addr: &BrokerAddr) -> MqttOptions {
+pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFileError> {
+    let cfg = &config.broker;
     let mut o = MqttOptions::new(cfg.client_id.clone(), addr.host.clone(), addr.port);
     o.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)))
-        .set_clean_session(false)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(cfg.session_expiry_secs))
         .set_manual_acks(true)
-        .set_inflight(cfg.max_inflight)
-        .set_max_packet_size(1 << 20, 1 << 20);
+        .set_outgoing_inflight_upper_limit(cfg.max_inflight)
+        .set_receive_maximum(Some(cfg.max_inflight))
+        .set_max_packet_size(Some(1 << 20));
     if let (Some(u), p) = (&cfg.username, &cfg.password) {
         o.set_credentials(u.clone(), p.clone().unwrap_or_default());
     }
-    o
+    if let Some(tls) = &cfg.tls {
+        let read = |p: &Path| {
+            let path = config.resolve(p);
+            std::fs::read(&path).map_err(|source| TlsFileError { path, source })
+        };
+        let client_auth = match (&tls.client_cert, &tls.client_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        // The one crypto provider built in; rustls needs it named once.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: read(&tls.ca_file)?,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(o)
 }
 
 impl Link {
-    pub fn new(opts: MqttOptions, store: Store, quota: u64) -> (Arc<Link>, EventLoop) {
-        let max_inflight = opts.inflight() as usize;
-        // Room for every publish we may have outstanding plus the subscribe.
-        let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
+    pub fn new(mut opts: MqttOptions, store: Store, quota: u64) -> (Arc<Link>, EventLoop) {
+        let max_inflight = opts.get_outgoing_inflight_upper_limit().unwrap_or(32) as usize;
         // Small packets (a PUBACK, then a result) must not wait for the
         // broker's delayed TCP ACK: with Nagle's algorithm on, each result
         // sat about 40 ms in the socket (e2e p50 91.9 ms vs 40 ms inference).
-        let mut net = eventloop.network_options();
+        let mut net = opts.network_options();
         net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+        opts.set_network_options(net);
+        // Room for every publish we may have outstanding plus the subscribe.
+        let (client, eventloop) = AsyncClient::new(opts, max_inflight + 8);
         let link = Link {
             client,
             tracker: Mutex::new(Tracker::default()),
@@ -182,7 +221,7 @@ impl Link {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let addr = {
-            let (h, p) = eventloop.mqtt_options.broker_address();
+            let (h, p) = eventloop.options.broker_address();
             format!("{h}:{p}")
         };
         let mut backoff = Duration::from_millis(200);
@@ -215,10 +254,10 @@ impl Link {
                     );
                     let subs = filters
                         .iter()
-                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
                     eventloop
                         .pending
-                        .push_back(Request::Subscribe(Subscribe::new_many(subs)));
+                        .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
                     self.tracker.lock().unwrap().connected = true;
                     self.publisher_wake.notify_one();
                 }
@@ -236,27 +275,23 @@ impl Link {
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let entry = InboxEntry {
-                        received_ms: now_ms(),
-                        dup: p.dup,
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
-                    };
+                    let (qos, pkid) = (p.qos, p.pkid);
+                    let entry = inbox_entry(p);
                     match self.store.append_inbox(&entry) {
-                        Ok(_) if p.qos != QoS::AtMostOnce => to_ack.push(p.pkid),
+                        Ok(_) if qos != QoS::AtMostOnce => to_ack.push(pkid),
                         Ok(_) => {}
                         // Not acknowledged: the broker keeps it and redelivers.
-                        Err(e) => log::error!("cannot store message from {}: {e}", p.topic),
+                        Err(e) => log::error!("cannot store message from {}: {e}", entry.topic),
                     }
                 }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => self.acked(ack.pkid),
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => self.acked(&ack),
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     let mut granted = 0;
                     for (f, code) in filters.iter().zip(&ack.return_codes) {
-                        if matches!(code, SubscribeReasonCode::Failure) {
-                            log::error!("broker {addr} refused the subscription to {f}");
-                        } else {
+                        if matches!(code, SubscribeReasonCode::Success(_)) {
                             granted += 1;
+                        } else {
+                            log::error!("broker {addr} refused the subscription to {f}: {code:?}");
                         }
                     }
                     log::info!(
@@ -295,7 +330,7 @@ impl Link {
                         for pkid in to_ack.drain(..) {
                             eventloop
                                 .pending
-                                .push_back(Request::PubAck(PubAck::new(pkid)));
+                                .push_back(Request::PubAck(PubAck::new(pkid, None)));
                         }
                         inbox_wake.notify_one();
                     }
@@ -311,16 +346,26 @@ impl Link {
         }
     }
 
-    fn acked(&self, pkid: u16) {
+    fn acked(&self, ack: &PubAck) {
         let key = {
             let mut t = self.tracker.lock().unwrap();
-            let key = t.by_pkid.remove(&pkid);
+            let key = t.by_pkid.remove(&ack.pkid);
             if let Some(k) = key {
                 t.inflight.remove(&k);
             }
             key
         };
         if let Some(k) = key {
+            if !matches!(
+                ack.reason,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ) {
+                // Sending it again would be refused again (an ACL, say).
+                log::error!(
+                    "the broker refused result {k} ({:?}); it is dropped",
+                    ack.reason
+                );
+            }
             if let Err(e) = self.store.outbox_remove(k) {
                 log::error!("cannot remove published result {k} from the outbox: {e}");
             }
@@ -362,10 +407,17 @@ impl Link {
             .outbox_pending(room, |k| t.inflight.contains(&k))?;
         for (key, entry) in batch {
             // Under the tracker lock, so send order is `unassigned` order.
-            match self
-                .client
-                .try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
-            {
+            let properties = PublishProperties {
+                correlation_data: entry.correlation.map(Into::into),
+                ..Default::default()
+            };
+            match self.client.try_publish_with_properties(
+                entry.topic,
+                QoS::AtLeastOnce,
+                false,
+                entry.payload,
+                properties,
+            ) {
                 Ok(()) => {
                     t.unassigned.push_back(key);
                     t.inflight.insert(key);
@@ -374,6 +426,25 @@ impl Link {
             }
         }
         Ok(())
+    }
+}
+
+/// What the inbox keeps of a received PUBLISH.
+fn inbox_entry(p: Publish) -> InboxEntry {
+    let reply = p.properties.and_then(|props| {
+        Some(Reply {
+            topic: props.response_topic?,
+            correlation: props.correlation_data.map(|c| c.to_vec()),
+        })
+    });
+    InboxEntry {
+        received_ms: now_ms(),
+        dup: p.dup,
+        reply,
+        // MQTT requires UTF-8 topics; a broker that let another through
+        // gets the name stored lossily rather than the message dropped.
+        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+        payload: p.payload.to_vec(),
     }
 }
 

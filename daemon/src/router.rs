@@ -12,6 +12,11 @@
 //! A message already processed within the dedup window (same task and id;
 //! for id-less messages, same topic and payload) is not processed again: its
 //! stored result is published again, so a producer that retries gets it.
+//!
+//! An MQTT 5 request that names a response topic gets its result (or error)
+//! there, with its correlation data, if `limits.response_topics` allows the
+//! topic and it is not one of slmd's own input topics; otherwise it gets a
+//! `response_topic_refused` error on the task's error topic.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +27,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::config::{Limits, TaskConfig};
 use crate::engine::{Engine, EngineError};
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
-use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Store};
+use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
 use crate::topic;
 
 pub struct Router {
@@ -179,9 +184,14 @@ impl Router {
             }
             return Ok(());
         }
-        let out = match payload::parse(&entry.topic, &entry.payload, &self.limits) {
-            Err(e) => self.error(task, &entry, e.reason(), e.to_string()),
-            Ok(req) => match self.engine.infer(&task.name, req.text).await {
+        let reply = self.reply_to(&entry);
+        let out = match (
+            &reply,
+            payload::parse(&entry.topic, &entry.payload, &self.limits),
+        ) {
+            (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
+            (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
+            (Ok(_), Ok(req)) => match self.engine.infer(&task.name, req.text).await {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
                     let result = TaskResult::new(
@@ -208,6 +218,14 @@ impl Router {
                 Err(e) => self.error(task, &entry, "inference_failed", e.to_string()),
             },
         };
+        let out = match reply {
+            Ok(Some(r)) => OutboxEntry {
+                topic: r.topic.clone(),
+                correlation: r.correlation.clone(),
+                ..out
+            },
+            _ => out,
+        };
         match self.store.complete(key, &out, Some(&seen)) {
             Ok(()) => (self.outbox_wake)(),
             // The message stays in the inbox and runs again on restart.
@@ -215,6 +233,32 @@ impl Router {
         }
         self.in_flight.lock().unwrap().remove(&seen);
         Ok(())
+    }
+
+    /// The request's response topic, if it has one slmd may publish to.
+    fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
+        let Some(reply) = &entry.reply else {
+            return Ok(None);
+        };
+        let name = &reply.topic;
+        topic::check_name(name).map_err(|why| format!("response topic {name:?}: {why}"))?;
+        if !self
+            .limits
+            .response_topics
+            .iter()
+            .any(|f| topic::matches(f, name))
+        {
+            return Err(format!(
+                "response topic {name:?} is not allowed by limits.response_topics"
+            ));
+        }
+        let input = |t: &TaskConfig| t.topics.iter().any(|f| topic::matches(f, name));
+        if self.tasks.iter().any(input) {
+            return Err(format!(
+                "response topic {name:?} is one of slmd's input topics (the result would loop back in)"
+            ));
+        }
+        Ok(Some(reply))
     }
 
     fn error(
@@ -246,6 +290,7 @@ impl Router {
 fn json_entry(topic: &str, value: &impl Serialize) -> OutboxEntry {
     OutboxEntry {
         topic: topic.to_owned(),
+        correlation: None,
         payload: serde_json::to_vec(value).expect("results always serialise"),
     }
 }

@@ -23,13 +23,15 @@
 //!
 //! | tree       | key             | value                                          |
 //! |------------|-----------------|------------------------------------------------|
-//! | `inbox`    | id (u64 BE)     | received ms, flags, topic, payload             |
-//! | `outbox`   | same id         | created ms, topic, payload                     |
-//! | `seen`     | task, 0, msg id | processed ms, result topic, result payload     |
+//! | `inbox`    | id (u64 BE)     | received ms, flags, [reply], topic, payload    |
+//! | `outbox`   | same id         | created ms, flags, [correlation], topic, payload |
+//! | `seen`     | task, 0, msg id | as `outbox`: the result, to replay on redelivery |
 //! | `attempts` | inbox id        | times a crash interrupted it (u32 BE)          |
 //! | `meta`     | name            | `format`, `running`, `dead_letters`            |
 //!
-//! Times are wall-clock ms (u64 BE); a topic is a u16 BE length then bytes.
+//! Times are wall-clock ms (u64 BE); a topic or correlation data is a u16 BE
+//! length then bytes (MQTT bounds both to 65535). Flags: 1 the broker's DUP,
+//! 2 a response topic follows, 4 correlation data follows (MQTT 5).
 //!
 //! # What a crash leaves behind
 //!
@@ -55,7 +57,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The layout above; a store written in another one is refused, not guessed.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -90,14 +92,25 @@ pub struct InboxEntry {
     pub received_ms: u64,
     /// The broker's DUP flag: it may have delivered this message before.
     pub dup: bool,
+    /// Where the sender asked for the result (MQTT 5 response topic).
+    pub reply: Option<Reply>,
     pub topic: String,
     pub payload: Vec<u8>,
+}
+
+/// An MQTT 5 request's response topic and correlation data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub topic: String,
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// A result waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
     pub topic: String,
+    /// Echoed from the request, for the requester to match its answer.
+    pub correlation: Option<Vec<u8>>,
     pub payload: Vec<u8>,
 }
 
@@ -244,10 +257,7 @@ impl Store {
     /// Appends a received message; durable only after [`Store::flush`].
     pub fn append_inbox(&self, entry: &InboxEntry) -> Result<u64, StoreError> {
         let key = self.db.generate_id()?;
-        let mut v = Vec::with_capacity(11 + entry.topic.len() + entry.payload.len());
-        v.extend_from_slice(&entry.received_ms.to_be_bytes());
-        v.push(u8::from(entry.dup));
-        encode_topic_payload(&mut v, &entry.topic, &entry.payload);
+        let v = encode_inbox(entry);
         self.inbox.insert(key.to_be_bytes(), v.as_slice())?;
         self.tally.entry(&self.tally.inbox, v.len(), 1);
         Ok(key)
@@ -473,39 +483,104 @@ fn decode_key(k: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn encode_topic_payload(v: &mut Vec<u8>, topic: &str, payload: &[u8]) {
-    // MQTT topics are at most 65535 bytes, so a u16 length always fits.
-    v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    v.extend_from_slice(topic.as_bytes());
-    v.extend_from_slice(payload);
+const DUP: u8 = 1;
+const REPLY: u8 = 2;
+const CORRELATION: u8 = 4;
+
+/// Appends a u16 BE length and the bytes (callers pass MQTT-bounded data).
+fn put_field(v: &mut Vec<u8>, bytes: &[u8]) {
+    v.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    v.extend_from_slice(bytes);
 }
 
-fn decode_topic_payload(v: &[u8]) -> Option<(String, Vec<u8>)> {
+fn take_field<'a>(v: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = u16::from_be_bytes(v.get(..2)?.try_into().ok()?) as usize;
-    let topic = std::str::from_utf8(v.get(2..2 + len)?).ok()?.to_owned();
-    Some((topic, v[2 + len..].to_vec()))
+    let field = v.get(2..2 + len)?;
+    *v = &v[2 + len..];
+    Some(field)
+}
+
+fn take_string(v: &mut &[u8]) -> Option<String> {
+    Some(std::str::from_utf8(take_field(v)?).ok()?.to_owned())
+}
+
+fn encode_inbox(e: &InboxEntry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + e.topic.len() + e.payload.len());
+    v.extend_from_slice(&e.received_ms.to_be_bytes());
+    let mut flags = if e.dup { DUP } else { 0 };
+    let correlation = e.reply.as_ref().and_then(|r| r.correlation.as_deref());
+    if e.reply.is_some() {
+        flags |= REPLY;
+    }
+    if correlation.is_some() {
+        flags |= CORRELATION;
+    }
+    v.push(flags);
+    if let Some(r) = &e.reply {
+        put_field(&mut v, r.topic.as_bytes());
+    }
+    if let Some(c) = correlation {
+        put_field(&mut v, c);
+    }
+    put_field(&mut v, e.topic.as_bytes());
+    v.extend_from_slice(&e.payload);
+    v
 }
 
 fn decode_inbox(v: &[u8]) -> Option<InboxEntry> {
-    let (topic, payload) = decode_topic_payload(v.get(9..)?)?;
+    let received_ms = decode_u64(v);
+    let flags = *v.get(8)?;
+    let mut rest = &v[9..];
+    let reply_topic = if flags & REPLY != 0 {
+        Some(take_string(&mut rest)?)
+    } else {
+        None
+    };
+    let correlation = if flags & CORRELATION != 0 {
+        Some(take_field(&mut rest)?.to_vec())
+    } else {
+        None
+    };
+    let topic = take_string(&mut rest)?;
     Some(InboxEntry {
-        received_ms: decode_u64(v),
-        dup: v[8] != 0,
+        received_ms,
+        dup: flags & DUP != 0,
+        reply: reply_topic.map(|topic| Reply { topic, correlation }),
         topic,
-        payload,
+        payload: rest.to_vec(),
     })
 }
 
 fn encode_outbox(at_ms: u64, e: &OutboxEntry) -> Vec<u8> {
-    let mut v = Vec::with_capacity(10 + e.topic.len() + e.payload.len());
+    let mut v = Vec::with_capacity(32 + e.topic.len() + e.payload.len());
     v.extend_from_slice(&at_ms.to_be_bytes());
-    encode_topic_payload(&mut v, &e.topic, &e.payload);
+    match &e.correlation {
+        Some(c) => {
+            v.push(CORRELATION);
+            put_field(&mut v, c);
+        }
+        None => v.push(0),
+    }
+    put_field(&mut v, e.topic.as_bytes());
+    v.extend_from_slice(&e.payload);
     v
 }
 
 fn decode_outbox(v: &[u8]) -> Option<(u64, OutboxEntry)> {
-    let (topic, payload) = decode_topic_payload(v.get(8..)?)?;
-    Some((decode_u64(v), OutboxEntry { topic, payload }))
+    let flags = *v.get(8)?;
+    let mut rest = &v[9..];
+    let correlation = if flags & CORRELATION != 0 {
+        Some(take_field(&mut rest)?.to_vec())
+    } else {
+        None
+    };
+    let topic = take_string(&mut rest)?;
+    let entry = OutboxEntry {
+        topic,
+        correlation,
+        payload: rest.to_vec(),
+    };
+    Some((decode_u64(v), entry))
 }
 
 #[cfg(test)]
@@ -516,6 +591,7 @@ mod tests {
         InboxEntry {
             received_ms: 42,
             dup: topic.ends_with("dup"),
+            reply: None,
             topic: topic.into(),
             payload: payload.to_vec(),
         }
@@ -524,8 +600,36 @@ mod tests {
     fn result(payload: &str) -> OutboxEntry {
         OutboxEntry {
             topic: "out".into(),
+            correlation: None,
             payload: payload.into(),
         }
+    }
+
+    #[test]
+    fn response_topic_and_correlation_round_trip() {
+        let with_reply = |correlation: Option<Vec<u8>>| InboxEntry {
+            reply: Some(Reply {
+                topic: "app/replies/7".into(),
+                correlation,
+            }),
+            ..entry("t/dup", b"{}")
+        };
+        for e in [
+            with_reply(Some(vec![0, 1, 0xff])),
+            with_reply(None),
+            with_reply(Some(Vec::new())),
+            entry("t", b""),
+        ] {
+            assert_eq!(decode_inbox(&encode_inbox(&e)), Some(e));
+        }
+        let out = OutboxEntry {
+            correlation: Some(b"req-9".to_vec()),
+            ..result("{}")
+        };
+        assert_eq!(decode_outbox(&encode_outbox(5, &out)), Some((5, out)));
+        // A truncated value is corrupt, not misread.
+        let v = encode_inbox(&with_reply(Some(vec![1, 2, 3])));
+        assert_eq!(decode_inbox(&v[..v.len() - 6]), None);
     }
 
     #[tokio::test]
@@ -586,7 +690,7 @@ mod tests {
             vec![(k, result("{}"))]
         );
         assert!(store.outbox_pending(10, |key| key == k).unwrap().is_empty());
-        assert_eq!(store.bytes(), 8 + 2 + 3 + 2);
+        assert_eq!(store.bytes(), 8 + 1 + 2 + 3 + 2);
         store.outbox_remove(k).unwrap();
         assert_eq!(store.stats().unwrap(), Stats::default());
     }

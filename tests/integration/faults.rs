@@ -468,6 +468,7 @@ async fn a_damaged_store_is_refused_by_name_and_kept() {
         s.append_inbox(&slmd::store::InboxEntry {
             received_ms: 1,
             dup: false,
+            reply: None,
             topic: "test/home/x".into(),
             payload: b"turn off the lights".to_vec(),
         })

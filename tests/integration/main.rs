@@ -4,5 +4,6 @@
 mod cli;
 mod daemon;
 mod faults;
+mod mqtt5;
 mod proxy;
 mod util;

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::sync::mpsc;
 
@@ -70,11 +71,8 @@ impl Broker {
 
     /// With `persistence`, sessions and queued messages survive a restart.
     pub fn start_with(port: u16, persistence: bool) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Broker::dir();
         let persist = if persistence {
-            // mosquitto started as root runs as user mosquitto: let it write.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
             format!(
                 "persistence true\npersistence_location {}/\nautosave_interval 1\n",
                 dir.path().display()
@@ -82,11 +80,26 @@ impl Broker {
         } else {
             "persistence false\n".into()
         };
+        Broker::start_in(dir, port, &persist)
+    }
+
+    /// A directory for the broker's files. mosquitto started as root runs
+    /// as user mosquitto: let it read and write there.
+    pub fn dir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        dir
+    }
+
+    /// A plain listener on `port` plus the `extra` configuration lines.
+    pub fn start_in(dir: tempfile::TempDir, port: u16, extra: &str) -> Broker {
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\n{persist}\
-                 max_queued_messages 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\n\
+                 max_queued_messages 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n\
+                 log_type warning\n{extra}"
             ),
         )
         .unwrap();
@@ -300,6 +313,8 @@ fn terminate(child: &mut Child) {
 pub struct Msg {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// MQTT 5 correlation data (only [`V5Client`] sees it).
+    pub correlation: Option<Vec<u8>>,
 }
 
 impl Msg {
@@ -345,6 +360,7 @@ impl Client {
                         let _ = tx.send(Msg {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
+                            correlation: None,
                         });
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
@@ -404,10 +420,169 @@ impl Client {
     }
 }
 
+/// An MQTT 5 client, for requests that name a response topic. (The other
+/// tests use MQTT 3.1.1 clients, as many field devices still do.)
+pub struct V5Client {
+    client: rumqttc::v5::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Msg>,
+}
+
+impl V5Client {
+    pub async fn connect(port: u16, filters: &[&str]) -> V5Client {
+        use rumqttc::v5::{mqttbytes::QoS, Event, Incoming};
+        let id = format!("test-v5-{}-{}", std::process::id(), free_port());
+        let opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
+        let subs = filters.iter().map(|f| Filter::new(*f, QoS::AtLeastOnce));
+        client.subscribe_many(subs).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let _ = tx.send(Msg {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            correlation: p
+                                .properties
+                                .and_then(|pr| pr.correlation_data)
+                                .map(|c| c.to_vec()),
+                        });
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx.recv())
+            .await
+            .expect("subscription acknowledged");
+        V5Client { client, rx }
+    }
+
+    /// Publishes `payload` asking for the answer on `response_topic`.
+    pub async fn request(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        response_topic: &str,
+        correlation: &[u8],
+    ) {
+        let properties = PublishProperties {
+            response_topic: Some(response_topic.into()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.into(),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn next(&mut self, timeout: Duration) -> Option<Msg> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with the openssl command in `dir`: `ca.crt`, `server.{crt,key}`,
+/// `client.{crt,key}` (world-readable, for a broker running as mosquitto).
+pub fn make_certs(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl must be installed (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=slmd test CA",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [("server", "/CN=127.0.0.1"), ("client", "/CN=slmd")] {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", cn],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+    for f in std::fs::read_dir(dir).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = f.unwrap().path();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
 /// A broker, the daemon on the test task, and a client watching its results
 /// and errors, with the daemon's subscriptions in place.
 pub struct Running {
-    _broker: Broker,
+    pub broker: Broker,
     pub daemon: Daemon,
     pub sub: Client,
     _dir: tempfile::TempDir,
@@ -422,7 +597,7 @@ impl Running {
         let mut daemon = Daemon::start(&config, &broker.url());
         daemon.wait_subscribed().await;
         Running {
-            _broker: broker,
+            broker,
             daemon,
             sub,
             _dir: dir,

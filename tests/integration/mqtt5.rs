@@ -1,0 +1,107 @@
+//! MQTT 5 request/response and TLS, against mosquitto and the real model.
+
+use std::time::Duration;
+
+use crate::util::{make_certs, write_config, Broker, Client, Daemon, Running, V5Client, LABELS};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_topic_gets_the_result_with_its_correlation_data() {
+    let mut run = Running::start().await;
+    let port = run.broker.port;
+    let mut app = V5Client::connect(port, &["app/replies/#"]).await;
+    let t = Duration::from_secs(60);
+
+    // A request naming a response topic: the result goes there, with the
+    // correlation data, and not to the task's output topic.
+    let request = r#"{"id": "r-1", "text": "turn off the lights"}"#;
+    app.request("test/home/hall", request, "app/replies/a", b"corr-\x00\xff")
+        .await;
+    let got = app.next(t).await.expect("a result on the response topic");
+    assert_eq!(got.topic, "app/replies/a");
+    assert_eq!(got.correlation.as_deref(), Some(&b"corr-\x00\xff"[..]));
+    let v = got.json();
+    assert_eq!(v["id"], "r-1");
+    assert!(LABELS.contains(&v["label"].as_str().unwrap()), "{v}");
+
+    // Its error result goes there too.
+    app.request("test/home/hall", "{not json", "app/replies/b", b"corr-2")
+        .await;
+    let got = app.next(t).await.expect("an error on the response topic");
+    assert_eq!(got.topic, "app/replies/b");
+    assert_eq!(got.correlation.as_deref(), Some(&b"corr-2"[..]));
+    assert_eq!(got.json()["error"]["reason"], "invalid_json");
+
+    // A redelivery of r-1 gets the stored answer, on the original response
+    // topic with the original correlation data.
+    app.request("test/home/hall", request, "app/replies/a", b"corr-\x00\xff")
+        .await;
+    let again = app.next(t).await.expect("the stored result again");
+    assert_eq!(again.topic, "app/replies/a");
+    assert_eq!(again.json()["label"], v["label"]);
+
+    // A response topic that is one of slmd's own inputs would loop: refused,
+    // reported on the task's error topic.
+    app.request(
+        "test/home/hall",
+        r#"{"id": "r-3", "text": "make me a coffee"}"#,
+        "test/home/loop",
+        b"c3",
+    )
+    .await;
+    let err = run.sub.next(t).await.expect("an error result").json();
+    assert_eq!(err["id"], "r-3");
+    assert_eq!(err["error"]["reason"], "response_topic_refused");
+
+    // Nothing reached the output topic, and nothing more came.
+    assert!(run.sub.extra(Duration::from_secs(2)).await.is_empty());
+    assert!(app.next(Duration::from_millis(500)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate() {
+    let (plain, tls_port) = (crate::util::free_port(), crate::util::free_port());
+    let dir = Broker::dir();
+    make_certs(dir.path());
+    let certs = dir.path().to_path_buf();
+    let listener = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {c}/ca.crt\ncertfile {c}/server.crt\n\
+         keyfile {c}/server.key\nrequire_certificate true\n",
+        c = certs.display()
+    );
+    let _broker = Broker::start_in(dir, plain, &listener);
+    crate::util::wait_for_port(tls_port, Duration::from_secs(10));
+
+    let work = tempfile::tempdir().unwrap();
+    let tls = format!(
+        "[broker.tls]\nca_file = \"{c}/ca.crt\"\nclient_cert = \"{c}/client.crt\"\n\
+         client_key = \"{c}/client.key\"\n",
+        c = certs.display()
+    );
+    let config = write_config(work.path(), tls_port, &tls);
+    let mut sub = Client::connect(plain, &["test/out/#"]).await;
+    let mut daemon = Daemon::start(&config, &format!("mqtt://127.0.0.1:{tls_port}"));
+    daemon.wait_subscribed().await;
+    sub.publish(
+        "test/home/x",
+        r#"{"id": "tls-1", "text": "start the vacuum cleaner"}"#,
+    )
+    .await;
+    let v = sub.take(1, Duration::from_secs(60)).await[0].json();
+    assert_eq!(v["id"], "tls-1");
+    assert!(daemon.log_text().contains("connected to broker"));
+
+    // Without the client certificate the broker refuses the handshake: the
+    // daemon says why and keeps retrying, it does not exit.
+    let work2 = tempfile::tempdir().unwrap();
+    let config = write_config(
+        work2.path(),
+        tls_port,
+        &format!("[broker.tls]\nca_file = \"{}/ca.crt\"\n", certs.display()),
+    );
+    let mut refused = Daemon::start(&config, &format!("mqtt://127.0.0.1:{tls_port}"));
+    refused
+        .wait_for_log("retrying in", Duration::from_secs(120))
+        .await;
+    assert!(refused.is_running());
+    assert!(!refused.log_text().contains("subscribed to"));
+}
