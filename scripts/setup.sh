@@ -14,6 +14,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 have mosquitto_pub || need+=(mosquitto-clients)
 have curl || need+=(curl)
 have openssl || need+=(openssl) # the TLS test makes its certificates with it
+have systemd-analyze || need+=(systemd) # the unit is verified by the tests
 
 if ((${#need[@]})); then
   sudo=""

@@ -23,9 +23,11 @@ pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod examples;
+pub mod lock;
 pub mod logging;
 pub mod models;
 pub mod mqtt;
+pub mod notify;
 pub mod payload;
 pub mod router;
 pub mod status;
@@ -54,6 +56,8 @@ pub enum RunError {
     Examples(#[from] examples::ExamplesError),
     #[error(transparent)]
     Tls(#[from] mqtt::TlsFileError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     #[error(
         "model {name:?} is not installed in {store}: run `slmd model fetch {name} --config <this config>`"
     )]
@@ -174,6 +178,9 @@ pub async fn run(
     inference: Inference,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
+    let notifier = notify::Notifier::from_env();
+    notifier.status("opening the store");
+    let _lock = lock::StateLock::acquire(&config.state_dir())?;
     let store = store::Store::open(&config.state_dir())?;
     let stats = store.stats()?;
     log::info!(
@@ -191,10 +198,21 @@ pub async fn run(
     }
     let engine = match inference {
         Inference::Model => {
+            // A model load (and head training) can outlast systemd's start
+            // timeout on a slow device: keep extending it while it runs.
+            let extend = {
+                let notifier = notifier.clone();
+                tokio::spawn(async move {
+                    loop {
+                        notifier.send("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=loading the model");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                })
+            };
             let config = config.clone();
-            tokio::task::spawn_blocking(move || start_engine(&config))
-                .await
-                .map_err(|e| EngineError::Backend(e.to_string()))??
+            let started = tokio::task::spawn_blocking(move || start_engine(&config)).await;
+            extend.abort();
+            started.map_err(|e| EngineError::Backend(e.to_string()))??
         }
         Inference::Skipped => {
             log::warn!("--no-inference: every result is the task's first label, not a model's");
@@ -216,6 +234,9 @@ pub async fn run(
         host: config.broker.host.clone(),
         port: config.broker.port,
     });
+    // Ready to work: the broker may come later (slmd works offline).
+    notifier.send("READY=1\nSTATUS=model loaded, connecting to the broker");
+    let mqtt_beat = Arc::new(notify::Heartbeat::default());
     let (link, eventloop) = mqtt::Link::new(
         mqtt::options(&config, &addr)?,
         store.clone(),
@@ -232,6 +253,7 @@ pub async fn run(
         filters,
         Duration::from_secs(config.broker.max_backoff_secs),
         inbox_wake.clone(),
+        mqtt_beat.clone(),
         shutdown.clone(),
     ));
     let publisher = tokio::spawn(link.clone().run_publisher(shutdown.clone()));
@@ -239,8 +261,30 @@ pub async fn run(
         config.state_dir(),
         store.clone(),
         link.clone(),
+        notifier.clone(),
         shutdown.clone(),
     ));
+    let watchdog = notify::Notifier::watchdog_interval().map(|interval| {
+        log::info!(
+            "systemd watchdog: pinging every {} ms",
+            interval.as_millis() / 2
+        );
+        let dog = notify::Watchdog {
+            notifier: notifier.clone(),
+            interval,
+            engine: engine.clone(),
+            mqtt: mqtt_beat,
+        };
+        tokio::spawn(dog.run(shutdown.clone()))
+    });
+    let stopping = {
+        let (notifier, mut shutdown) = (notifier.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if shutdown.changed().await.is_ok() {
+                notifier.send("STOPPING=1\nSTATUS=stopping: finishing messages in flight");
+            }
+        })
+    };
     let wake_link = link.clone();
     let router = Arc::new(router::Router {
         store: store.clone(),
@@ -261,6 +305,10 @@ pub async fn run(
     let _ = receiver.await;
     let _ = publisher.await;
     let _ = status.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
+    stopping.abort();
     routed?;
     store.mark_stopped().await?;
     Ok(())

@@ -218,6 +218,7 @@ impl Link {
         filters: Vec<String>,
         max_backoff: Duration,
         inbox_wake: Arc<Notify>,
+        beat: Arc<crate::notify::Heartbeat>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let addr = {
@@ -226,13 +227,15 @@ impl Link {
         };
         let mut backoff = Duration::from_millis(200);
         let mut to_ack: Vec<u16> = Vec::new();
-        let mut quota_check = tokio::time::interval(Duration::from_millis(250));
+        // Wakes an idle loop, so its heartbeat shows it is not stuck.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
+            beat.beat();
             let holding = self.holding.load(Ordering::Relaxed);
             let event = tokio::select! {
                 ev = eventloop.poll() => ev,
-                _ = quota_check.tick(), if holding => {
-                    if self.store.bytes() < self.quota / 10 * 9 {
+                _ = tick.tick() => {
+                    if holding && self.store.bytes() < self.quota / 10 * 9 {
                         log::info!(
                             "store below 90% of its quota again: reconnecting so the broker \
                              redelivers what it held"

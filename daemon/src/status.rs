@@ -74,10 +74,26 @@ pub fn read(state_dir: &Path) -> Result<Status, StatusError> {
 }
 
 /// Writes the snapshot every second until shutdown, and once more then.
+impl Status {
+    /// One line for systemd's `STATUS=` (shown by `systemctl status`).
+    pub fn line(&self) -> String {
+        let link = match (self.connected, self.quota_full) {
+            (_, Some(true)) => "store quota full, holding input at the broker",
+            (Some(true), _) => "connected",
+            _ => "broker unreachable, working offline",
+        };
+        format!(
+            "{link}; inbox {}, outbox {}, dead letters {}",
+            self.store.inbox, self.store.outbox, self.store.dead_letters
+        )
+    }
+}
+
 pub async fn run_writer(
     state_dir: PathBuf,
     store: Store,
     link: Arc<Link>,
+    notifier: crate::notify::Notifier,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let path = snapshot_path(&state_dir);
@@ -97,6 +113,9 @@ pub async fn run_writer(
         });
         let written = match status {
             Ok(s) => {
+                if !stopping {
+                    notifier.status(&s.line());
+                }
                 let bytes = serde_json::to_vec_pretty(&s).expect("status serialises");
                 let write = async {
                     tokio::fs::write(&tmp, bytes).await?;

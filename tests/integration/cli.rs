@@ -20,7 +20,11 @@ fn slmd(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn shipped_and_good_configs_validate() {
-    for path in [fixture("good.toml"), repo_root().join("configs/demo.toml")] {
+    for path in [
+        fixture("good.toml"),
+        repo_root().join("configs/demo.toml"),
+        repo_root().join("configs/slmd.toml"),
+    ] {
         let out = slmd(&["check-config", "--config", path.to_str().unwrap()]);
         assert!(
             out.status.success(),

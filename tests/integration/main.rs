@@ -5,5 +5,7 @@ mod cli;
 mod daemon;
 mod faults;
 mod mqtt5;
+mod packaging;
 mod proxy;
+mod systemd;
 mod util;

@@ -224,15 +224,26 @@ impl Daemon {
 
     /// As [`Daemon::start`], logging to `log` (one file per run).
     pub fn start_logged(config: &Path, broker_url: &str, log: &Path) -> Daemon {
+        Daemon::start_env(config, broker_url, log, &[])
+    }
+
+    /// As [`Daemon::start_logged`], with extra environment variables.
+    pub fn start_env(config: &Path, broker_url: &str, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = log.to_path_buf();
         let child = Command::new(env!("CARGO_BIN_EXE_slmd"))
             .args(["run", "--config"])
             .arg(config)
             .args(["--broker", broker_url])
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         Daemon { child, log }
+    }
+
+    /// SIGTERM, as systemd stops a service; SIGKILL after 10 s.
+    pub fn terminate(&mut self) {
+        terminate(&mut self.child);
     }
 
     /// Waits until the daemon's subscriptions are in place (messages

@@ -201,6 +201,8 @@ enum Command {
         task: usize,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// Answered as soon as the thread gets to it: proof of progress.
+    Ping(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable handle to the inference thread.
@@ -268,6 +270,9 @@ impl Engine {
                     Command::Warm { reply, .. } => {
                         let _ = reply.send(Ok(()));
                     }
+                    Command::Ping(reply) => {
+                        let _ = reply.send(());
+                    }
                 }
             }
         });
@@ -310,6 +315,17 @@ impl Engine {
         rx.blocking_recv().map_err(|_| EngineError::Stopped)?
     }
 
+    /// Returns once the inference thread has taken a command off its queue
+    /// and answered it (the watchdog's proof that it is not stuck).
+    pub async fn ping(&self) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ping(reply))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
     pub async fn infer(&self, task: &str, text: String) -> Result<Scores, EngineError> {
         let (job, rx) = self.job(task, text)?;
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
@@ -323,6 +339,18 @@ impl Engine {
             .blocking_send(job)
             .map_err(|_| EngineError::Stopped)?;
         rx.blocking_recv().map_err(|_| EngineError::Stopped)?
+    }
+}
+
+/// Fault injection for the watchdog test: with `SLMD_FAULT_STALL_ON` set, a
+/// message whose text equals it stalls the inference thread for an hour, as
+/// a wedged backend would.
+fn stall_if_asked(text: &str) {
+    static STALL: OnceLock<Option<String>> = OnceLock::new();
+    let stall = STALL.get_or_init(|| std::env::var("SLMD_FAULT_STALL_ON").ok());
+    if stall.as_deref() == Some(text) {
+        log::warn!("SLMD_FAULT_STALL_ON matched: stalling the inference thread");
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 
@@ -512,9 +540,15 @@ impl<'m> Worker<'m> {
         let mut jobs = Vec::with_capacity(commands.len());
         for command in commands {
             match command {
-                Command::Infer(job) => jobs.push(job),
+                Command::Infer(job) => {
+                    stall_if_asked(&job.text);
+                    jobs.push(job)
+                }
                 Command::Warm { task, reply } => {
                     let _ = reply.send(self.warm(task));
+                }
+                Command::Ping(reply) => {
+                    let _ = reply.send(());
                 }
             }
         }
