@@ -65,6 +65,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub tasks: Vec<TaskConfig>,
     /// Directory the file was loaded from; relative paths in it resolve here.
     #[serde(skip)]
@@ -99,6 +101,18 @@ pub struct BrokerConfig {
     pub session_expiry_secs: u32,
     /// Connect over TLS (the broker's port is then usually 8883).
     pub tls: Option<TlsConfig>,
+    /// Retained `{"state": "online"}` while connected, and the Last Will
+    /// `{"state": "offline"}` the broker publishes when slmd vanishes.
+    /// Default `slmd/<client_id>/status`.
+    pub status_topic: Option<String>,
+}
+
+impl BrokerConfig {
+    pub fn status_topic(&self) -> String {
+        self.status_topic
+            .clone()
+            .unwrap_or_else(|| format!("slmd/{}/status", self.client_id))
+    }
 }
 
 /// TLS to the broker; paths are relative to the config file.
@@ -210,6 +224,14 @@ impl Default for LogConfig {
             level: default_log_level(),
         }
     }
+}
+
+/// The Prometheus endpoint; off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `GET /metrics` on, e.g. "127.0.0.1:9108".
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -419,6 +441,9 @@ impl Config {
         }
         if self.broker.username.is_none() && self.broker.password.is_some() {
             p.add("broker.password", "set without broker.username");
+        }
+        if let Err(why) = crate::topic::check_name(&self.broker.status_topic()) {
+            p.add("broker.status_topic", why);
         }
         if self.broker.max_inflight == 0 {
             p.add("broker.max_inflight", "must be at least 1");

@@ -25,6 +25,7 @@ pub mod eval;
 pub mod examples;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod models;
 pub mod mqtt;
 pub mod notify;
@@ -58,6 +59,11 @@ pub enum RunError {
     Tls(#[from] mqtt::TlsFileError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(
         "model {name:?} is not installed in {store}: run `slmd model fetch {name} --config <this config>`"
     )]
@@ -196,6 +202,8 @@ pub async fn run(
              been in flight and run one at a time"
         );
     }
+    let metrics = Arc::new(metrics::Metrics::default());
+    let load_started = std::time::Instant::now();
     let engine = match inference {
         Inference::Model => {
             // A model load (and head training) can outlast systemd's start
@@ -234,6 +242,7 @@ pub async fn run(
         host: config.broker.host.clone(),
         port: config.broker.port,
     });
+    *metrics.model_load_seconds.lock().unwrap() = load_started.elapsed().as_secs_f64();
     // Ready to work: the broker may come later (slmd works offline).
     notifier.send("READY=1\nSTATUS=model loaded, connecting to the broker");
     let mqtt_beat = Arc::new(notify::Heartbeat::default());
@@ -264,6 +273,19 @@ pub async fn run(
         notifier.clone(),
         shutdown.clone(),
     ));
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr, source })?;
+        log::info!("metrics: http://{addr}/metrics");
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            store.clone(),
+            link.clone(),
+            shutdown.clone(),
+        ));
+    }
     let watchdog = notify::Notifier::watchdog_interval().map(|interval| {
         log::info!(
             "systemd watchdog: pinging every {} ms",
@@ -294,6 +316,7 @@ pub async fn run(
         inbox_wake,
         outbox_wake: Arc::new(move || wake_link.publisher_wake.notify_one()),
         in_flight: Default::default(),
+        metrics: metrics.clone(),
     });
     log::info!(
         "slmd ready: {} task(s), broker {}:{}",

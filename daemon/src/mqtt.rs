@@ -8,6 +8,15 @@
 //! version can publish to slmd and read its results; the broker translates.
 //! TLS (CA file, optional client certificate) uses rustls with *ring*.
 //!
+//! # Presence
+//!
+//! On every connection slmd publishes a retained `{"state": "online"}` to
+//! `broker.status_topic` (QoS 0: the next connection says it again), and
+//! leaves a retained Last Will `{"state": "offline"}` that the broker
+//! publishes when the connection ends without a DISCONNECT: a crash, a
+//! power cut, a network loss, or a normal stop (slmd never disconnects
+//! politely, so consumers always hear it leave).
+//!
 //! # Receive path
 //!
 //! Subscriptions are QoS 1 with manual acks and a persistent session, so the
@@ -45,7 +54,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{
-    Filter, PubAck, PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+    Filter, LastWill, PubAck, PubAckReason, Publish, PublishProperties, Subscribe,
+    SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Request};
@@ -111,8 +121,10 @@ impl Tracker {
     fn reset_after_disconnect(&mut self, eventloop: &mut EventLoop) {
         let mut lost = 0;
         eventloop.pending.retain(|r| match r {
+            // An outbox entry not yet sent (QoS 0 is the presence message,
+            // which the next connection sends again).
             Request::Publish(p) => {
-                lost += usize::from(p.pkid == 0);
+                lost += usize::from(p.qos == QoS::AtLeastOnce && p.pkid == 0);
                 false
             }
             // Acks belong to the dead connection; the broker redelivers.
@@ -125,7 +137,7 @@ impl Tracker {
             .state
             .events
             .iter()
-            .filter(|e| matches!(e, Event::Outgoing(Outgoing::Publish(_))))
+            .filter(|e| matches!(e, Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0))
             .count();
         eventloop.state.events.clear();
         for _ in 0..lost {
@@ -163,7 +175,14 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
         .set_manual_acks(true)
         .set_outgoing_inflight_upper_limit(cfg.max_inflight)
         .set_receive_maximum(Some(cfg.max_inflight))
-        .set_max_packet_size(Some(1 << 20));
+        .set_max_packet_size(Some(1 << 20))
+        .set_last_will(LastWill::new(
+            cfg.status_topic(),
+            presence("offline"),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
     if let (Some(u), p) = (&cfg.username, &cfg.password) {
         o.set_credentials(u.clone(), p.clone().unwrap_or_default());
     }
@@ -225,6 +244,11 @@ impl Link {
             let (h, p) = eventloop.options.broker_address();
             format!("{h}:{p}")
         };
+        let status_topic = eventloop
+            .options
+            .last_will()
+            .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
+            .unwrap_or_default();
         let mut backoff = Duration::from_millis(200);
         let mut to_ack: Vec<u16> = Vec::new();
         // Wakes an idle loop, so its heartbeat shows it is not stuck.
@@ -261,6 +285,10 @@ impl Link {
                     eventloop
                         .pending
                         .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
+                    let mut online =
+                        Publish::new(&status_topic, QoS::AtMostOnce, presence("online"), None);
+                    online.retain = true;
+                    eventloop.pending.push_back(Request::Publish(online));
                     self.tracker.lock().unwrap().connected = true;
                     self.publisher_wake.notify_one();
                 }
@@ -302,7 +330,8 @@ impl Link {
                         filters.len()
                     );
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                // Our outbox entries are QoS 1; pkid 0 is the presence message.
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
                     let mut t = self.tracker.lock().unwrap();
                     if let Some(k) = t.unassigned.pop_front() {
                         t.by_pkid.insert(pkid, k);
@@ -430,6 +459,13 @@ impl Link {
         }
         Ok(())
     }
+}
+
+/// The payload of the status topic.
+fn presence(state: &str) -> Vec<u8> {
+    serde_json::json!({"state": state, "version": env!("CARGO_PKG_VERSION")})
+        .to_string()
+        .into_bytes()
 }
 
 /// What the inbox keeps of a received PUBLISH.

@@ -42,6 +42,7 @@ pub struct Router {
     /// `seen` keys of messages being processed: a redelivery that arrives
     /// while its original is still in flight is a duplicate too.
     pub in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Router {
@@ -131,10 +132,11 @@ impl Router {
         if attempts >= self.limits.max_attempts {
             let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
             log::error!(
-                "task={} id={} topic={}: interrupted by {attempts} crash(es); sent to {}",
-                task.name,
-                dead.id,
-                entry.topic,
+                task = task.name.as_str(),
+                msg_id = dead.id.as_str(),
+                topic = entry.topic.as_str(),
+                reason = "too_many_attempts";
+                "interrupted by {attempts} crash(es); sent to {}",
                 self.limits.dead_letter_topic
             );
             let report = json_entry(&self.limits.dead_letter_topic, &dead);
@@ -170,9 +172,11 @@ impl Router {
                 self.in_flight.lock().unwrap().remove(&seen);
             }
             log::info!(
-                "task={} id={id}: already processed (redelivery); not processed again",
-                task.name
+                task = task.name.as_str(),
+                msg_id = id.as_str();
+                "already processed (redelivery); not processed again"
             );
+            self.metrics.duplicate(&task.name);
             // The original still in flight publishes its own result.
             let done = match before {
                 Some(stored) => self.store.complete(key, &stored, None),
@@ -202,13 +206,18 @@ impl Router {
                         latency,
                     );
                     log::info!(
-                        "task={} id={} label={} confidence={:.3} latency_ms={:.1}",
-                        task.name,
-                        req.id,
-                        scores.label.as_deref().unwrap_or("(not recognised)"),
-                        result.confidence,
-                        result.latency_ms
+                        task = task.name.as_str(),
+                        msg_id = req.id.as_str(),
+                        topic = entry.topic.as_str(),
+                        label = scores.label.as_deref().unwrap_or("-"),
+                        confidence = result.confidence,
+                        latency_ms = result.latency_ms,
+                        model_sha256 = self.engine.model.sha256.as_str();
+                        "result"
                     );
+                    let recognised = scores.label.is_some();
+                    self.metrics
+                        .result(&task.name, recognised, result.latency_ms);
                     json_entry(&task.output_topic, &result)
                 }
                 Err(EngineError::Stopped) => return Err(EngineError::Stopped),
@@ -270,10 +279,13 @@ impl Router {
     ) -> OutboxEntry {
         let id = payload::id_of(&entry.topic, &entry.payload);
         log::warn!(
-            "task={} id={id} topic={} rejected: {reason}: {message}",
-            task.name,
-            entry.topic
+            task = task.name.as_str(),
+            msg_id = id.as_str(),
+            topic = entry.topic.as_str(),
+            reason = reason;
+            "rejected: {message}"
         );
+        self.metrics.error(&task.name, reason);
         let err = ErrorResult {
             id,
             task: task.name.clone(),

@@ -427,7 +427,7 @@ async fn a_shared_subscription_splits_work_between_two_instances() {
         .map(|d| {
             d.log_text()
                 .lines()
-                .filter(|l| l.contains("task=home id=shared-") && l.contains(" label="))
+                .filter(|l| l.contains("task=home msg_id=shared-") && l.contains(" label="))
                 .count()
         })
         .collect();

@@ -105,3 +105,27 @@ async fn tls_with_a_client_certificate() {
     assert!(refused.is_running());
     assert!(!refused.log_text().contains("subscribed to"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_retained_and_the_last_will_reports_offline() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+    // A consumer arriving later still learns the state: it is retained.
+    let mut watcher = Client::connect(broker.port, &["slmd/+/status"]).await;
+    let t = Duration::from_secs(10);
+    let online = watcher.next(t).await.expect("retained presence");
+    assert!(
+        online.topic.starts_with("slmd/slmd-test-"),
+        "{}",
+        online.topic
+    );
+    assert_eq!(online.json()["state"], "online");
+    // Power cut: the broker publishes the Last Will.
+    daemon.kill();
+    let offline = watcher.next(t).await.expect("the last will");
+    assert_eq!(offline.topic, online.topic);
+    assert_eq!(offline.json()["state"], "offline");
+}

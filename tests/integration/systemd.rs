@@ -112,3 +112,85 @@ async fn a_second_instance_on_one_state_directory_is_refused() {
     assert!(said.contains("another slmd (pid "), "{said}");
     assert!(first.is_running(), "the first instance keeps serving");
 }
+
+/// `GET path` on the metrics port: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// Parses the Prometheus text format strictly enough to catch a malformed
+/// line: every sample belongs to a family declared by `# TYPE` and has a
+/// float value.
+fn samples(body: &str) -> std::collections::HashMap<String, f64> {
+    let mut declared = Vec::new();
+    let mut out = std::collections::HashMap::new();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            declared.push(name.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            declared
+                .iter()
+                .any(|d| name == d || name.starts_with(&format!("{d}_"))),
+            "undeclared family: {line}"
+        );
+        out.insert(series.to_owned(), value);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::util::free_port();
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+
+    let (status, body) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let before = samples(&body);
+    assert_eq!(before["slmd_broker_connected"], 1.0);
+    assert!(before["slmd_resident_memory_bytes"] > 1e6);
+    assert!(before["slmd_model_load_seconds"] > 0.0);
+
+    for i in 0..3 {
+        let msg = format!(r#"{{"id": "m-{i}", "text": "turn off the lights"}}"#);
+        sub.publish("test/home/x", msg).await;
+    }
+    sub.publish("test/home/x", "{oops").await;
+    sub.take(4, Duration::from_secs(60)).await;
+
+    let after = samples(&http_get(port, "/metrics").1);
+    let home = |name: &str| after.get(&format!("{name}{{task=\"home\"}}")).copied();
+    assert_eq!(home("slmd_results_total"), Some(3.0));
+    assert_eq!(home("slmd_latency_seconds_count"), Some(3.0));
+    assert!(home("slmd_latency_seconds_sum").unwrap() > 0.0);
+    assert_eq!(
+        after.get("slmd_errors_total{task=\"home\",reason=\"invalid_json\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(after["slmd_inbox_messages"], 0.0);
+    assert!(http_get(port, "/other").0.contains("404"));
+}
