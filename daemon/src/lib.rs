@@ -177,11 +177,101 @@ pub enum Inference {
     Skipped,
 }
 
-/// Runs the daemon until `shutdown` turns true.
+/// Starts an engine for `config`'s tasks (blocking work off the runtime).
+async fn build_engine(config: &Config, inference: Inference) -> Result<Engine, RunError> {
+    match inference {
+        Inference::Model => {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || start_engine(&config))
+                .await
+                .map_err(|e| EngineError::Backend(e.to_string()))?
+        }
+        Inference::Skipped => {
+            log::warn!("--no-inference: every result is the task's first label, not a model's");
+            let tasks: Vec<_> = config
+                .tasks
+                .iter()
+                .map(|t| {
+                    let labels = t.labels.iter().map(|l| l.name.clone()).collect();
+                    (t.name.clone(), labels)
+                })
+                .collect();
+            Ok(Engine::trivial(&tasks))
+        }
+    }
+}
+
+fn topic_filters(config: &Config) -> Vec<String> {
+    let all = config.tasks.iter().flat_map(|t| t.topics.iter().cloned());
+    let mut filters: Vec<String> = Vec::new();
+    for f in all {
+        if !filters.contains(&f) {
+            filters.push(f);
+        }
+    }
+    filters
+}
+
+/// Applies configurations sent on `reloads` (SIGHUP) until the channel
+/// closes: tasks, prompts, thresholds and limits change between messages;
+/// `[broker]`, `[state]`, `[model]` and `[metrics]` need a restart and are
+/// kept as they are. A configuration whose engine cannot start is refused
+/// and the running one stays.
+async fn apply_reloads(
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+    mut current: Config,
+    inference: Inference,
+    router: Arc<router::Router>,
+    filters: watch::Sender<Vec<String>>,
+) {
+    while let Some(new) = reloads.recv().await {
+        let fixed = [
+            (
+                "broker",
+                format!("{:?}", new.broker) != format!("{:?}", current.broker),
+            ),
+            ("state", new.state.dir != current.state.dir),
+            (
+                "model",
+                format!("{:?}", new.model) != format!("{:?}", current.model),
+            ),
+            ("metrics", new.metrics.listen != current.metrics.listen),
+        ];
+        for (section, changed) in fixed {
+            if changed {
+                log::warn!("reload: changes to [{section}] take effect at the next restart");
+            }
+        }
+        let next = Config {
+            broker: current.broker.clone(),
+            state: current.state.clone(),
+            model: current.model.clone(),
+            metrics: current.metrics.clone(),
+            ..new
+        };
+        match build_engine(&next, inference).await {
+            Ok(engine) => {
+                router.replace(router::Routing {
+                    engine,
+                    tasks: next.tasks.clone(),
+                    limits: next.limits.clone(),
+                });
+                let _ = filters.send(topic_filters(&next));
+                log::info!("configuration reloaded: {} task(s)", next.tasks.len());
+                current = next;
+            }
+            Err(e) => log::error!("reload refused: {e}; keeping the running configuration"),
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` turns true; applies the configurations
+/// sent on `reloads` (SIGHUP) while it runs.
 pub async fn run(
     config: Config,
     broker: Option<mqtt::BrokerAddr>,
     inference: Inference,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let notifier = notify::Notifier::from_env();
@@ -204,39 +294,20 @@ pub async fn run(
     }
     let metrics = Arc::new(metrics::Metrics::default());
     let load_started = std::time::Instant::now();
-    let engine = match inference {
-        Inference::Model => {
-            // A model load (and head training) can outlast systemd's start
-            // timeout on a slow device: keep extending it while it runs.
-            let extend = {
-                let notifier = notifier.clone();
-                tokio::spawn(async move {
-                    loop {
-                        notifier.send("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=loading the model");
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
-                })
-            };
-            let config = config.clone();
-            let started = tokio::task::spawn_blocking(move || start_engine(&config)).await;
-            extend.abort();
-            started.map_err(|e| EngineError::Backend(e.to_string()))??
-        }
-        Inference::Skipped => {
-            log::warn!("--no-inference: every result is the task's first label, not a model's");
-            let tasks: Vec<_> = config
-                .tasks
-                .iter()
-                .map(|t| {
-                    (
-                        t.name.clone(),
-                        t.labels.iter().map(|l| l.name.clone()).collect(),
-                    )
-                })
-                .collect();
-            Engine::trivial(&tasks)
-        }
+    // A model load (and head training) can outlast systemd's start timeout
+    // on a slow device: keep extending it while it runs.
+    let extend = {
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            loop {
+                notifier.send("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=loading the model");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        })
     };
+    let engine = build_engine(&config, inference).await;
+    extend.abort();
+    let engine = engine?;
 
     let addr = broker.unwrap_or(mqtt::BrokerAddr {
         host: config.broker.host.clone(),
@@ -251,11 +322,7 @@ pub async fn run(
         store.clone(),
         config.limits.max_store_bytes,
     );
-    let filters: Vec<String> = config
-        .tasks
-        .iter()
-        .flat_map(|t| t.topics.iter().cloned())
-        .collect();
+    let (filters_tx, filters) = watch::channel(topic_filters(&config));
     let inbox_wake = Arc::new(Notify::new());
     let receiver = tokio::spawn(link.clone().run_receiver(
         eventloop,
@@ -308,16 +375,25 @@ pub async fn run(
         })
     };
     let wake_link = link.clone();
-    let router = Arc::new(router::Router {
-        store: store.clone(),
-        engine,
-        tasks: Arc::new(config.tasks.clone()),
+    let routing = router::Routing {
+        engine: engine.clone(),
+        tasks: config.tasks.clone(),
         limits: config.limits.clone(),
+    };
+    let router = Arc::new(router::Router::new(
+        store.clone(),
+        routing,
         inbox_wake,
-        outbox_wake: Arc::new(move || wake_link.publisher_wake.notify_one()),
-        in_flight: Default::default(),
-        metrics: metrics.clone(),
-    });
+        Arc::new(move || wake_link.publisher_wake.notify_one()),
+        metrics.clone(),
+    ));
+    let reloader = tokio::spawn(apply_reloads(
+        reloads,
+        config.clone(),
+        inference,
+        router.clone(),
+        filters_tx,
+    ));
     log::info!(
         "slmd ready: {} task(s), broker {}:{}",
         config.tasks.len(),
@@ -332,6 +408,7 @@ pub async fn run(
         let _ = w.await;
     }
     stopping.abort();
+    reloader.abort();
     routed?;
     store.mark_stopped().await?;
     Ok(())

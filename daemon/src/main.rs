@@ -254,7 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 slmd::Inference::Model
             };
-            let config = load(&config)?;
+            let path = config;
+            let config = load(&path)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -266,7 +267,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     log::info!("shutting down");
                     let _ = tx.send(true);
                 });
-                slmd::run(config, broker, inference, rx).await
+                let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(reload_on_sighup(path, reload_tx));
+                slmd::run(config, broker, inference, reloads, rx).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -479,6 +482,29 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("slmd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// SIGHUP: reads the configuration file again; a valid one goes to the
+/// daemon, an invalid one is reported and the running one stays.
+async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        log::info!("SIGHUP: reloading {}", path.display());
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path)).await
+        };
+        match loaded {
+            Ok(Ok(config)) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => log::error!("reload refused: {e}; keeping the running configuration"),
+            Err(e) => log::error!("reload failed: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

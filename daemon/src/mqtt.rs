@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{
     Filter, LastWill, PubAck, PubAckReason, Publish, PublishProperties, Subscribe,
-    SubscribeReasonCode,
+    SubscribeReasonCode, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Request};
@@ -234,7 +234,7 @@ impl Link {
     pub async fn run_receiver(
         self: Arc<Self>,
         mut eventloop: EventLoop,
-        filters: Vec<String>,
+        mut filters: watch::Receiver<Vec<String>>,
         max_backoff: Duration,
         inbox_wake: Arc<Notify>,
         beat: Arc<crate::notify::Heartbeat>,
@@ -251,6 +251,7 @@ impl Link {
             .unwrap_or_default();
         let mut backoff = Duration::from_millis(200);
         let mut to_ack: Vec<u16> = Vec::new();
+        let mut subscribed = filters.borrow().clone();
         // Wakes an idle loop, so its heartbeat shows it is not stuck.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -270,6 +271,12 @@ impl Link {
                     }
                     continue;
                 }
+                Ok(()) = filters.changed() => {
+                    let (now, before) = (filters.borrow_and_update().clone(), subscribed.clone());
+                    self.resubscribe(&mut eventloop, &before, &now);
+                    subscribed = now;
+                    continue;
+                }
                 _ = shutdown.changed() => break,
             };
             match event {
@@ -280,8 +287,10 @@ impl Link {
                         ack.session_present
                     );
                     let subs = filters
+                        .borrow()
                         .iter()
-                        .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
+                        .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
+                        .collect::<Vec<_>>();
                     eventloop
                         .pending
                         .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
@@ -318,6 +327,7 @@ impl Link {
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => self.acked(&ack),
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     let mut granted = 0;
+                    let filters = filters.borrow().clone();
                     for (f, code) in filters.iter().zip(&ack.return_codes) {
                         if matches!(code, SubscribeReasonCode::Success(_)) {
                             granted += 1;
@@ -375,6 +385,28 @@ impl Link {
         }
         if !to_ack.is_empty() {
             let _ = self.store.flush().await;
+        }
+    }
+
+    /// After a reload: subscribes to the new filter list and drops what
+    /// left it. When disconnected, the next CONNACK subscribes to the new
+    /// list anyway.
+    fn resubscribe(&self, eventloop: &mut EventLoop, before: &[String], now: &[String]) {
+        if !self.tracker.lock().unwrap().connected {
+            return;
+        }
+        let subs = now
+            .iter()
+            .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
+            .collect::<Vec<_>>();
+        eventloop
+            .pending
+            .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
+        for gone in before.iter().filter(|f| !now.contains(f)) {
+            log::info!("unsubscribing from {gone} (no task consumes it any more)");
+            eventloop
+                .pending
+                .push_back(Request::Unsubscribe(Unsubscribe::new(gone.clone(), None)));
         }
     }
 

@@ -18,7 +18,7 @@
 //! topic and it is not one of slmd's own input topics; otherwise it gets a
 //! `response_topic_refused` error on the task's error topic.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -30,22 +30,57 @@ use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
 use crate::topic;
 
+/// What a configuration reload replaces, as one unit: the engine (with the
+/// tasks' trained heads), the tasks and the limits. A message takes the
+/// routing current when it starts and finishes on it, so a reload never
+/// changes a message half-way; the old engine stops when its last message
+/// is done.
+pub struct Routing {
+    pub engine: Engine,
+    pub tasks: Vec<TaskConfig>,
+    pub limits: Limits,
+}
+
 pub struct Router {
     pub store: Store,
-    pub engine: Engine,
-    pub tasks: Arc<Vec<TaskConfig>>,
-    pub limits: Limits,
+    routing: RwLock<Arc<Routing>>,
     /// Woken by the receiver after new messages are durable.
     pub inbox_wake: Arc<Notify>,
     /// Woken after a result enters the outbox.
     pub outbox_wake: Arc<dyn Fn() + Send + Sync>,
     /// `seen` keys of messages being processed: a redelivery that arrives
     /// while its original is still in flight is a duplicate too.
-    pub in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Router {
+    pub fn new(
+        store: Store,
+        routing: Routing,
+        inbox_wake: Arc<Notify>,
+        outbox_wake: Arc<dyn Fn() + Send + Sync>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Router {
+        Router {
+            store,
+            routing: RwLock::new(Arc::new(routing)),
+            inbox_wake,
+            outbox_wake,
+            in_flight: Default::default(),
+            metrics,
+        }
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.read().unwrap().clone()
+    }
+
+    /// From the next message on (a configuration reload).
+    pub fn replace(&self, routing: Routing) {
+        *self.routing.write().unwrap() = Arc::new(routing);
+    }
+
     /// Runs until shutdown, then waits up to `drain` for messages in flight.
     /// Returns an error only when the engine is gone (the daemon must stop).
     pub async fn run(
@@ -53,15 +88,18 @@ impl Router {
         mut shutdown: watch::Receiver<bool>,
         drain: Duration,
     ) -> Result<(), EngineError> {
-        let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
-        let all = self.limits.max_in_flight as u32;
+        // Fixed for the life of the process (a reload does not resize it).
+        let max_in_flight = self.routing().limits.max_in_flight;
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let all = max_in_flight as u32;
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<EngineError>(1);
         let mut cursor = None;
         let mut pruned_at = std::time::Instant::now() - Duration::from_secs(3600);
         'outer: loop {
             if pruned_at.elapsed() > Duration::from_secs(60) {
                 pruned_at = std::time::Instant::now();
-                match self.store.prune_seen(self.limits.dedup_window_secs * 1000) {
+                let window = self.routing().limits.dedup_window_secs;
+                match self.store.prune_seen(window * 1000) {
                     Ok(0) => {}
                     Ok(n) => log::debug!("forgot {n} processed id(s) older than the dedup window"),
                     Err(e) => log::error!("cannot prune processed ids: {e}"),
@@ -118,7 +156,8 @@ impl Router {
     }
 
     async fn process(&self, key: u64, entry: InboxEntry, attempts: u32) -> Result<(), EngineError> {
-        let Some(task) = self
+        let routing = self.routing();
+        let Some(task) = routing
             .tasks
             .iter()
             .find(|t| t.topics.iter().any(|f| topic::matches(f, &entry.topic)))
@@ -129,7 +168,7 @@ impl Router {
             }
             return Ok(());
         };
-        if attempts >= self.limits.max_attempts {
+        if attempts >= routing.limits.max_attempts {
             let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
             log::error!(
                 task = task.name.as_str(),
@@ -137,9 +176,9 @@ impl Router {
                 topic = entry.topic.as_str(),
                 reason = "too_many_attempts";
                 "interrupted by {attempts} crash(es); sent to {}",
-                self.limits.dead_letter_topic
+                routing.limits.dead_letter_topic
             );
-            let report = json_entry(&self.limits.dead_letter_topic, &dead);
+            let report = json_entry(&routing.limits.dead_letter_topic, &dead);
             match self.store.dead_letter(key, &report) {
                 Ok(()) => (self.outbox_wake)(),
                 Err(e) => log::error!("cannot commit dead letter {key}: {e}"),
@@ -150,9 +189,9 @@ impl Router {
         // An id-less copy the broker does not call a redelivery may be the
         // user repeating themselves: only a short window applies to it.
         let window_secs = if own_id.is_some() || entry.dup {
-            self.limits.dedup_window_secs
+            routing.limits.dedup_window_secs
         } else {
-            self.limits.content_dedup_window_secs
+            routing.limits.content_dedup_window_secs
         };
         let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
         let seen = store::seen_key(&task.name, &id);
@@ -188,21 +227,21 @@ impl Router {
             }
             return Ok(());
         }
-        let reply = self.reply_to(&entry);
+        let reply = routing.reply_to(&entry);
         let out = match (
             &reply,
-            payload::parse(&entry.topic, &entry.payload, &self.limits),
+            payload::parse(&entry.topic, &entry.payload, &routing.limits),
         ) {
             (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
             (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
-            (Ok(_), Ok(req)) => match self.engine.infer(&task.name, req.text).await {
+            (Ok(_), Ok(req)) => match routing.engine.infer(&task.name, req.text).await {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
                     let result = TaskResult::new(
                         req.id.clone(),
                         &task.name,
                         &scores,
-                        &self.engine.model,
+                        &routing.engine.model,
                         latency,
                     );
                     log::info!(
@@ -212,7 +251,7 @@ impl Router {
                         label = scores.label.as_deref().unwrap_or("-"),
                         confidence = result.confidence,
                         latency_ms = result.latency_ms,
-                        model_sha256 = self.engine.model.sha256.as_str();
+                        model_sha256 = routing.engine.model.sha256.as_str();
                         "result"
                     );
                     let recognised = scores.label.is_some();
@@ -244,32 +283,6 @@ impl Router {
         Ok(())
     }
 
-    /// The request's response topic, if it has one slmd may publish to.
-    fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
-        let Some(reply) = &entry.reply else {
-            return Ok(None);
-        };
-        let name = &reply.topic;
-        topic::check_name(name).map_err(|why| format!("response topic {name:?}: {why}"))?;
-        if !self
-            .limits
-            .response_topics
-            .iter()
-            .any(|f| topic::matches(f, name))
-        {
-            return Err(format!(
-                "response topic {name:?} is not allowed by limits.response_topics"
-            ));
-        }
-        let input = |t: &TaskConfig| t.topics.iter().any(|f| topic::matches(f, name));
-        if self.tasks.iter().any(input) {
-            return Err(format!(
-                "response topic {name:?} is one of slmd's input topics (the result would loop back in)"
-            ));
-        }
-        Ok(Some(reply))
-    }
-
     fn error(
         &self,
         task: &TaskConfig,
@@ -296,6 +309,34 @@ impl Router {
             },
         };
         json_entry(&task.error_topic(), &err)
+    }
+}
+
+impl Routing {
+    /// The request's response topic, if it has one slmd may publish to.
+    fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
+        let Some(reply) = &entry.reply else {
+            return Ok(None);
+        };
+        let name = &reply.topic;
+        topic::check_name(name).map_err(|why| format!("response topic {name:?}: {why}"))?;
+        if !self
+            .limits
+            .response_topics
+            .iter()
+            .any(|f| topic::matches(f, name))
+        {
+            return Err(format!(
+                "response topic {name:?} is not allowed by limits.response_topics"
+            ));
+        }
+        let input = |t: &TaskConfig| t.topics.iter().any(|f| topic::matches(f, name));
+        if self.tasks.iter().any(input) {
+            return Err(format!(
+                "response topic {name:?} is one of slmd's input topics (the result would loop back in)"
+            ));
+        }
+        Ok(Some(reply))
     }
 }
 

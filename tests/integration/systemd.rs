@@ -194,3 +194,80 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert_eq!(after["slmd_inbox_messages"], 0.0);
     assert!(http_get(port, "/other").0.contains("404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_tasks_without_losing_messages_and_refuses_a_bad_config() {
+    use nix::sys::signal::Signal;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let mut sub = Client::connect(
+        broker.port,
+        &["test/out/#", "test/err/#", "test/reloaded/#"],
+    )
+    .await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+    let publisher = sub.client.clone();
+    let send = |i: usize, topic: &'static str| {
+        let payload = format!(r#"{{"id": "h-{i}", "text": "make me a coffee"}}"#);
+        let client = publisher.clone();
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Messages flow while a new configuration is applied: a new output
+    // topic and a new input topic.
+    for i in 0..10 {
+        send(i, "test/home/a").await;
+    }
+    let text = std::fs::read_to_string(&config).unwrap();
+    let reloaded = text
+        .replace(
+            "output_topic = \"test/out/home\"",
+            "output_topic = \"test/reloaded/home\"",
+        )
+        .replace(
+            "topics = [\"test/home/+\"]",
+            "topics = [\"test/home/+\", \"test/other/+\"]",
+        );
+    assert_ne!(text, reloaded);
+    std::fs::write(&config, reloaded).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    for i in 10..20 {
+        send(i, "test/home/a").await;
+    }
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(120))
+        .await;
+    send(20, "test/other/b").await;
+    send(21, "test/home/a").await;
+
+    let got = sub.take(22, Duration::from_secs(120)).await;
+    let mut ids: Vec<String> = got.iter().map(|m| m.json()["id"].to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 22, "every message exactly once: {ids:?}");
+    for m in &got {
+        let id = m.json()["id"].as_str().unwrap().to_owned();
+        if id == "h-20" || id == "h-21" {
+            assert_eq!(m.topic, "test/reloaded/home", "{id} after the reload");
+        }
+    }
+
+    // A broken file is refused; the daemon keeps serving the last good one.
+    std::fs::write(&config, "this is [not toml").unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon
+        .wait_for_log("keeping the running configuration", Duration::from_secs(30))
+        .await;
+    assert!(daemon.is_running());
+    send(22, "test/other/c").await;
+    let last = sub.take(1, Duration::from_secs(60)).await;
+    assert_eq!(last[0].topic, "test/reloaded/home");
+    assert!(sub.extra(Duration::from_secs(2)).await.is_empty());
+}

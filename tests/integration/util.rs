@@ -241,6 +241,11 @@ impl Daemon {
         Daemon { child, log }
     }
 
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     /// SIGTERM, as systemd stops a service; SIGKILL after 10 s.
     pub fn terminate(&mut self) {
         terminate(&mut self.child);
