@@ -153,6 +153,14 @@ pub struct ModelConfig {
     /// stay decoded in it (about 150 cells each) beside 2048 working cells.
     #[serde(default = "default_extract_context")]
     pub extract_context_size: u32,
+    /// Lock the model in RAM (needs RLIMIT_MEMLOCK >= the model's size).
+    #[serde(default)]
+    pub mlock: bool,
+    /// Nice value (-20..19) of the inference thread only.
+    pub nice: Option<i32>,
+    /// CPUs the inference thread may run on (e.g. [2, 3]); default any.
+    #[serde(default)]
+    pub cpus: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -452,6 +460,9 @@ impl Config {
             (None, None) => p.add("model", "set either model.name or model.path"),
             (Some(_), Some(_)) => p.add("model", "set model.name or model.path, not both"),
             _ => {}
+        }
+        if self.model.nice.is_some_and(|n| !(-20..=19).contains(&n)) {
+            p.add("model.nice", "must be between -20 and 19");
         }
         if !(64..=32768).contains(&self.model.context_size) {
             p.add("model.context_size", "must be between 64 and 32768");

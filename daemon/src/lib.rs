@@ -35,7 +35,7 @@ pub mod status;
 pub mod store;
 pub mod topic;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,12 @@ pub enum RunError {
     Tls(#[from] mqtt::TlsFileError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(
+        "model.mlock needs RLIMIT_MEMLOCK of at least {needed} bytes (the model file); the \
+         limit is {limit}. Raise it (LimitMEMLOCK=infinity in the unit, ulimit -l) or set \
+         model.mlock = false"
+    )]
+    Memlock { needed: u64, limit: String },
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -164,8 +170,34 @@ pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
         head_cache: Some(config.state_dir().join("heads")),
         decode: Default::default(),
         extract_context: config.model.extract_context_size,
+        tuning: engine::Tuning {
+            mlock: config.model.mlock,
+            nice: config.model.nice,
+            cpus: config.model.cpus.clone(),
+        },
     };
+    if opts.tuning.mlock {
+        check_memlock(&opts.model_path)?;
+    }
     Ok(Engine::start(opts, tasks)?)
+}
+
+/// `model.mlock` needs RLIMIT_MEMLOCK to cover the model file; say so
+/// before llama.cpp fails (or silently does not lock).
+fn check_memlock(model: &Path) -> Result<(), RunError> {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let needed = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
+    let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).map_err(|e| RunError::Memlock {
+        needed,
+        limit: format!("unknown ({e})"),
+    })?;
+    if soft != RLIM_INFINITY && soft < needed {
+        return Err(RunError::Memlock {
+            needed,
+            limit: format!("{soft} bytes"),
+        });
+    }
+    Ok(())
 }
 
 /// Whether messages go through the model (always, but for measuring the
@@ -274,6 +306,8 @@ pub async fn run(
     reloads: tokio::sync::mpsc::Receiver<Config>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
+    // State files (store, status snapshot, heads) readable by the group only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     let notifier = notify::Notifier::from_env();
     notifier.status("opening the store");
     let _lock = lock::StateLock::acquire(&config.state_dir())?;
@@ -412,4 +446,23 @@ pub async fn run(
     routed?;
     store.mark_stopped().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mlock_is_refused_when_the_memlock_limit_is_below_the_model() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        let (soft, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap();
+        setrlimit(Resource::RLIMIT_MEMLOCK, (64 << 10).min(hard), hard).unwrap();
+        let refused = check_memlock(file.path());
+        setrlimit(Resource::RLIMIT_MEMLOCK, soft, hard).unwrap();
+        let err = refused.expect_err("the limit is below the model's size");
+        assert!(err.to_string().contains("LimitMEMLOCK"), "{err}");
+        assert!(check_memlock(Path::new("/dev/null")).is_ok());
+    }
 }

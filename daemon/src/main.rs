@@ -446,6 +446,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions>
         head_cache: None,
         decode: Default::default(),
         extract_context: a.extract_context_size,
+        tuning: Default::default(),
     })
 }
 

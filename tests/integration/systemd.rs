@@ -271,3 +271,42 @@ async fn sighup_reloads_tasks_without_losing_messages_and_refuses_a_bad_config()
     assert_eq!(last[0].topic, "test/reloaded/home");
     assert!(sub.extra(Duration::from_secs(2)).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
+    use nix::sys::signal::Signal;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let mut sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+    let n = 40;
+    for i in 0..n {
+        let msg = format!(r#"{{"id": "t-{i}", "text": "start the vacuum cleaner"}}"#);
+        sub.publish("test/home/x", msg).await;
+    }
+    let mut got = sub.take(3, Duration::from_secs(60)).await;
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+    let mut daemon = Daemon::start_logged(&config, &broker.url(), &dir.path().join("2.log"));
+    daemon.wait_subscribed().await;
+    let mut by_id = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while by_id.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} answered", by_id.len());
+        got.extend(sub.next(Duration::from_secs(60)).await);
+        for m in got.drain(..) {
+            let id = m.json()["id"].as_str().unwrap().to_owned();
+            // A republished result is byte for byte the same one.
+            let first = by_id.entry(id.clone()).or_insert_with(|| m.payload.clone());
+            assert_eq!(first, &m.payload, "{id} was processed twice");
+        }
+        assert!(daemon.is_running());
+    }
+    assert!(sub
+        .extra(Duration::from_secs(2))
+        .await
+        .iter()
+        .all(|m| { by_id.get(m.json()["id"].as_str().unwrap()) == Some(&m.payload) }));
+}

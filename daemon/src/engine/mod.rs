@@ -170,6 +170,45 @@ pub struct EngineOptions {
     /// Context of the slot generator (intent prompts and replies); at least
     /// [`extract::MIN_CONTEXT`]. Only allocated when a task extracts.
     pub extract_context: u32,
+    pub tuning: Tuning,
+}
+
+/// How the inference thread and the model's memory are treated by the OS.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Lock the model's pages in RAM (no paging under memory pressure).
+    pub mlock: bool,
+    /// Nice value of the inference thread alone (MQTT stays responsive).
+    pub nice: Option<i32>,
+    /// CPUs the inference thread may run on; empty means any.
+    pub cpus: Vec<usize>,
+}
+
+impl Tuning {
+    /// Applies `nice` and `cpus` to the calling thread.
+    fn apply_to_this_thread(&self) -> Result<(), EngineError> {
+        let tid = nix::unistd::gettid();
+        if !self.cpus.is_empty() {
+            let mut set = nix::sched::CpuSet::new();
+            for &cpu in &self.cpus {
+                set.set(cpu)
+                    .map_err(|e| EngineError::Backend(format!("cpu {cpu}: {e}")))?;
+            }
+            nix::sched::sched_setaffinity(tid, &set)
+                .map_err(|e| EngineError::Backend(format!("CPU affinity {:?}: {e}", self.cpus)))?;
+        }
+        if let Some(nice) = self.nice {
+            // On Linux a thread id names one thread for setpriority(2).
+            // SAFETY: a plain syscall with integer arguments.
+            let rc =
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid.as_raw() as libc::id_t, nice) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(EngineError::Backend(format!("nice {nice}: {e}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A classification: every label with its probability, best first, and the
@@ -374,6 +413,10 @@ fn inference_thread(
     mut rx: mpsc::Receiver<Command>,
     ready: std::sync::mpsc::SyncSender<Result<(), EngineError>>,
 ) {
+    if let Err(e) = opts.tuning.apply_to_this_thread() {
+        let _ = ready.send(Err(e));
+        return;
+    }
     let model = match load_model(&opts) {
         Ok(m) => m,
         Err(e) => {
@@ -408,11 +451,13 @@ fn inference_thread(
 fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
     let backend = backend()?;
     let started = Instant::now();
-    let model = LlamaModel::load_from_file(backend, &opts.model_path, &LlamaModelParams::default())
-        .map_err(|e| EngineError::Load {
+    let params = LlamaModelParams::default().with_use_mlock(opts.tuning.mlock);
+    let model = LlamaModel::load_from_file(backend, &opts.model_path, &params).map_err(|e| {
+        EngineError::Load {
             path: opts.model_path.clone(),
             message: e.to_string(),
-        })?;
+        }
+    })?;
     log::info!(
         "model {} loaded from {} in {} ms",
         opts.model.name,
@@ -843,6 +888,32 @@ fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_pins_and_renices_only_the_inference_thread() {
+        let tuning = Tuning {
+            mlock: false,
+            nice: Some(5),
+            cpus: vec![0],
+        };
+        let (affinity, nice) = std::thread::spawn(move || {
+            tuning.apply_to_this_thread().unwrap();
+            let tid = nix::unistd::gettid();
+            let set = nix::sched::sched_getaffinity(tid).unwrap();
+            // SAFETY: a plain syscall with integer arguments.
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid.as_raw() as libc::id_t) };
+            (set, nice)
+        })
+        .join()
+        .unwrap();
+        assert!(affinity.is_set(0).unwrap());
+        assert!(!affinity.is_set(1).unwrap_or(false));
+        assert_eq!(nice, 5);
+        // The calling thread is untouched.
+        // SAFETY: as above.
+        let here = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_ne!(here, 5);
+    }
 
     fn task() -> TaskSpec {
         TaskSpec {
