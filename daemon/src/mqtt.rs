@@ -286,14 +286,7 @@ impl Link {
                         "connected to broker {addr} (session present: {})",
                         ack.session_present
                     );
-                    let subs = filters
-                        .borrow()
-                        .iter()
-                        .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
-                        .collect::<Vec<_>>();
-                    eventloop
-                        .pending
-                        .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
+                    subscribe(&mut eventloop, &filters.borrow());
                     let mut online =
                         Publish::new(&status_topic, QoS::AtMostOnce, presence("online"), None);
                     online.retain = true;
@@ -395,13 +388,7 @@ impl Link {
         if !self.tracker.lock().unwrap().connected {
             return;
         }
-        let subs = now
-            .iter()
-            .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
-            .collect::<Vec<_>>();
-        eventloop
-            .pending
-            .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
+        subscribe(eventloop, now);
         for gone in before.iter().filter(|f| !now.contains(f)) {
             log::info!("unsubscribing from {gone} (no task consumes it any more)");
             eventloop
@@ -491,6 +478,16 @@ impl Link {
         }
         Ok(())
     }
+}
+
+/// Queues one SUBSCRIBE (QoS 1) for all of `filters`.
+fn subscribe(eventloop: &mut EventLoop, filters: &[String]) {
+    let subs = filters
+        .iter()
+        .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
+    eventloop
+        .pending
+        .push_back(Request::Subscribe(Subscribe::new_many(subs, None)));
 }
 
 /// The payload of the status topic.
