@@ -129,3 +129,62 @@ async fn presence_is_retained_and_the_last_will_reports_offline() {
     assert_eq!(offline.topic, online.topic);
     assert_eq!(offline.json()["state"], "offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_are_sent_and_a_wrong_one_is_refused() {
+    let dir = Broker::dir();
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["slmd", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(made.success());
+    let perms = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(&passwords, perms).unwrap();
+    // A second listener that requires a password; the first stays open for
+    // the test client.
+    let (open, locked) = (crate::util::free_port(), crate::util::free_port());
+    let conf = format!(
+        "per_listener_settings true\nlistener {locked} 127.0.0.1\npassword_file {}\n\
+         allow_anonymous false\n",
+        passwords.display()
+    );
+    let _broker = Broker::start_in(dir, open, &conf);
+    crate::util::wait_for_port(locked, Duration::from_secs(10));
+
+    let work = tempfile::tempdir().unwrap();
+    let mut sub = Client::connect(open, &["test/out/#"]).await;
+    let url = format!("mqtt://127.0.0.1:{locked}");
+    let good = write_config(work.path(), locked, "");
+    let text = std::fs::read_to_string(&good).unwrap().replace(
+        "keep_alive_secs = 30\n",
+        "keep_alive_secs = 30\nusername = \"slmd\"\npassword = \"s3cret\"\n",
+    );
+    std::fs::write(&good, text).unwrap();
+    let mut daemon = Daemon::start(&good, &url);
+    daemon.wait_subscribed().await;
+    sub.publish(
+        "test/home/x",
+        r#"{"id": "pw-1", "text": "make me a coffee"}"#,
+    )
+    .await;
+    assert_eq!(
+        sub.take(1, Duration::from_secs(60)).await[0].json()["id"],
+        "pw-1"
+    );
+
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let wrong = write_config(wrong_dir.path(), locked, "");
+    let text = std::fs::read_to_string(&wrong).unwrap().replace(
+        "keep_alive_secs = 30\n",
+        "keep_alive_secs = 30\nusername = \"slmd\"\npassword = \"wrong\"\n",
+    );
+    std::fs::write(&wrong, text).unwrap();
+    let mut refused = Daemon::start(&wrong, &url);
+    refused
+        .wait_for_log("retrying in", Duration::from_secs(120))
+        .await;
+    assert!(!refused.log_text().contains("subscribed to"));
+}

@@ -92,14 +92,16 @@ impl Broker {
         dir
     }
 
-    /// A plain listener on `port` plus the `extra` configuration lines.
+    /// The `extra` configuration lines (first, so they may set global
+    /// options such as `per_listener_settings`), then an anonymous plain
+    /// listener on `port`.
     pub fn start_in(dir: tempfile::TempDir, port: u16, extra: &str) -> Broker {
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\n\
+                "{extra}listener {port} 127.0.0.1\nallow_anonymous true\n\
                  max_queued_messages 0\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n\
-                 log_type warning\n{extra}"
+                 log_type warning\n"
             ),
         )
         .unwrap();
