@@ -258,16 +258,10 @@ async fn apply_reloads(
 ) {
     while let Some(new) = reloads.recv().await {
         let fixed = [
-            (
-                "broker",
-                format!("{:?}", new.broker) != format!("{:?}", current.broker),
-            ),
-            ("state", new.state.dir != current.state.dir),
-            (
-                "model",
-                format!("{:?}", new.model) != format!("{:?}", current.model),
-            ),
-            ("metrics", new.metrics.listen != current.metrics.listen),
+            ("broker", new.broker != current.broker),
+            ("state", new.state != current.state),
+            ("model", new.model != current.model),
+            ("metrics", new.metrics != current.metrics),
         ];
         for (section, changed) in fixed {
             if changed {
@@ -326,7 +320,6 @@ pub async fn run(
              been in flight and run one at a time"
         );
     }
-    let metrics = Arc::new(metrics::Metrics::default());
     let load_started = std::time::Instant::now();
     // A model load (and head training) can outlast systemd's start timeout
     // on a slow device: keep extending it while it runs.
@@ -347,7 +340,7 @@ pub async fn run(
         host: config.broker.host.clone(),
         port: config.broker.port,
     });
-    *metrics.model_load_seconds.lock().unwrap() = load_started.elapsed().as_secs_f64();
+    let metrics = Arc::new(metrics::Metrics::new(load_started.elapsed().as_secs_f64()));
     // Ready to work: the broker may come later (slmd works offline).
     notifier.send("READY=1\nSTATUS=model loaded, connecting to the broker");
     let mqtt_beat = Arc::new(notify::Heartbeat::default());

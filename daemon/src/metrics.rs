@@ -38,14 +38,20 @@ struct Counters {
 }
 
 /// Everything counted while the daemon runs.
-#[derive(Default)]
 pub struct Metrics {
     counters: Mutex<Counters>,
     /// Seconds the model load and head training took at start.
-    pub model_load_seconds: Mutex<f64>,
+    model_load_seconds: f64,
 }
 
 impl Metrics {
+    pub fn new(model_load_seconds: f64) -> Metrics {
+        Metrics {
+            counters: Mutex::default(),
+            model_load_seconds,
+        }
+    }
+
     /// A result was committed; `latency_ms` from receipt to result.
     pub fn result(&self, task: &str, recognised: bool, latency_ms: f64) {
         let mut c = self.counters.lock().unwrap();
@@ -181,7 +187,7 @@ impl Metrics {
             (
                 "model_load_seconds",
                 "Model load and head training at start.",
-                *self.model_load_seconds.lock().unwrap(),
+                self.model_load_seconds,
             ),
             (
                 "resident_memory_bytes",

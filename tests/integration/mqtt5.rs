@@ -157,12 +157,7 @@ async fn username_and_password_are_sent_and_a_wrong_one_is_refused() {
     let work = tempfile::tempdir().unwrap();
     let mut sub = Client::connect(open, &["test/out/#"]).await;
     let url = format!("mqtt://127.0.0.1:{locked}");
-    let good = write_config(work.path(), locked, "");
-    let text = std::fs::read_to_string(&good).unwrap().replace(
-        "keep_alive_secs = 30\n",
-        "keep_alive_secs = 30\nusername = \"slmd\"\npassword = \"s3cret\"\n",
-    );
-    std::fs::write(&good, text).unwrap();
+    let good = login_config(work.path(), locked, "s3cret");
     let mut daemon = Daemon::start(&good, &url);
     daemon.wait_subscribed().await;
     sub.publish(
@@ -176,15 +171,21 @@ async fn username_and_password_are_sent_and_a_wrong_one_is_refused() {
     );
 
     let wrong_dir = tempfile::tempdir().unwrap();
-    let wrong = write_config(wrong_dir.path(), locked, "");
-    let text = std::fs::read_to_string(&wrong).unwrap().replace(
-        "keep_alive_secs = 30\n",
-        "keep_alive_secs = 30\nusername = \"slmd\"\npassword = \"wrong\"\n",
-    );
-    std::fs::write(&wrong, text).unwrap();
+    let wrong = login_config(wrong_dir.path(), locked, "wrong");
     let mut refused = Daemon::start(&wrong, &url);
     refused
         .wait_for_log("retrying in", Duration::from_secs(120))
         .await;
     assert!(!refused.log_text().contains("subscribed to"));
+}
+
+/// The test config, logging in as user slmd with `password`.
+fn login_config(dir: &std::path::Path, port: u16, password: &str) -> std::path::PathBuf {
+    let config = write_config(dir, port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "keep_alive_secs = 30\n",
+        &format!("keep_alive_secs = 30\nusername = \"slmd\"\npassword = \"{password}\"\n"),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
 }
