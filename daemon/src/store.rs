@@ -73,8 +73,9 @@ pub enum StoreError {
     )]
     Locked { path: PathBuf },
     #[error(
-        "the store at {path} has format {found:?}, this slmd reads format {FORMAT}. Drain it \
-         with the slmd that wrote it, or move it aside and restart with an empty one"
+        "the store at {path} is in {}, this slmd reads format {FORMAT}. Drain it \
+         with the slmd that wrote it, or move it aside and restart with an empty one",
+        format_name(*.found)
     )]
     Format { path: PathBuf, found: Option<u32> },
     #[error("store I/O: {0}")]
@@ -83,6 +84,13 @@ pub enum StoreError {
     Transaction(String),
     #[error("corrupt entry {key} in tree {tree}")]
     Corrupt { tree: &'static str, key: u64 },
+}
+
+fn format_name(found: Option<u32>) -> String {
+    match found {
+        Some(n) => format!("format {n}"),
+        None => "the unversioned format of slmd before format 2".into(),
+    }
 }
 
 /// A received message, as stored.
