@@ -29,6 +29,8 @@ generate() {
             print "# Generated from Cargo.lock by scripts/gen-crates-inc.sh; do not edit."
             print "# Every crate the build needs, fetched before do_compile (no network there)."
             print ""
+            print "# The layout bitbake -c update_crates writes."
+            print "# nooelint: oelint.vars.inconspaces,oelint.vars.notneededspace"
             print "SRC_URI += \" \\"
             for (i = 1; i <= n; i++) print "    crate://crates.io/" urls[i] " \\"
             print "\""

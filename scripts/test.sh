@@ -17,4 +17,9 @@ export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 cargo build --locked --workspace --all-targets
 # Tests run against the real model; fetch it once into .cache/.
 target/debug/slmd model fetch smollm2-135m-instruct-q4_1 --state-dir .cache/state --manifests models
+# The Yocto recipe's linter (a bitbake parser; tests/integration/packaging.rs).
+oelint=.cache/tools/oelint
+[ -x "$oelint/bin/oelint-adv" ] || {
+  python3 -m venv "$oelint" && "$oelint/bin/pip" install -q oelint-adv==9.11.2
+}
 cargo test --locked --workspace

@@ -34,7 +34,32 @@ struct Counters {
     /// Per (task, reason).
     errors: BTreeMap<(String, String), u64>,
     duplicates: BTreeMap<String, u64>,
+    tokens: BTreeMap<String, u64>,
     latency: BTreeMap<String, Histogram>,
+    inference: BTreeMap<String, Histogram>,
+}
+
+impl Histogram {
+    fn observe(&mut self, ms: f64) {
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_ms += ms;
+    }
+}
+
+/// One committed result, as counted.
+pub struct Observed {
+    pub recognised: bool,
+    /// From receipt to result.
+    pub latency_ms: f64,
+    /// Of that, on the inference thread.
+    pub inference_ms: f64,
+    /// Tokens the request put through the model.
+    pub tokens: usize,
 }
 
 /// Everything counted while the daemon runs.
@@ -52,21 +77,22 @@ impl Metrics {
         }
     }
 
-    /// A result was committed; `latency_ms` from receipt to result.
-    pub fn result(&self, task: &str, recognised: bool, latency_ms: f64) {
+    /// A result was committed.
+    pub fn result(&self, task: &str, o: &Observed) {
         let mut c = self.counters.lock().unwrap();
         *c.results.entry(task.to_owned()).or_default() += 1;
-        if !recognised {
+        if !o.recognised {
             *c.abstentions.entry(task.to_owned()).or_default() += 1;
         }
-        let h = c.latency.entry(task.to_owned()).or_default();
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            if latency_ms <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum_ms += latency_ms;
+        *c.tokens.entry(task.to_owned()).or_default() += o.tokens as u64;
+        c.latency
+            .entry(task.to_owned())
+            .or_default()
+            .observe(o.latency_ms);
+        c.inference
+            .entry(task.to_owned())
+            .or_default()
+            .observe(o.inference_ms);
     }
 
     pub fn error(&self, task: &str, reason: &str) {
@@ -127,33 +153,27 @@ impl Metrics {
         }
         head(
             &mut text,
-            "latency_seconds",
-            "histogram",
-            "Receipt to result, per task (inference included).",
+            "tokens_total",
+            "counter",
+            "Tokens put through the model (input, scored labels, generated replies), per task.",
         );
-        for (task, h) in &c.latency {
-            let task = escape(task);
-            for (bound, n) in BUCKETS_MS.iter().zip(h.counts) {
-                let le = bound / 1000.0;
-                let _ = writeln!(
-                    text,
-                    "slmd_latency_seconds_bucket{{task=\"{task}\",le=\"{le}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                text,
-                "slmd_latency_seconds_bucket{{task=\"{task}\",le=\"+Inf\"}} {}\n\
-                 slmd_latency_seconds_sum{{task=\"{task}\"}} {}\n\
-                 slmd_latency_seconds_count{{task=\"{task}\"}} {}",
-                h.count,
-                h.sum_ms / 1000.0,
-                h.count
-            );
-        }
+        per_task(&mut text, "tokens_total", &c.tokens);
+        histogram(
+            &mut text,
+            "latency_seconds",
+            "Receipt to result, per task (inference included).",
+            &c.latency,
+        );
+        histogram(
+            &mut text,
+            "inference_seconds",
+            "Time on the inference thread, per task (waiting for the batch included).",
+            &c.inference,
+        );
         drop(c);
         let stats = store.stats().unwrap_or_default();
         let (connected, holding) = link.state();
-        let gauges: [(&str, &str, f64); 8] = [
+        let gauges: [(&str, &str, f64); 9] = [
             (
                 "inbox_messages",
                 "Messages stored, not yet processed.",
@@ -185,6 +205,11 @@ impl Metrics {
                 f64::from(u8::from(holding)),
             ),
             (
+                "tokens_per_second",
+                "Tokens the inference thread put through the model per second busy, since start.",
+                crate::engine::THROUGHPUT.tokens_per_second(),
+            ),
+            (
                 "model_load_seconds",
                 "Model load and head training at start.",
                 self.model_load_seconds,
@@ -200,6 +225,29 @@ impl Metrics {
             let _ = writeln!(text, "slmd_{name} {value}");
         }
         text
+    }
+}
+
+fn histogram(text: &mut String, name: &str, help: &str, per_task: &BTreeMap<String, Histogram>) {
+    head(text, name, "histogram", help);
+    for (task, h) in per_task {
+        let task = escape(task);
+        for (bound, n) in BUCKETS_MS.iter().zip(h.counts) {
+            let le = bound / 1000.0;
+            let _ = writeln!(
+                text,
+                "slmd_{name}_bucket{{task=\"{task}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            text,
+            "slmd_{name}_bucket{{task=\"{task}\",le=\"+Inf\"}} {}\n\
+             slmd_{name}_sum{{task=\"{task}\"}} {}\n\
+             slmd_{name}_count{{task=\"{task}\"}} {}",
+            h.count,
+            h.sum_ms / 1000.0,
+            h.count
+        );
     }
 }
 

@@ -249,14 +249,20 @@ impl Router {
                         msg_id = req.id.as_str(),
                         topic = entry.topic.as_str(),
                         label = scores.label.as_deref().unwrap_or("-"),
-                        confidence = result.confidence,
+                        confidence:% = result.confidence,
                         latency_ms = result.latency_ms,
                         model_sha256 = routing.engine.model.sha256.as_str();
                         "result"
                     );
-                    let recognised = scores.label.is_some();
-                    self.metrics
-                        .result(&task.name, recognised, result.latency_ms);
+                    self.metrics.result(
+                        &task.name,
+                        &crate::metrics::Observed {
+                            recognised: scores.label.is_some(),
+                            latency_ms: result.latency_ms,
+                            inference_ms: scores.inference_ms,
+                            tokens: scores.tokens,
+                        },
+                    );
                     json_entry(&task.output_topic, &result)
                 }
                 Err(EngineError::Stopped) => return Err(EngineError::Stopped),

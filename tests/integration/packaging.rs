@@ -49,3 +49,30 @@ fn systemd_unit_verifies_and_is_hardened() {
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
     assert!(level <= 2.0, "exposure {level} > 2.0:\n{text}");
 }
+
+/// The layer parses and lints clean under oelint-adv (bitbake's syntax and
+/// the OpenEmbedded style rules) for the oldest and newest releases
+/// layer.conf names. Not linted: HOMEPAGE reachability (no network in CI)
+/// and BBCLASSEXTEND (a daemon has no native or SDK variant).
+#[test]
+fn yocto_recipe_lints_clean() {
+    let layer = repo_root().join("yocto/meta-slmd");
+    let oelint = repo_root().join(".cache/tools/oelint/bin/oelint-adv");
+    for release in ["scarthgap", "wrynose"] {
+        let out = Command::new(&oelint)
+            .current_dir(&layer)
+            .args(["--quiet", "--release", release])
+            .args(["--suppress", "oelint.vars.homepageping"])
+            .args(["--suppress", "oelint.var.bbclassextend"])
+            .args(["--suppress", "oelint.file.inlinesuppress_na"])
+            .args(["recipes-support/slmd/slmd_0.1.0.bb", "conf/layer.conf"])
+            .output()
+            .expect("oelint-adv (scripts/test.sh installs it in .cache/tools)");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{release}: {said}"
+        );
+    }
+}

@@ -187,6 +187,11 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert_eq!(home("slmd_results_total"), Some(3.0));
     assert_eq!(home("slmd_latency_seconds_count"), Some(3.0));
     assert!(home("slmd_latency_seconds_sum").unwrap() > 0.0);
+    assert_eq!(home("slmd_inference_seconds_count"), Some(3.0));
+    // "turn off the lights" is several tokens, each of three times.
+    assert!(home("slmd_tokens_total").unwrap() >= 9.0);
+    assert_eq!(before["slmd_tokens_per_second"], 0.0);
+    assert!(after["slmd_tokens_per_second"] > 0.0);
     assert_eq!(
         after.get("slmd_errors_total{task=\"home\",reason=\"invalid_json\"}"),
         Some(&1.0)
@@ -309,4 +314,139 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         .await
         .iter()
         .all(|m| { by_id.get(m.json()["id"].as_str().unwrap()) == Some(&m.payload) }));
+}
+
+/// A journald for the test: the running one, or one started now (and
+/// stopped when the guard drops). As root, `systemd-journald` runs without
+/// systemd and serves the standard sockets.
+struct Journald(Option<std::process::Child>);
+
+impl Journald {
+    fn ensure() -> Journald {
+        let socket = std::path::Path::new("/run/systemd/journal/socket");
+        if socket.exists()
+            && std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.connect(socket))
+                .is_ok()
+        {
+            return Journald(None);
+        }
+        let binary = [
+            "/usr/lib/systemd/systemd-journald",
+            "/lib/systemd/systemd-journald",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("systemd-journald (Debian package systemd)");
+        let child = std::process::Command::new(binary)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "journald did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Journald(Some(child))
+    }
+}
+
+impl Drop for Journald {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The journal's entries for process `pid` matching `filters`, as JSON.
+fn journal(pid: u32, filters: &[&str]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("journalctl")
+        .args(["--no-pager", "-o", "json", &format!("_PID={pid}")])
+        .args(filters)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_records_carry_structured_fields() {
+    let _journald = Journald::ensure();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let mut sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
+    // systemd-cat connects stdout and stderr to the journal as a service's
+    // are; JOURNAL_STREAM names that stream, as systemd sets it.
+    let mut child = std::process::Command::new("systemd-cat")
+        .args(["sh", "-c"])
+        .arg(r#"JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$0" run --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_slmd"))
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journal(pid, &["SYSLOG_IDENTIFIER=slmd"]).iter().all(|e| {
+        !e["MESSAGE"]
+            .as_str()
+            .unwrap_or("")
+            .contains("subscribed to")
+    }) {
+        assert!(child.try_wait().unwrap().is_none(), "slmd exited");
+        assert!(
+            Instant::now() < deadline,
+            "slmd never logged its subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sub.publish(
+        "test/home/x",
+        r#"{"id": "journal-1", "text": "turn off the lights"}"#,
+    )
+    .await;
+    sub.publish("test/home/x", "{oops").await;
+    sub.take(2, Duration::from_secs(60)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (result, error) = loop {
+        let result = journal(pid, &["TASK=home", "MSG_ID=journal-1"]);
+        let error = journal(pid, &["TASK=home", "REASON=invalid_json"]);
+        if !result.is_empty() && !error.is_empty() {
+            break (result, error);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no structured records in the journal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let r = &result[0];
+    assert_eq!(r["TOPIC"], "test/home/x");
+    assert_eq!(r["SYSLOG_IDENTIFIER"], "slmd");
+    assert_eq!(
+        r["PRIORITY"], "5",
+        "info records are notices in the journal"
+    );
+    assert_eq!(r["MODEL_SHA256"].as_str().unwrap().len(), 64);
+    assert!(r["LATENCY_MS"].as_str().unwrap().parse::<f64>().unwrap() > 0.0);
+    assert_eq!(r["LABEL"], "lights_off");
+    assert!(
+        r["CONFIDENCE"].as_str().unwrap().len() <= 6,
+        "{}",
+        r["CONFIDENCE"]
+    );
+    assert_eq!(error[0]["TOPIC"], "test/home/x");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
 }

@@ -119,6 +119,14 @@ pub struct Request<'a> {
     pub text: &'a str,
 }
 
+/// A reply and the tokens its request put through the model (request
+/// tokens plus reply tokens; the cached intent prompt is not counted).
+#[derive(Debug)]
+pub struct Generated {
+    pub text: String,
+    pub tokens: usize,
+}
+
 struct Cached {
     key: u64,
     tokens: Vec<LlamaToken>,
@@ -154,7 +162,9 @@ struct Live {
     history: Vec<LlamaToken>,
     bytes: Vec<u8>,
     generated: usize,
-    result: Option<Result<String, EngineError>>,
+    /// Request tokens fed after the cached prompt.
+    fed: usize,
+    result: Option<Result<Generated, EngineError>>,
 }
 
 fn decode_err(e: impl std::fmt::Display) -> EngineError {
@@ -218,7 +228,7 @@ impl<'m> Generator<'m> {
 
     /// Generates each request's reply, in order. Requests go in groups
     /// whose text and longest replies fit the working cells.
-    pub fn generate(&mut self, requests: &[Request<'_>]) -> Vec<Result<String, EngineError>> {
+    pub fn generate(&mut self, requests: &[Request<'_>]) -> Vec<Result<Generated, EngineError>> {
         let limit = WORK_CELLS - MAX_NEW_TOKENS;
         let tokens: Vec<Vec<LlamaToken>> = requests
             .iter()
@@ -228,7 +238,7 @@ impl<'m> Generator<'m> {
                 t
             })
             .collect();
-        let mut out: Vec<Result<String, EngineError>> = Vec::with_capacity(requests.len());
+        let mut out: Vec<Result<Generated, EngineError>> = Vec::with_capacity(requests.len());
         let mut group: Vec<usize> = Vec::new();
         let mut cells = 0usize;
         for i in 0..=requests.len() {
@@ -267,7 +277,7 @@ impl<'m> Generator<'m> {
     fn generate_group(
         &mut self,
         requests: &[(&Request<'_>, &[LlamaToken])],
-    ) -> Result<Vec<Result<String, EngineError>>, EngineError> {
+    ) -> Result<Vec<Result<Generated, EngineError>>, EngineError> {
         let prompts = self.ensure_prompts(requests.iter().map(|(r, _)| *r))?;
         let mut live = Vec::with_capacity(requests.len());
         let total: usize = requests.iter().map(|(_, t)| t.len()).sum();
@@ -298,6 +308,7 @@ impl<'m> Generator<'m> {
                 history,
                 bytes: Vec::new(),
                 generated: 0,
+                fed: tokens.len(),
                 result: None,
             });
         }
@@ -355,7 +366,10 @@ impl<'m> Generator<'m> {
         for (k, &idx) in l.logits.iter().enumerate() {
             let token = self.choose(&mut l.sampler, idx);
             if vocab.is_eog(token) {
-                l.result = Some(Ok(String::from_utf8_lossy(&l.bytes).into_owned()));
+                l.result = Some(Ok(Generated {
+                    text: String::from_utf8_lossy(&l.bytes).into_owned(),
+                    tokens: l.fed + l.generated,
+                }));
                 break;
             }
             l.sampler.accept(token);

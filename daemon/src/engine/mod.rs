@@ -23,6 +23,7 @@ pub mod scorer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -211,6 +212,35 @@ impl Tuning {
     }
 }
 
+/// Tokens the inference thread put through the model, and the time it was
+/// busy doing so, since the process started (across engine restarts).
+pub struct Throughput {
+    tokens: AtomicU64,
+    busy_us: AtomicU64,
+}
+
+pub static THROUGHPUT: Throughput = Throughput {
+    tokens: AtomicU64::new(0),
+    busy_us: AtomicU64::new(0),
+};
+
+impl Throughput {
+    fn record(&self, tokens: usize, busy: std::time::Duration) {
+        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.busy_us
+            .fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Tokens per second of busy time; 0 before the first request.
+    pub fn tokens_per_second(&self) -> f64 {
+        let us = self.busy_us.load(Ordering::Relaxed);
+        if us == 0 {
+            return 0.0;
+        }
+        self.tokens.load(Ordering::Relaxed) as f64 * 1e6 / us as f64
+    }
+}
+
 /// A classification: every label with its probability, best first, and the
 /// task's decision.
 #[derive(Debug, Clone)]
@@ -224,6 +254,10 @@ pub struct Scores {
     pub slots: Option<Vec<Slot>>,
     /// Time on the inference thread, including waiting for the batch.
     pub inference_ms: f64,
+    /// Tokens this request put through the model: its own input tokens
+    /// (cached prompt prefixes excluded), label tokens scored and reply
+    /// tokens generated.
+    pub tokens: usize,
 }
 
 struct Job {
@@ -304,6 +338,7 @@ impl Engine {
                             label: Some(label),
                             slots: None,
                             inference_ms: 0.0,
+                            tokens: 0,
                         }));
                     }
                     Command::Warm { reply, .. } => {
@@ -443,7 +478,8 @@ fn inference_thread(
                 Err(_) => break,
             }
         }
-        worker.run_batch(commands, started);
+        let tokens = worker.run_batch(commands, started);
+        THROUGHPUT.record(tokens, started.elapsed());
     }
     log::debug!("inference thread stopping: every engine handle is gone");
 }
@@ -581,7 +617,8 @@ impl<'m> Worker<'m> {
         generator.warm(&prompts)
     }
 
-    fn run_batch(&mut self, commands: Vec<Command>, started: Instant) {
+    /// Answers a batch of commands; returns the tokens put through the model.
+    fn run_batch(&mut self, commands: Vec<Command>, started: Instant) -> usize {
         let mut jobs = Vec::with_capacity(commands.len());
         for command in commands {
             match command {
@@ -603,9 +640,12 @@ impl<'m> Worker<'m> {
         for job in scored_jobs {
             let t0 = Instant::now();
             let scorer = self.scorer.as_mut().expect("a scorer for scored tasks");
-            let result = scorer.score(job.task, &job.text).map(|logp| {
+            let result = scorer.score(job.task, &job.text).map(|(logp, tokens)| {
                 let task = &self.tasks[job.task];
-                decide(task, head::softmax(&logp, 1.0), ms_since(t0))
+                Scores {
+                    tokens,
+                    ..decide(task, head::softmax(&logp, 1.0), ms_since(t0))
+                }
             });
             decided.push((job, result));
         }
@@ -613,9 +653,12 @@ impl<'m> Worker<'m> {
             decided.extend(self.run_heads(head_jobs, started));
         }
         self.fill_slots(&mut decided, started);
+        let mut tokens = 0;
         for (job, result) in decided {
+            tokens += result.as_ref().map_or(0, |s| s.tokens);
             let _ = job.reply.send(result);
         }
+        tokens
     }
 
     fn run_heads(
@@ -639,21 +682,26 @@ impl<'m> Worker<'m> {
                     }),
                 ));
             } else {
+                let n = tokens.len();
                 requests.push((job.task, tokens));
-                ok.push(job);
+                ok.push((job, n));
             }
         }
         match self.embedder.embed(&requests) {
             Ok(xs) => {
                 let inference_ms = ms_since(started);
-                for (job, x) in ok.into_iter().zip(xs) {
+                for ((job, tokens), x) in ok.into_iter().zip(xs) {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
                     let probs = head.predict(&features(task, x, &job.text));
-                    out.push((job, Ok(decide(task, probs, inference_ms))));
+                    let scores = Scores {
+                        tokens,
+                        ..decide(task, probs, inference_ms)
+                    };
+                    out.push((job, Ok(scores)));
                 }
             }
-            Err(e) => out.extend(ok.into_iter().map(|job| (job, Err(e.clone())))),
+            Err(e) => out.extend(ok.into_iter().map(|(job, _)| (job, Err(e.clone())))),
         }
         out
     }
@@ -705,14 +753,17 @@ impl<'m> Worker<'m> {
             // Only answered requests generate.
             let Ok(scores) = result else { continue };
             let slots = reply.and_then(|g| {
-                let mut slots = schema::parse_output(&prompt.slots, &g, &job.text)
-                    .map_err(|e| EngineError::Decode(format!("generated slots {g:?}: {e}")))?;
+                let mut slots =
+                    schema::parse_output(&prompt.slots, &g.text, &job.text).map_err(|e| {
+                        EngineError::Decode(format!("generated slots {:?}: {e}", g.text))
+                    })?;
                 schema::ground(&prompt.slots, &mut slots, &job.text);
-                Ok(slots)
+                Ok((slots, g.tokens))
             });
             match slots {
-                Ok(slots) => {
+                Ok((slots, tokens)) => {
                     scores.slots = Some(slots);
+                    scores.tokens += tokens;
                     scores.inference_ms = ms_since(started);
                 }
                 Err(e) => *result = Err(e),
@@ -755,6 +806,7 @@ pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
         label,
         slots: None,
         inference_ms,
+        tokens: 0,
     }
 }
 

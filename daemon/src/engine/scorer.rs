@@ -160,7 +160,7 @@ impl<'m> Scorer<'m> {
         };
         for i in 0..tasks.len() {
             if scorer.prompts[i].is_some() {
-                let prior = scorer.score(i, CONTENT_FREE)?;
+                let (prior, _) = scorer.score(i, CONTENT_FREE)?;
                 scorer.prompts[i].as_mut().expect("scored").prior = prior;
             }
         }
@@ -169,7 +169,7 @@ impl<'m> Scorer<'m> {
 
     /// Log-probability of each label of task `task` as the reply to `text`,
     /// less the label's prior.
-    pub fn score(&mut self, task: usize, text: &str) -> Result<Vec<f32>, EngineError> {
+    pub fn score(&mut self, task: usize, text: &str) -> Result<(Vec<f32>, usize), EngineError> {
         let decode = |e: String| EngineError::Decode(e);
         let (prefix_len, labels, prior) = match &self.prompts[task] {
             Some(p) => (p.prefix_len, p.labels.clone(), p.prior.clone()),
@@ -237,7 +237,8 @@ impl<'m> Scorer<'m> {
             }
         }
         self.clear(work, labels.len())?;
-        Ok(scores.iter().zip(prior).map(|(s, p)| s - p).collect())
+        let logp = scores.iter().zip(prior).map(|(s, p)| s - p).collect();
+        Ok((logp, request.len() + rest))
     }
 
     fn clear(&mut self, work: i32, labels: usize) -> Result<(), EngineError> {

@@ -1,26 +1,36 @@
 SUMMARY = "Offline small-language-model daemon: MQTT in, llama.cpp inference, MQTT out"
 DESCRIPTION = "slmd classifies and extracts intents and slots from MQTT messages \
-with a quantised GGUF model run in-process by llama.cpp, storing every message \
-durably (sled) and publishing results back over MQTT, entirely offline."
+               with a quantised GGUF model run in-process by llama.cpp, storing \
+               every message durably (sled) and publishing results back over \
+               MQTT, entirely offline."
 HOMEPAGE = "https://github.com/slmd/slmd"
+BUGTRACKER = "https://github.com/slmd/slmd/issues"
+CVE_PRODUCT = "slmd"
+SECTION = "console/network"
 LICENSE = "Apache-2.0"
+# nooelint: oelint.var.licenseremotefile - the source tree has no licence file of its own yet
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
-# Point SLMD_SRC_URI/SRCREV at your mirror or a release tag; for development
-# use externalsrc (docs/YOCTO.md).
-SLMD_SRC_URI ?= "git://github.com/slmd/slmd.git;protocol=https;branch=main"
+# llama-cpp-sys-2 builds llama.cpp with CMake and generates its bindings with
+# bindgen, which loads libclang (meta-clang).
+DEPENDS += "clang-native cmake-native"
+
+# Point SLMD_SRC_URI/SRCREV at your mirror or a release tag (keep
+# destsuffix=git); for development use externalsrc (docs/YOCTO.md).
+SLMD_SRC_URI ?= "git://github.com/slmd/slmd.git;protocol=https;branch=main;destsuffix=git"
 SRC_URI = "${SLMD_SRC_URI}"
+# nooelint: oelint.vars.autorev - a default for development; releases set SRCREV
 SRCREV ?= "${AUTOREV}"
-S = "${WORKDIR}/git"
+
+# scarthgap unpacks into WORKDIR; styhead and later into UNPACKDIR.
+# nooelint: oelint.vars.unpackdir
+S = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}/git"
 
 inherit cargo cargo-update-recipe-crates systemd useradd
 
 # Every crate in Cargo.lock, pinned by sha256 (scripts/gen-crates-inc.sh).
 require ${BPN}-crates.inc
 
-# llama-cpp-sys-2 builds llama.cpp with CMake and generates its bindings with
-# bindgen, which loads libclang (meta-clang).
-DEPENDS += "cmake-native clang-native"
 export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
 export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${STAGING_DIR_TARGET} --target=${TARGET_SYS}"
 
@@ -50,11 +60,11 @@ SYSTEMD_SERVICE:${PN} = "slmd.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 USERADD_PACKAGES = "${PN}"
-USERADD_PARAM:${PN} = "--system --home-dir /var/lib/slmd --no-create-home \
-    --shell /sbin/nologin --user-group slmd"
+USERADD_PARAM:${PN} = "--system --home-dir ${localstatedir}/lib/slmd --no-create-home \
+                       --shell ${base_sbindir}/nologin --user-group slmd"
 
 CONFFILES:${PN} = "${sysconfdir}/slmd/slmd.toml"
-FILES:${PN} += "${nonarch_libdir}/sysusers.d ${nonarch_libdir}/tmpfiles.d ${datadir}/slmd"
+FILES:${PN} += "${nonarch_libdir}/sysusers.d ${nonarch_libdir}/tmpfiles.d"
 # Weights are fetched at run time (`slmd model fetch`) or shipped in their own
 # package; a broker is usually on the device too.
 RRECOMMENDS:${PN} = "mosquitto"
