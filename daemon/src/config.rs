@@ -67,6 +67,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub updates: UpdatesConfig,
+    #[serde(default)]
     pub tasks: Vec<TaskConfig>,
     /// Directory the file was loaded from; relative paths in it resolve here.
     #[serde(skip)]
@@ -240,6 +242,86 @@ impl Default for LogConfig {
 pub struct MetricsConfig {
     /// Address to serve `GET /metrics` on, e.g. "127.0.0.1:9108".
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Model updates: bundle trust, the canary gate, trial and rollback.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesConfig {
+    /// minisign public keys (the base64 line of a `.pub` file) whose
+    /// signatures are trusted.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Accept bundles without a signature (development only).
+    #[serde(default)]
+    pub allow_unsigned: bool,
+    /// Previously active bundles kept for rollback.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Free bytes that must remain on the state file system after an
+    /// install.
+    #[serde(default = "default_reserve")]
+    pub reserve_bytes: u64,
+    /// JSONL of `{"task", "text", "label"}` rows a new model must answer.
+    pub canary_examples: Option<PathBuf>,
+    #[serde(default = "default_canary_accuracy")]
+    pub canary_min_accuracy: f64,
+    #[serde(default = "default_canary_p95")]
+    pub canary_max_p95_ms: f64,
+    /// How long a new bundle must run before it is no longer on trial.
+    #[serde(default = "default_trial")]
+    pub trial_secs: u64,
+    /// Starts on trial after which the daemon rolls back (a crash loop).
+    #[serde(default = "default_trial_starts")]
+    pub max_trial_starts: u32,
+    /// Update requests are taken from this topic only; default
+    /// `slmd/<client_id>/model/update`. Retained status goes to
+    /// `slmd/<client_id>/model/status`.
+    pub control_topic: Option<String>,
+}
+
+impl UpdatesConfig {
+    pub fn control_topic(&self, broker: &BrokerConfig) -> String {
+        self.control_topic
+            .clone()
+            .unwrap_or_else(|| format!("slmd/{}/model/update", broker.client_id))
+    }
+
+    pub fn status_topic(&self, broker: &BrokerConfig) -> String {
+        format!("slmd/{}/model/status", broker.client_id)
+    }
+
+    pub fn trust(&self) -> crate::bundle::Trust {
+        crate::bundle::Trust {
+            keys: self.trusted_keys.clone(),
+            allow_unsigned: self.allow_unsigned,
+        }
+    }
+}
+
+impl Default for UpdatesConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_keep() -> usize {
+    2
+}
+fn default_reserve() -> u64 {
+    64 << 20
+}
+fn default_canary_accuracy() -> f64 {
+    0.9
+}
+fn default_canary_p95() -> f64 {
+    2000.0
+}
+fn default_trial() -> u64 {
+    300
+}
+fn default_trial_starts() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -469,6 +551,20 @@ impl Config {
         }
         if self.limits.max_payload_bytes == 0 {
             p.add("limits.max_payload_bytes", "must be at least 1");
+        }
+        for (i, k) in self.updates.trusted_keys.iter().enumerate() {
+            if minisign::PublicKey::from_base64(k.trim()).is_err() {
+                p.add(
+                    format!("updates.trusted_keys[{i}]"),
+                    "not a minisign public key (the base64 line of a .pub file)",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.updates.canary_min_accuracy) {
+            p.add("updates.canary_min_accuracy", "must be between 0 and 1");
+        }
+        if let Err(why) = crate::topic::check_name(&self.updates.control_topic(&self.broker)) {
+            p.add("updates.control_topic", why);
         }
         if self.limits.max_in_flight == 0 {
             p.add("limits.max_in_flight", "must be at least 1");

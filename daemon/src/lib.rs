@@ -19,6 +19,7 @@
 //! - [`models`]: manifests, fetching and verifying GGUF files.
 //! - [`status`]: the store's figures for `slmd status`, while running too.
 
+pub mod bundle;
 pub mod config;
 pub mod engine;
 pub mod eval;
@@ -52,6 +53,8 @@ pub enum RunError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Examples(#[from] examples::ExamplesError),
@@ -81,8 +84,27 @@ pub enum RunError {
     },
 }
 
-/// Where the configured model is and how to prompt it.
+/// The model to serve: the active bundle's, else the one `[model]` names.
 pub fn resolve_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
+    let store = bundle::store::BundleStore::open(&config.state_dir())?;
+    if let Some(b) = store.active()? {
+        return Ok(bundle_model(&b));
+    }
+    configured_model(config)
+}
+
+/// How the engine names and prompts an installed bundle's model.
+pub fn bundle_model(b: &bundle::store::Installed) -> (PathBuf, ModelInfo, PromptFormat) {
+    let info = ModelInfo {
+        name: b.manifest.name.clone(),
+        sha256: b.manifest.model_sha256.clone(),
+        version: Some(b.manifest.version.clone()),
+    };
+    (b.model(), info, b.manifest.prompt_format)
+}
+
+/// The model `[model]` names (used while no bundle is active).
+pub fn configured_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
     match &config.model.path {
         Some(path) => locate_model(ModelRef::Path(config.resolve(path))),
         None => locate_model(ModelRef::Name {
@@ -114,7 +136,12 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
             let name = path
                 .file_stem()
                 .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-            Ok((path, ModelInfo { name, sha256 }, PromptFormat::Chatml))
+            let info = ModelInfo {
+                name,
+                sha256,
+                version: None,
+            };
+            Ok((path, info, PromptFormat::Chatml))
         }
         ModelRef::Name {
             name,
@@ -132,6 +159,7 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
             let info = ModelInfo {
                 name: manifest.name.clone(),
                 sha256: manifest.sha256.clone(),
+                version: None,
             };
             Ok((path, info, manifest.prompt_format))
         }
@@ -140,7 +168,14 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
 
 /// Loads the model and trains every task's head (blocking; seconds).
 pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
-    let (model_path, model, format) = resolve_model(config)?;
+    start_engine_with(config, resolve_model(config)?)
+}
+
+/// [`start_engine`] with a given model.
+pub fn start_engine_with(
+    config: &Config,
+    (model_path, model, format): (PathBuf, ModelInfo, PromptFormat),
+) -> Result<Engine, RunError> {
     let mut tasks = Vec::with_capacity(config.tasks.len());
     for t in &config.tasks {
         tasks.push(TaskSpec {

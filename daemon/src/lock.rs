@@ -63,6 +63,18 @@ impl StateLock {
     }
 }
 
+/// The pid of the process holding `dir`'s lock, if one does.
+pub fn holder(dir: &Path) -> Option<nix::unistd::Pid> {
+    let path = dir.join("slmd.lock");
+    let mut file = OpenOptions::new().read(true).open(path).ok()?;
+    let mut pid = String::new();
+    file.read_to_string(&mut pid).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => None,
+        Err(_) => pid.trim().parse().ok().map(nix::unistd::Pid::from_raw),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,7 +89,12 @@ mod tests {
             Err(LockError::Held { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
             other => panic!("expected Held, got {:?}", other.err()),
         }
+        assert_eq!(
+            holder(dir.path()).map(|p| p.as_raw() as u32),
+            Some(std::process::id())
+        );
         drop(first);
+        assert_eq!(holder(dir.path()), None);
         StateLock::acquire(dir.path()).expect("free again");
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+mod bundle_cmd;
+
 use clap::{Parser, Subcommand};
 use slmd::config::{Config, ConfigError, EXIT_CONFIG};
 
@@ -178,6 +180,8 @@ enum ModelCommand {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    #[command(flatten)]
+    Bundle(bundle_cmd::BundleCommand),
 }
 
 /// Where models are stored and manifests are read.
@@ -314,6 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model(ModelCommand::Bundle(cmd)) => bundle_cmd::run(cmd, load),
         Command::Model(ModelCommand::List { dirs: d }) => {
             let (state, manifests) = dirs(d)?;
             let store = slmd::models::ModelStore::open(&state)?;

@@ -66,6 +66,9 @@ pub enum EngineError {
 pub struct ModelInfo {
     pub name: String,
     pub sha256: String,
+    /// The bundle's version, when the model came from a bundle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// How a classify task picks its label.
@@ -354,6 +357,7 @@ impl Engine {
             tx,
             tasks: std::sync::Arc::new(tasks.iter().map(|(n, _)| n.clone()).collect()),
             model: ModelInfo {
+                version: None,
                 name: "none (--no-inference)".into(),
                 sha256: "0".repeat(64),
             },
