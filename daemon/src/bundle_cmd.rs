@@ -109,7 +109,7 @@ pub fn run(
                 activate,
                 force,
             };
-            let outcome = update::run(&config, &store, &req)?;
+            let (outcome, _engine) = update::run(&config, &store, &req)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);
             if outcome.activated {
                 tell_daemon(&config);
@@ -119,7 +119,7 @@ pub fn run(
             let config = load(&config)?;
             let store = store(&config)?;
             let b = store.find(&version)?;
-            let report = update::activate(&config, &store, &b)?;
+            let (report, _engine) = update::activate(&config, &store, &b)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             tell_daemon(&config);
         }

@@ -34,6 +34,7 @@ pub mod payload;
 pub mod router;
 pub mod status;
 pub mod store;
+pub mod supervisor;
 pub mod topic;
 
 use std::path::{Path, PathBuf};
@@ -245,7 +246,10 @@ pub enum Inference {
 }
 
 /// Starts an engine for `config`'s tasks (blocking work off the runtime).
-async fn build_engine(config: &Config, inference: Inference) -> Result<Engine, RunError> {
+pub(crate) async fn build_engine(
+    config: &Config,
+    inference: Inference,
+) -> Result<Engine, RunError> {
     match inference {
         Inference::Model => {
             let config = config.clone();
@@ -268,8 +272,14 @@ async fn build_engine(config: &Config, inference: Inference) -> Result<Engine, R
     }
 }
 
-fn topic_filters(config: &Config) -> Vec<String> {
-    let all = config.tasks.iter().flat_map(|t| t.topics.iter().cloned());
+/// Every task's input topics, and the model update control topic.
+pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
+    let control = config.updates.control_topic(&config.broker);
+    let all = config
+        .tasks
+        .iter()
+        .flat_map(|t| t.topics.iter().cloned())
+        .chain(std::iter::once(control));
     let mut filters: Vec<String> = Vec::new();
     for f in all {
         if !filters.contains(&f) {
@@ -277,53 +287,6 @@ fn topic_filters(config: &Config) -> Vec<String> {
         }
     }
     filters
-}
-
-/// Applies configurations sent on `reloads` (SIGHUP) until the channel
-/// closes: tasks, prompts, thresholds and limits change between messages;
-/// `[broker]`, `[state]`, `[model]` and `[metrics]` need a restart and are
-/// kept as they are. A configuration whose engine cannot start is refused
-/// and the running one stays.
-async fn apply_reloads(
-    mut reloads: tokio::sync::mpsc::Receiver<Config>,
-    mut current: Config,
-    inference: Inference,
-    router: Arc<router::Router>,
-    filters: watch::Sender<Vec<String>>,
-) {
-    while let Some(new) = reloads.recv().await {
-        let fixed = [
-            ("broker", new.broker != current.broker),
-            ("state", new.state != current.state),
-            ("model", new.model != current.model),
-            ("metrics", new.metrics != current.metrics),
-        ];
-        for (section, changed) in fixed {
-            if changed {
-                log::warn!("reload: changes to [{section}] take effect at the next restart");
-            }
-        }
-        let next = Config {
-            broker: current.broker.clone(),
-            state: current.state.clone(),
-            model: current.model.clone(),
-            metrics: current.metrics.clone(),
-            ..new
-        };
-        match build_engine(&next, inference).await {
-            Ok(engine) => {
-                router.replace(router::Routing {
-                    engine,
-                    tasks: next.tasks.clone(),
-                    limits: next.limits.clone(),
-                });
-                let _ = filters.send(topic_filters(&next));
-                log::info!("configuration reloaded: {} task(s)", next.tasks.len());
-                current = next;
-            }
-            Err(e) => log::error!("reload refused: {e}; keeping the running configuration"),
-        }
-    }
 }
 
 /// Runs the daemon until `shutdown` turns true; applies the configurations
@@ -355,6 +318,10 @@ pub async fn run(
              been in flight and run one at a time"
         );
     }
+    let bundles = bundle::store::BundleStore::open(&config.state_dir())?;
+    if let Some(why) = bundles.on_start(config.updates.max_trial_starts)? {
+        log::error!("model bundle rolled back: {why}");
+    }
     let load_started = std::time::Instant::now();
     // A model load (and head training) can outlast systemd's start timeout
     // on a slow device: keep extending it while it runs.
@@ -370,6 +337,8 @@ pub async fn run(
     let engine = build_engine(&config, inference).await;
     extend.abort();
     let engine = engine?;
+    log::info!("serving with {}", supervisor::describe(&engine));
+    crash_if_asked(&engine);
 
     let addr = broker.unwrap_or(mqtt::BrokerAddr {
         host: config.broker.host.clone(),
@@ -415,6 +384,27 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let (requests_tx, requests) = tokio::sync::mpsc::channel(1);
+    let wake_link = link.clone();
+    let routing = router::Routing {
+        engine,
+        tasks: config.tasks.clone(),
+        limits: config.limits.clone(),
+    };
+    let router = Arc::new(
+        router::Router::new(
+            store.clone(),
+            routing,
+            inbox_wake,
+            Arc::new(move || wake_link.publisher_wake.notify_one()),
+            metrics.clone(),
+        )
+        .with_control(router::Control {
+            topic: config.updates.control_topic(&config.broker),
+            status_topic: config.updates.status_topic(&config.broker),
+            tx: requests_tx,
+        }),
+    );
     let watchdog = notify::Notifier::watchdog_interval().map(|interval| {
         log::info!(
             "systemd watchdog: pinging every {} ms",
@@ -423,7 +413,7 @@ pub async fn run(
         let dog = notify::Watchdog {
             notifier: notifier.clone(),
             interval,
-            engine: engine.clone(),
+            router: router.clone(),
             mqtt: mqtt_beat,
         };
         tokio::spawn(dog.run(shutdown.clone()))
@@ -436,26 +426,18 @@ pub async fn run(
             }
         })
     };
-    let wake_link = link.clone();
-    let routing = router::Routing {
-        engine: engine.clone(),
-        tasks: config.tasks.clone(),
-        limits: config.limits.clone(),
-    };
-    let router = Arc::new(router::Router::new(
-        store.clone(),
-        routing,
-        inbox_wake,
-        Arc::new(move || wake_link.publisher_wake.notify_one()),
-        metrics.clone(),
-    ));
-    let reloader = tokio::spawn(apply_reloads(
-        reloads,
-        config.clone(),
-        inference,
-        router.clone(),
-        filters_tx,
-    ));
+    let reloader = tokio::spawn(
+        supervisor::Supervisor {
+            config: config.clone(),
+            inference,
+            router: router.clone(),
+            filters: filters_tx,
+            store: store.clone(),
+            bundles,
+            since: std::time::Instant::now(),
+        }
+        .run(reloads, requests),
+    );
     log::info!(
         "slmd ready: {} task(s), broker {}:{}",
         config.tasks.len(),
@@ -474,6 +456,17 @@ pub async fn run(
     routed?;
     store.mark_stopped().await?;
     Ok(())
+}
+
+/// Test hook for the crash-loop rollback: `SLMD_FAULT_CRASH_ON_VERSION=V`
+/// kills the daemon (SIGKILL) once a bundle of version V is loaded, as a
+/// model that crashes the process would.
+fn crash_if_asked(engine: &Engine) {
+    let wanted = std::env::var("SLMD_FAULT_CRASH_ON_VERSION").ok();
+    if wanted.is_some() && wanted == engine.model.version {
+        log::error!("SLMD_FAULT_CRASH_ON_VERSION: crashing");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 #[cfg(test)]

@@ -465,7 +465,7 @@ impl Link {
             match self.client.try_publish_with_properties(
                 entry.topic,
                 QoS::AtLeastOnce,
-                false,
+                entry.retain,
                 entry.payload,
                 properties,
             ) {

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::engine::Engine;
 use crate::store::now_ms;
 
 /// A handle on `$NOTIFY_SOCKET`; cheap to share.
@@ -99,7 +98,8 @@ impl Heartbeat {
 pub struct Watchdog {
     pub notifier: Notifier,
     pub interval: Duration,
-    pub engine: Engine,
+    /// Its current engine is pinged (it changes with reloads and updates).
+    pub router: std::sync::Arc<crate::router::Router>,
     pub mqtt: Arc<Heartbeat>,
 }
 
@@ -112,7 +112,7 @@ impl Watchdog {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
-            let engine = tokio::time::timeout(period, self.engine.ping()).await;
+            let engine = tokio::time::timeout(period, self.router.routing().engine.ping()).await;
             let problem = match engine {
                 Err(_) => Some(format!(
                     "the inference thread has not answered for {} ms",

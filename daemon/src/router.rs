@@ -52,6 +52,16 @@ pub struct Router {
     /// while its original is still in flight is a duplicate too.
     in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Model update requests: the control topic and where they go.
+    control: Option<Control>,
+}
+
+/// Model update requests arrive on `topic`; each is acknowledged with the
+/// `received` status (retained, on `status_topic`) and handed to `tx`.
+pub struct Control {
+    pub topic: String,
+    pub status_topic: String,
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
 }
 
 impl Router {
@@ -69,6 +79,35 @@ impl Router {
             outbox_wake,
             in_flight: Default::default(),
             metrics,
+            control: None,
+        }
+    }
+
+    pub fn with_control(self, control: Control) -> Router {
+        Router {
+            control: Some(control),
+            ..self
+        }
+    }
+
+    /// A model update request: queued for the updater, acknowledged with a
+    /// retained status. One that does not fit in the queue is refused.
+    fn control(&self, c: &Control, key: u64, entry: InboxEntry) {
+        let status = match c.tx.try_send(entry.payload) {
+            Ok(()) => serde_json::json!({"state": "received"}),
+            Err(_) => serde_json::json!({
+                "state": "refused",
+                "reason": "busy",
+                "detail": "an update is already queued"
+            }),
+        };
+        let out = OutboxEntry {
+            retain: true,
+            ..json_entry(&c.status_topic, &status)
+        };
+        match self.store.complete(key, &out, None) {
+            Ok(()) => (self.outbox_wake)(),
+            Err(e) => log::error!("cannot settle model update request {key}: {e}"),
         }
     }
 
@@ -156,6 +195,10 @@ impl Router {
     }
 
     async fn process(&self, key: u64, entry: InboxEntry, attempts: u32) -> Result<(), EngineError> {
+        if let Some(c) = self.control.as_ref().filter(|c| c.topic == entry.topic) {
+            self.control(c, key, entry);
+            return Ok(());
+        }
         let routing = self.routing();
         let Some(task) = routing
             .tasks
@@ -351,5 +394,6 @@ fn json_entry(topic: &str, value: &impl Serialize) -> OutboxEntry {
         topic: topic.to_owned(),
         correlation: None,
         payload: serde_json::to_vec(value).expect("results always serialise"),
+        retain: false,
     }
 }

@@ -120,6 +120,8 @@ pub struct OutboxEntry {
     /// Echoed from the request, for the requester to match its answer.
     pub correlation: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// Published with the MQTT retain flag (status messages).
+    pub retain: bool,
 }
 
 /// What `slmd status` reports about the store.
@@ -332,6 +334,16 @@ impl Store {
         self.commit(key, result, seen, false)
     }
 
+    /// Queues a message of slmd's own (not the answer to an inbox message);
+    /// durable after [`Store::flush`].
+    pub fn publish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        let key = self.db.generate_id()?;
+        let v = encode_outbox(now_ms(), entry);
+        self.outbox.insert(key.to_be_bytes(), v.as_slice())?;
+        self.tally.entry(&self.tally.outbox, v.len(), 1);
+        Ok(())
+    }
+
     /// Like [`Store::complete`] for a message that is given up on: its
     /// dead-letter report goes out instead of a result, and is counted.
     pub fn dead_letter(&self, key: u64, report: &OutboxEntry) -> Result<(), StoreError> {
@@ -494,6 +506,9 @@ fn decode_key(k: &[u8]) -> u64 {
 const DUP: u8 = 1;
 const REPLY: u8 = 2;
 const CORRELATION: u8 = 4;
+/// Outbox only; entries without it (all of format 3 before it) are not
+/// retained.
+const RETAIN: u8 = 8;
 
 /// Appends a u16 BE length and the bytes (callers pass MQTT-bounded data).
 fn put_field(v: &mut Vec<u8>, bytes: &[u8]) {
@@ -562,12 +577,13 @@ fn decode_inbox(v: &[u8]) -> Option<InboxEntry> {
 fn encode_outbox(at_ms: u64, e: &OutboxEntry) -> Vec<u8> {
     let mut v = Vec::with_capacity(32 + e.topic.len() + e.payload.len());
     v.extend_from_slice(&at_ms.to_be_bytes());
+    let retain = if e.retain { RETAIN } else { 0 };
     match &e.correlation {
         Some(c) => {
-            v.push(CORRELATION);
+            v.push(CORRELATION | retain);
             put_field(&mut v, c);
         }
-        None => v.push(0),
+        None => v.push(retain),
     }
     put_field(&mut v, e.topic.as_bytes());
     v.extend_from_slice(&e.payload);
@@ -587,6 +603,7 @@ fn decode_outbox(v: &[u8]) -> Option<(u64, OutboxEntry)> {
         topic,
         correlation,
         payload: rest.to_vec(),
+        retain: flags & RETAIN != 0,
     };
     Some((decode_u64(v), entry))
 }
@@ -610,6 +627,7 @@ mod tests {
             topic: "out".into(),
             correlation: None,
             payload: payload.into(),
+            retain: false,
         }
     }
 
@@ -634,7 +652,18 @@ mod tests {
             correlation: Some(b"req-9".to_vec()),
             ..result("{}")
         };
-        assert_eq!(decode_outbox(&encode_outbox(5, &out)), Some((5, out)));
+        assert_eq!(
+            decode_outbox(&encode_outbox(5, &out)),
+            Some((5, out.clone()))
+        );
+        let retained = OutboxEntry {
+            retain: true,
+            ..out
+        };
+        assert_eq!(
+            decode_outbox(&encode_outbox(6, &retained)),
+            Some((6, retained))
+        );
         // A truncated value is corrupt, not misread.
         let v = encode_inbox(&with_reply(Some(vec![1, 2, 3])));
         assert_eq!(decode_inbox(&v[..v.len() - 6]), None);

@@ -8,4 +8,5 @@ mod mqtt5;
 mod packaging;
 mod proxy;
 mod systemd;
+mod updates;
 mod util;

@@ -281,6 +281,10 @@ impl Daemon {
         self.child.try_wait().unwrap().is_none()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -635,3 +639,51 @@ pub const LABELS: &[&str] = &[
     "plug_on",
     "plug_off",
 ];
+
+/// Serves one file over HTTP/1.1 on loopback, honouring `Range: bytes=N-`
+/// (206). With `break_first`, the first response promises the whole file
+/// and closes the connection halfway (a dropped link). Returns the URL;
+/// the server lives as long as the test process.
+pub fn serve_file(path: &Path, break_first: bool) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let body = std::fs::read(path).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut from = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(r) = lower.strip_prefix("range: bytes=") {
+                    from = r.trim().trim_end_matches('-').parse().unwrap_or(0);
+                }
+            }
+            let rest = &body[from.min(body.len())..];
+            let status = if from > 0 {
+                "206 Partial Content"
+            } else {
+                "200 OK"
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                rest.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let send = if break_first && first {
+                &rest[..rest.len() / 2]
+            } else {
+                rest
+            };
+            first = false;
+            let _ = conn.write_all(send);
+        }
+    });
+    format!("http://127.0.0.1:{port}/bundle.slmdb")
+}

@@ -114,10 +114,15 @@ impl BundleStore {
             if let Ok(entries) = std::fs::read_dir(&staging) {
                 for e in entries.flatten() {
                     // Partial downloads are kept so they can resume.
-                    if e.path().extension().is_some_and(|x| x == "part") {
+                    let path = e.path();
+                    if path.extension().is_some_and(|x| x == "part") {
                         continue;
                     }
-                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
                 }
             }
         }

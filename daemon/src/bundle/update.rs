@@ -106,12 +106,13 @@ fn smoke(config: &Config) -> Vec<canary::Golden> {
 }
 
 /// Canary then activation of an installed bundle (blocking). A failed
-/// canary leaves the active bundle as it is and is recorded.
+/// canary leaves the active bundle as it is and is recorded. Returns the
+/// canary's engine, which can serve at once.
 pub fn activate(
     config: &Config,
     store: &BundleStore,
     bundle: &Installed,
-) -> Result<Report, BundleError> {
+) -> Result<(Report, Engine), BundleError> {
     let version = bundle.manifest.version.as_str();
     let (engine, report) = match canary(config, bundle) {
         Ok(r) => r,
@@ -120,7 +121,6 @@ pub fn activate(
             return Err(e);
         }
     };
-    drop(engine);
     if !report.passed {
         store.record(
             Some(version),
@@ -130,7 +130,7 @@ pub fn activate(
         return Err(BundleError::Canary(report.reason));
     }
     switch(config, store, bundle)?;
-    Ok(report)
+    Ok((report, engine))
 }
 
 /// Switches the pointer to `bundle` and collects bundles no longer kept.
@@ -145,8 +145,13 @@ pub fn switch(config: &Config, store: &BundleStore, bundle: &Installed) -> Resul
 }
 
 /// Install, and with `req.activate` canary and activation: the whole
-/// update, recording a refusal in the pointer.
-pub fn run(config: &Config, store: &BundleStore, req: &Request) -> Result<Outcome, BundleError> {
+/// update, recording a refusal in the pointer. An activated bundle comes
+/// with its (canary-tested) engine.
+pub fn run(
+    config: &Config,
+    store: &BundleStore,
+    req: &Request,
+) -> Result<(Outcome, Option<Engine>), BundleError> {
     let installed = match install(config, store, req) {
         Ok(b) => b,
         Err(e) => {
@@ -165,10 +170,10 @@ pub fn run(config: &Config, store: &BundleStore, req: &Request) -> Result<Outcom
     };
     if !req.activate {
         store.record(Some(&outcome.version), "installed", "")?;
-        return Ok(outcome);
+        return Ok((outcome, None));
     }
-    let report = activate(config, store, &installed)?;
+    let (report, engine) = activate(config, store, &installed)?;
     outcome.canary = Some(report);
     outcome.activated = true;
-    Ok(outcome)
+    Ok((outcome, Some(engine)))
 }
