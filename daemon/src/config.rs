@@ -255,6 +255,10 @@ pub struct UpdatesConfig {
     /// Accept bundles without a signature (development only).
     #[serde(default)]
     pub allow_unsigned: bool,
+    /// Control-topic requests (installs, transfer announcements) must be
+    /// signed by a trusted key.
+    #[serde(default)]
+    pub require_signed_requests: bool,
     /// Previously active bundles kept for rollback.
     #[serde(default = "default_keep")]
     pub keep: usize,

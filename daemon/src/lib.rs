@@ -402,6 +402,9 @@ pub async fn run(
         .with_control(router::Control {
             topic: config.updates.control_topic(&config.broker),
             status_topic: config.updates.status_topic(&config.broker),
+            trust: config.updates.trust(),
+            require_signed: config.updates.require_signed_requests,
+            transfers: Arc::new(bundle::transfer::Transfers::open(&config.state_dir())?),
             tx: requests_tx,
         }),
     );

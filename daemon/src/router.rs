@@ -56,12 +56,16 @@ pub struct Router {
     control: Option<Control>,
 }
 
-/// Model update requests arrive on `topic`; each is acknowledged with the
-/// `received` status (retained, on `status_topic`) and handed to `tx`.
+/// Model update requests arrive on `topic`. Installs go to the updater
+/// (`tx`); transfer chunks are written here. Each request is answered
+/// with a retained status on `status_topic`.
 pub struct Control {
     pub topic: String,
     pub status_topic: String,
-    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub trust: crate::bundle::Trust,
+    pub require_signed: bool,
+    pub transfers: Arc<crate::bundle::transfer::Transfers>,
+    pub tx: tokio::sync::mpsc::Sender<crate::supervisor::Job>,
 }
 
 impl Router {
@@ -90,24 +94,94 @@ impl Router {
         }
     }
 
-    /// A model update request: queued for the updater, acknowledged with a
-    /// retained status. One that does not fit in the queue is refused.
-    fn control(&self, c: &Control, key: u64, entry: InboxEntry) {
-        let status = match c.tx.try_send(entry.payload) {
+    /// A model update request: parsed (and its signature checked), then
+    /// queued for the updater or written as a transfer chunk; acknowledged
+    /// with a retained status.
+    async fn control(&self, c: &Control, key: u64, entry: InboxEntry) {
+        use crate::bundle::control::{self, Request};
+        use crate::bundle::transfer::Progress;
+        let parsed = control::parse(&entry.payload, &c.trust, c.require_signed);
+        let job = |req, transfer| crate::supervisor::Job { req, transfer };
+        let queue = |j: crate::supervisor::Job| match c.tx.try_send(j) {
             Ok(()) => serde_json::json!({"state": "received"}),
             Err(_) => serde_json::json!({
-                "state": "refused",
-                "reason": "busy",
-                "detail": "an update is already queued"
+                "state": "refused", "reason": "busy", "detail": "an update is already queued"
             }),
+        };
+        let status = match parsed {
+            Err(e) => refusal(&e),
+            Ok(Request::Install {
+                source,
+                activate,
+                force,
+            }) => queue(job(
+                crate::bundle::update::Request {
+                    source,
+                    activate,
+                    force,
+                },
+                None,
+            )),
+            Ok(request) => {
+                let transfers = c.transfers.clone();
+                let progress = tokio::task::spawn_blocking(move || match request {
+                    Request::Start(s) => transfers.start(s),
+                    Request::Chunk(ch) => transfers.chunk(ch),
+                    Request::Install { .. } => unreachable!("handled above"),
+                })
+                .await
+                .unwrap_or_else(|e| Err(crate::bundle::BundleError::BadRequest(e.to_string())));
+                match progress {
+                    Err(e) => refusal(&e),
+                    Ok(Progress::Receiving {
+                        id,
+                        received,
+                        chunks,
+                        missing,
+                    }) => {
+                        // Every chunk need not be answered: the sender asks
+                        // again by announcing the transfer.
+                        if received % 16 != 0 && received != 0 && !missing.is_empty() {
+                            self.settle(key, None);
+                            return;
+                        }
+                        serde_json::json!({
+                            "state": "receiving", "transfer": id, "received": received,
+                            "chunks": chunks, "missing": missing
+                        })
+                    }
+                    Ok(Progress::Complete {
+                        path,
+                        activate,
+                        force,
+                    }) => {
+                        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                        let req = crate::bundle::update::Request {
+                            source: path.to_string_lossy().into_owned(),
+                            activate,
+                            force,
+                        };
+                        queue(job(req, id))
+                    }
+                }
+            }
         };
         let out = OutboxEntry {
             retain: true,
             ..json_entry(&c.status_topic, &status)
         };
-        match self.store.complete(key, &out, None) {
+        self.settle(key, Some(out));
+    }
+
+    /// Removes a control message from the inbox, with a status or without.
+    fn settle(&self, key: u64, out: Option<OutboxEntry>) {
+        let done = match out {
+            Some(out) => self.store.complete(key, &out, None),
+            None => self.store.discard_inbox(key),
+        };
+        match done {
             Ok(()) => (self.outbox_wake)(),
-            Err(e) => log::error!("cannot settle model update request {key}: {e}"),
+            Err(e) => log::error!("cannot settle model control message {key}: {e}"),
         }
     }
 
@@ -196,7 +270,7 @@ impl Router {
 
     async fn process(&self, key: u64, entry: InboxEntry, attempts: u32) -> Result<(), EngineError> {
         if let Some(c) = self.control.as_ref().filter(|c| c.topic == entry.topic) {
-            self.control(c, key, entry);
+            self.control(c, key, entry).await;
             return Ok(());
         }
         let routing = self.routing();
@@ -387,6 +461,11 @@ impl Routing {
         }
         Ok(Some(reply))
     }
+}
+
+fn refusal(e: &crate::bundle::BundleError) -> serde_json::Value {
+    log::warn!(reason = e.reason(); "model control request refused: {e}");
+    serde_json::json!({"state": "refused", "reason": e.reason(), "detail": e.to_string()})
 }
 
 fn json_entry(topic: &str, value: &impl Serialize) -> OutboxEntry {

@@ -35,20 +35,12 @@ pub struct Supervisor {
     pub since: Instant,
 }
 
-/// A request on the control topic.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ControlRequest {
-    /// A path on the device or an http(s) URL.
-    source: String,
-    #[serde(default = "yes")]
-    activate: bool,
-    #[serde(default)]
-    force: bool,
-}
-
-fn yes() -> bool {
-    true
+/// An install the control topic asked for; `transfer` names the MQTT
+/// transfer whose file it is (removed afterwards).
+#[derive(Debug)]
+pub struct Job {
+    pub req: update::Request,
+    pub transfer: Option<String>,
 }
 
 impl Supervisor {
@@ -56,14 +48,14 @@ impl Supervisor {
     pub async fn run(
         mut self,
         mut reloads: mpsc::Receiver<Config>,
-        mut requests: mpsc::Receiver<Vec<u8>>,
+        mut requests: mpsc::Receiver<Job>,
     ) {
         self.publish_status("idle", None);
         let mut trial = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 Some(new) = reloads.recv() => self.reload(new).await,
-                Some(payload) = requests.recv() => self.update(&payload).await,
+                Some(job) = requests.recv() => self.update(job).await,
                 _ = trial.tick() => self.confirm_trial(),
                 else => break,
             }
@@ -162,29 +154,19 @@ impl Supervisor {
 
     /// One request from the control topic: install (and usually activate)
     /// on a blocking thread, then switch engines.
-    async fn update(&mut self, payload: &[u8]) {
-        let req: ControlRequest = match serde_json::from_slice(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                let why = format!("bad request: {e}");
-                let _ = self.bundles.record(None, "refused", &why);
-                self.publish_status("idle", None);
-                return;
-            }
-        };
+    async fn update(&mut self, Job { req, transfer }: Job) {
         log::info!("model update requested: {}", req.source);
         self.publish_status("updating", Some(&req.source));
         let job = {
             let config = self.config.clone();
             let root = self.config.state_dir();
-            let req = update::Request {
-                source: req.source,
-                activate: req.activate,
-                force: req.force,
-            };
             tokio::task::spawn_blocking(move || {
                 let bundles = BundleStore::open(&root)?;
-                update::run(&config, &bundles, &req)
+                let result = update::run(&config, &bundles, &req);
+                if let Some(id) = transfer {
+                    crate::bundle::transfer::Transfers::open(&root)?.finish(&id);
+                }
+                result
             })
         };
         match job.await {

@@ -145,13 +145,17 @@ async fn serving_model(sub: &mut Client, id: &str) -> Value {
 /// `until` holds.
 async fn status_until(sub: &mut Client, topic: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut seen = Vec::new();
     loop {
         let m = sub
             .next(deadline.saturating_duration_since(Instant::now()))
             .await
-            .expect("the awaited model status");
-        if m.topic == topic && until(&m.json()) {
-            return m.json();
+            .unwrap_or_else(|| panic!("not the awaited model status; saw {seen:?}"));
+        if m.topic == topic {
+            if until(&m.json()) {
+                return m.json();
+            }
+            seen.push(m.json());
         }
     }
 }
@@ -634,4 +638,110 @@ async fn a_crash_loop_after_activation_rolls_back() {
     slmd_cmd(&["model", "activate", "2.0.0", "--config", cfg], &[]);
     let rolled = slmd_cmd(&["model", "rollback", "--config", cfg], &[]);
     assert!(rolled.contains("the [model] model"), "{rolled}");
+}
+
+/// A request wrapped with its minisign signature.
+fn signed(k: &Keys, request: &Value) -> String {
+    let text = request.to_string();
+    let sig = slmd::bundle::sign::sign(text.as_bytes(), &k.secret, None).unwrap();
+    serde_json::json!({"signed": text, "signature": sig}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_sent_in_chunks_over_mqtt_resumes_after_a_restart_and_serves() {
+    use base64::Engine as _;
+    use sha2::Digest;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path(), "k");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        &updates(&k, "require_signed_requests = true"),
+    );
+    let id = client_id(&config);
+    let (control, status_topic) = (
+        format!("slmd/{id}/model/update"),
+        format!("slmd/{id}/model/status"),
+    );
+    let mut sub = Client::connect(broker.port, &["test/out/#", &status_topic]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+
+    let b = bundle(dir.path(), "2.0.0", Some(&k));
+    let bytes = std::fs::read(&b).unwrap();
+    // Unsigned requests are refused when signatures are required.
+    sub.publish(&control, format!(r#"{{"source": "{}"}}"#, b.display()))
+        .await;
+    let s = status_until(&mut sub, &status_topic, |s| s["state"] == "refused").await;
+    assert_eq!(s["reason"], "unsigned", "{s}");
+
+    const CHUNK: usize = 256 << 10;
+    let announce = signed(
+        &k,
+        &serde_json::json!({"transfer": {
+            "id": "smol-2", "size": bytes.len(), "chunk_size": CHUNK,
+            "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
+        }}),
+    );
+    let chunks: Vec<String> = bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| {
+            serde_json::json!({"chunk": {
+                "transfer": "smol-2", "index": i,
+                "sha256": hex::encode(sha2::Sha256::digest(c)),
+                "data": base64::engine::general_purpose::STANDARD.encode(c),
+            }})
+            .to_string()
+        })
+        .collect();
+    let total = chunks.len();
+    let receiving = |s: &Value| s["state"] == "receiving" && s["transfer"] == "smol-2";
+    sub.publish(&control, announce.clone()).await;
+    let s = status_until(&mut sub, &status_topic, receiving).await;
+    assert_eq!(s["received"], 0);
+    // Half the chunks, 16 at a time (the daemon reports every 16th), then
+    // the daemon dies.
+    let half = total / 2 / 16 * 16;
+    for (n, c) in chunks[..half].iter().enumerate() {
+        sub.publish(&control, c.clone()).await;
+        if (n + 1) % 16 == 0 {
+            status_until(&mut sub, &status_topic, |s| {
+                receiving(s) && s["received"].as_u64() >= Some(n as u64 + 1)
+            })
+            .await;
+        }
+    }
+    daemon.kill();
+    let log = dir.path().join("second.log");
+    let mut daemon = Daemon::start_logged(&config, &broker.url(), &log);
+    daemon.wait_subscribed().await;
+    // Announcing again says what is still missing; send only that.
+    sub.publish(&control, announce).await;
+    let s = status_until(&mut sub, &status_topic, |s| {
+        receiving(s) && s["received"].as_u64() == Some(half as u64)
+    })
+    .await;
+    assert_eq!(s["missing"][0], half, "{s}");
+    for (n, c) in chunks.iter().enumerate().skip(half) {
+        sub.publish(&control, c.clone()).await;
+        if (n + 1) % 16 == 0 {
+            status_until(&mut sub, &status_topic, |s| {
+                s["state"] != "receiving" || s["received"].as_u64() >= Some(n as u64 + 1)
+            })
+            .await;
+        }
+    }
+    let s = status_until(&mut sub, &status_topic, |s| {
+        s["serving"]["version"] == "2.0.0"
+    })
+    .await;
+    assert_eq!(s["last"]["outcome"], "activated", "{s}");
+    assert_eq!(serving_model(&mut sub, "after").await["version"], "2.0.0");
+    // The assembled file is gone once installed.
+    let left = std::fs::read_dir(dir.path().join("state/bundles/.transfers"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
 }

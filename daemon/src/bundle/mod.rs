@@ -28,9 +28,11 @@
 //! metadata counts). Free disk and version order are checked by the store.
 
 pub mod canary;
+pub mod control;
 pub mod sign;
 pub mod source;
 pub mod store;
+pub mod transfer;
 pub mod update;
 
 use std::fs::File;
@@ -89,6 +91,8 @@ pub enum BundleError {
     Canary(String),
     #[error("another update is in progress (lock {0})")]
     Busy(PathBuf),
+    #[error("bad request: {0}")]
+    BadRequest(String),
 }
 
 impl BundleError {
@@ -112,6 +116,7 @@ impl BundleError {
             BundleError::Download { .. } => "download_failed",
             BundleError::Canary(_) => "canary_failed",
             BundleError::Busy(_) => "busy",
+            BundleError::BadRequest(_) => "bad_request",
         }
     }
 }
