@@ -15,6 +15,7 @@ have mosquitto_pub || need+=(mosquitto-clients)
 have curl || need+=(curl)
 have openssl || need+=(openssl) # the TLS test makes its certificates with it
 have systemd-analyze || need+=(systemd) # the unit is verified by the tests
+have minisign || need+=(minisign) # bundle signatures are checked against the minisign tool
 
 if ((${#need[@]})); then
   sudo=""

@@ -745,3 +745,62 @@ async fn a_bundle_sent_in_chunks_over_mqtt_resumes_after_a_restart_and_serves() 
         .count();
     assert_eq!(left, 0);
 }
+
+#[test]
+fn signatures_interoperate_with_the_minisign_tool() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new("minisign")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("minisign (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "minisign {args:?}: {out:?}");
+    };
+    // Signed by minisign, verified by slmd.
+    run(&["-G", "-W", "-p", "tool.pub", "-s", "tool.key"]);
+    let public = std::fs::read_to_string(d.join("tool.pub")).unwrap();
+    let public = public.lines().nth(1).unwrap();
+    let model = model_path();
+    let manifest = format!(
+        "name = \"smol\"\nversion = \"1.0.0\"\nmodel_sha256 = \"{}\"\nmodel_size = {}\n\
+         licence = \"Apache-2.0\"\nprompt_format = \"chatml\"\n",
+        slmd::models::sha256_file(&model).unwrap(),
+        std::fs::metadata(&model).unwrap().len()
+    );
+    std::fs::write(d.join("manifest.toml"), &manifest).unwrap();
+    run(&["-S", "-s", "tool.key", "-m", "manifest.toml"]);
+    let sig = std::fs::read_to_string(d.join("manifest.toml.minisig")).unwrap();
+    let b = d.join("tool.slmdb");
+    slmd::bundle::pack(&b, &manifest, Some(&sig), &model).unwrap();
+    let config = write_config(
+        d,
+        1,
+        &format!("\n[updates]\ntrusted_keys = [\"{public}\"]\n"),
+    );
+    let out = slmd_cmd(
+        &[
+            "model",
+            "verify",
+            b.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.contains("verified (signed"), "{out}");
+    // Signed by slmd, verified by minisign.
+    let k = keys(d, "ours");
+    let ours = bundle(d, "2.0.0", Some(&k));
+    let unpacked = d.join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    slmd::bundle::unpack(&ours, &unpacked).unwrap();
+    run(&[
+        "-V",
+        "-p",
+        d.join("ours.pub").to_str().unwrap(),
+        "-m",
+        unpacked.join("manifest.toml").to_str().unwrap(),
+    ]);
+}
