@@ -114,6 +114,15 @@ fn updates(keys: &Keys, extra: &str) -> String {
     )
 }
 
+/// A broker, a directory, a signing key and a config trusting it.
+fn rig(extra: &str) -> (Broker, tempfile::TempDir, Keys, PathBuf) {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path(), "k");
+    let config = write_config(dir.path(), broker.port, &updates(&k, extra));
+    (broker, dir, k, config)
+}
+
 fn client_id(config: &Path) -> String {
     let text = std::fs::read_to_string(config).unwrap();
     let line = text
@@ -365,10 +374,7 @@ async fn a_bundle_that_fails_its_canary_is_not_activated_and_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_every_update_step_leaves_the_old_or_the_new_bundle_serving() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let k = keys(dir.path(), "k");
-    let config = write_config(dir.path(), broker.port, &updates(&k, ""));
+    let (broker, dir, k, config) = rig("");
     let cfg = config.to_str().unwrap();
     let b = bundle(dir.path(), "2.0.0", Some(&k));
     let url = serve_file(&b, false);
@@ -458,10 +464,7 @@ fn rss_mib(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_under_load_loses_and_doubles_nothing_and_the_trial_ends() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let k = keys(dir.path(), "k");
-    let config = write_config(dir.path(), broker.port, &updates(&k, ""));
+    let (broker, dir, k, config) = rig("");
     let id = client_id(&config);
     let status_topic = format!("slmd/{id}/model/status");
     let mut sub = Client::connect(broker.port, &["test/out/#", &status_topic]).await;
@@ -583,10 +586,7 @@ async fn an_update_under_load_loses_and_doubles_nothing_and_the_trial_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_after_activation_rolls_back() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let k = keys(dir.path(), "k");
-    let config = write_config(dir.path(), broker.port, &updates(&k, ""));
+    let (broker, dir, k, config) = rig("");
     let cfg = config.to_str().unwrap();
     let b = bundle(dir.path(), "2.0.0", Some(&k));
     slmd_cmd(
