@@ -133,25 +133,7 @@ pub fn run(
         }
         BundleCommand::Bundles { config } => {
             let config = load(&config)?;
-            let store = store(&config)?;
-            let p = store.pointer()?;
-            for b in store.list()? {
-                let mark = if p.active.as_ref() == Some(&b.id) {
-                    "active"
-                } else if p.history.iter().flatten().any(|h| *h == b.id) {
-                    "kept"
-                } else {
-                    "installed"
-                };
-                let m = &b.manifest;
-                println!(
-                    "{}\t{}\t{}\t{}\t{mark}",
-                    m.version,
-                    m.name,
-                    &b.id[..16],
-                    m.licence
-                );
-            }
+            let p = print_bundles(&store(&config)?)?;
             println!("{}", serde_json::to_string_pretty(&p)?);
         }
         BundleCommand::Verify { file, config } => {
@@ -229,6 +211,30 @@ pub fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per installed bundle: version, name, id prefix, licence and
+/// whether it is active, kept for rollback or only installed.
+pub fn print_bundles(store: &BundleStore) -> anyhow::Result<slmd::bundle::store::Pointer> {
+    let p = store.pointer()?;
+    for b in store.list()? {
+        let mark = if p.active.as_ref() == Some(&b.id) {
+            "active"
+        } else if p.history.iter().flatten().any(|h| *h == b.id) {
+            "kept"
+        } else {
+            "installed"
+        };
+        let m = &b.manifest;
+        println!(
+            "{}\t{}\t{}\t{}\t{mark}",
+            m.version,
+            m.name,
+            &b.id[..16],
+            m.licence
+        );
+    }
+    Ok(p)
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -175,7 +175,8 @@ enum ModelCommand {
         #[command(flatten)]
         dirs: DirArgs,
     },
-    /// List the manifests and whether each model is installed.
+    /// List the manifests and whether each model is installed, then the
+    /// installed bundles.
     List {
         #[command(flatten)]
         dirs: DirArgs,
@@ -328,6 +329,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => "not installed".into(),
                 };
                 println!("{}\t{} bytes\t{}\t{status}", m.name, m.size, m.licence);
+            }
+            // Bundles, when any were ever installed here.
+            if state.join("bundles").is_dir() {
+                println!("bundles (slmd model bundles):");
+                bundle_cmd::print_bundles(&slmd::bundle::store::BundleStore::open(&state)?)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -638,6 +638,11 @@ async fn a_crash_loop_after_activation_rolls_back() {
     slmd_cmd(&["model", "activate", "2.0.0", "--config", cfg], &[]);
     let rolled = slmd_cmd(&["model", "rollback", "--config", cfg], &[]);
     assert!(rolled.contains("the [model] model"), "{rolled}");
+    let listed = slmd_cmd(&["model", "list", "--config", cfg], &[]);
+    assert!(
+        listed.contains("bundles") && listed.contains("2.0.0\tsmol"),
+        "{listed}"
+    );
 }
 
 /// A request wrapped with its minisign signature.
