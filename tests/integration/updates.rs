@@ -108,8 +108,11 @@ fn tamper(file: &Path, out: &Path, member: &str, f: impl FnOnce(&mut Vec<u8>)) -
 }
 
 fn updates(keys: &Keys, extra: &str) -> String {
+    // The latency gate is not under test; CI runs two tests at once on two
+    // cores, so a canary there is slow.
     format!(
-        "\n[updates]\ntrusted_keys = [\"{}\"]\ntrial_secs = 2\nmax_trial_starts = 2\n{extra}\n",
+        "\n[updates]\ntrusted_keys = [\"{}\"]\ntrial_secs = 2\nmax_trial_starts = 2\n\
+         canary_max_p95_ms = 60000\n{extra}\n",
         keys.public
     )
 }
@@ -508,28 +511,45 @@ async fn an_update_under_load_loses_and_doubles_nothing_and_the_trial_ends() {
             }
         }
     }
-    while results.len() < sent {
+    let unique = |results: &[(Instant, Value)]| {
+        let mut ids: Vec<&str> = results
+            .iter()
+            .map(|(_, r)| r["id"].as_str().unwrap())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    while unique(&results) < sent {
         let m = sub
             .next(Duration::from_secs(60))
             .await
-            .unwrap_or_else(|| panic!("{} of {sent} results", results.len()));
-        if m.topic != status_topic {
+            .unwrap_or_else(|| panic!("{} of {sent} results", unique(&results)));
+        if m.topic == status_topic {
+            statuses.push(m.json());
+        } else {
             results.push((Instant::now(), m.json()));
         }
     }
-    // Exactly one result per message, in versions that switch once.
-    let mut ids: Vec<&str> = results
-        .iter()
-        .map(|(_, r)| r["id"].as_str().unwrap())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), sent, "lost or doubled");
-    assert!(sub
-        .extra(Duration::from_secs(2))
-        .await
-        .iter()
-        .all(|m| m.topic == status_topic));
+    // None lost; none processed twice. A QoS 1 redelivery (after a client
+    // or broker reconnect) may repeat a result, but then it is the stored
+    // result itself, identical to the first copy; a second processing would
+    // differ (its latency at least).
+    let mut first: std::collections::HashMap<&str, &Value> = Default::default();
+    for (_, r) in &results {
+        let id = r["id"].as_str().unwrap();
+        let before = first.entry(id).or_insert(r);
+        assert_eq!(*before, r, "{id} was processed twice");
+    }
+    let repeated = results.len() - sent;
+    for m in sub.extra(Duration::from_secs(2)).await {
+        if m.topic != status_topic {
+            let r = m.json();
+            let id = r["id"].as_str().unwrap().to_owned();
+            eprintln!("LATE {id}: {r}\nFIRST {}", first[id.as_str()]);
+            assert_eq!(first[id.as_str()], &r, "{id} was processed twice");
+        }
+    }
     // Messages taken after the switch run on the new model; those already
     // in flight (at most max_in_flight = 16) finish on the old one.
     let index = |r: &Value| -> usize {
@@ -573,8 +593,9 @@ async fn an_update_under_load_loses_and_doubles_nothing_and_the_trial_ends() {
     assert_eq!(s["serving"]["version"], "2.0.0");
     let rss_after = rss_mib(pid);
     println!(
-        "update under load: {sent} messages, 0 lost, 0 doubled; swap pause {} ms; \
-         RSS {rss_before:.0} MiB before, {peak:.0} MiB peak, {rss_after:.0} MiB after",
+        "update under load: {sent} messages, 0 lost, 0 processed twice ({repeated} QoS 1 \
+         repeats of a stored result); swap pause {} ms; RSS {rss_before:.0} MiB before, \
+         {peak:.0} MiB peak, {rss_after:.0} MiB after",
         pause.as_millis()
     );
     // The old engine is dropped: memory is back near one model's.
@@ -638,7 +659,11 @@ async fn a_crash_loop_after_activation_rolls_back() {
     slmd_cmd(&["model", "activate", "2.0.0", "--config", cfg], &[]);
     let rolled = slmd_cmd(&["model", "rollback", "--config", cfg], &[]);
     assert!(rolled.contains("the [model] model"), "{rolled}");
-    let listed = slmd_cmd(&["model", "list", "--config", cfg], &[]);
+    let manifests = crate::util::repo_root().join("models");
+    let listed = slmd_cmd(
+        &["model", "list", "--config", cfg, "--manifests"],
+        &[manifests.to_str().unwrap()],
+    );
     assert!(
         listed.contains("bundles") && listed.contains("2.0.0\tsmol"),
         "{listed}"
