@@ -10,37 +10,10 @@ cargo build --release --locked --bins
 bin=target/release/slmd
 $bin model fetch smollm2-135m-instruct-q4_1 --config configs/demo.toml
 
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 20000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-  done
-}
-port=$(free_port)
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n' "$port" >"$work/mosquitto.conf"
-mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-"$mosquitto" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
-pids+=($!)
-
+. scripts/local-broker.sh
+start_broker
 echo "demo: broker on 127.0.0.1:$port; starting slmd (log: $work/slmd.log)"
-$bin run --config configs/demo.toml --broker "mqtt://127.0.0.1:$port" 2>"$work/slmd.log" &
-pids+=($!)
-for _ in $(seq 600); do
-  grep -q "subscribed to" "$work/slmd.log" 2>/dev/null && break
-  kill -0 "${pids[1]}" 2>/dev/null || { cat "$work/slmd.log"; exit 1; }
-  sleep 0.2
-done
-grep -q "subscribed to" "$work/slmd.log" || { cat "$work/slmd.log"; echo "demo: slmd did not come up" >&2; exit 1; }
+start_slmd "$bin" configs/demo.toml
 
 # Ids are unique per run: slmd skips a message whose id it already processed.
 run=$(date +%s)
@@ -61,7 +34,7 @@ assist=(
   "{\"id\": \"$run-a3\", \"text\": \"start a 10 minute timer\"}"
 )
 total=$(( ${#commands[@]} + ${#assist[@]} ))
-mosquitto_sub -p "$port" -q 1 -v -t 'slmd/#' -C "$total" -W 180 >"$work/results" &
+mosquitto_sub -p "$port" -q 1 -v -t 'slmd/home/#' -t 'slmd/assist/#' -C "$total" -W 180 >"$work/results" &
 sub=$!
 sleep 0.5
 for c in "${commands[@]}"; do
