@@ -124,6 +124,7 @@ impl Router {
             )),
             Ok(request) => {
                 let transfers = c.transfers.clone();
+                let chunk = matches!(request, Request::Chunk(_));
                 let progress = tokio::task::spawn_blocking(move || match request {
                     Request::Start(s) => transfers.start(s),
                     Request::Chunk(ch) => transfers.chunk(ch),
@@ -139,9 +140,9 @@ impl Router {
                         chunks,
                         missing,
                     }) => {
-                        // Every chunk need not be answered: the sender asks
-                        // again by announcing the transfer.
-                        if received % 16 != 0 && received != 0 && !missing.is_empty() {
+                        // Every 16th chunk is answered, and every
+                        // announcement (which is how a sender asks again).
+                        if chunk && received % 16 != 0 {
                             self.settle(key, None);
                             return;
                         }
