@@ -174,7 +174,7 @@ impl Router {
         self.settle(key, Some(out));
     }
 
-    /// Removes a control message from the inbox, with a status or without.
+    /// Removes a message from the inbox, with an answer or without.
     fn settle(&self, key: u64, out: Option<OutboxEntry>) {
         let done = match out {
             Some(out) => self.store.complete(key, &out, None),
@@ -182,7 +182,7 @@ impl Router {
         };
         match done {
             Ok(()) => (self.outbox_wake)(),
-            Err(e) => log::error!("cannot settle model control message {key}: {e}"),
+            Err(e) => log::error!("cannot settle message {key}: {e}"),
         }
     }
 
@@ -335,14 +335,7 @@ impl Router {
             );
             self.metrics.duplicate(&task.name);
             // The original still in flight publishes its own result.
-            let done = match before {
-                Some(stored) => self.store.complete(key, &stored, None),
-                None => self.store.discard_inbox(key),
-            };
-            match done {
-                Ok(()) => (self.outbox_wake)(),
-                Err(e) => log::error!("cannot settle redelivered message {key}: {e}"),
-            }
+            self.settle(key, before);
             return Ok(());
         }
         let reply = routing.reply_to(&entry);

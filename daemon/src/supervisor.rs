@@ -160,8 +160,8 @@ impl Supervisor {
         let job = {
             let config = self.config.clone();
             let root = self.config.state_dir();
+            let bundles = self.bundles.clone();
             tokio::task::spawn_blocking(move || {
-                let bundles = BundleStore::open(&root)?;
                 let result = update::run(&config, &bundles, &req);
                 if let Some(id) = transfer {
                     crate::bundle::transfer::Transfers::open(&root)?.finish(&id);

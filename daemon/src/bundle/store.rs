@@ -80,6 +80,8 @@ impl Installed {
     }
 }
 
+/// A handle on the store (its root); cheap to clone.
+#[derive(Clone)]
 pub struct BundleStore {
     root: PathBuf,
 }
