@@ -16,6 +16,9 @@ have curl || need+=(curl)
 have openssl || need+=(openssl) # the TLS test makes its certificates with it
 have systemd-analyze || need+=(systemd) # the unit is verified by the tests
 have minisign || need+=(minisign) # bundle signatures are checked against the minisign tool
+# The test script installs the Yocto recipe linter into a Python venv.
+have python3 || need+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 
 if ((${#need[@]})); then
   sudo=""
