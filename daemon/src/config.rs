@@ -385,6 +385,24 @@ pub struct TaskConfig {
     /// Extract tasks: what the model is told before an intent's examples.
     #[serde(default = "default_slot_instruction")]
     pub slot_instruction: String,
+    /// What the task's messages look like on the wire: slmd's own JSON
+    /// (default) or the Hermes protocol of Rhasspy and Snips
+    /// ([`crate::hermes`]).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A task's wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `{"id", "text"}` or plain text in; [`crate::payload::TaskResult`] out.
+    #[default]
+    Slmd,
+    /// `hermes/nlu/query` in; `<output_topic>/<intentName>` (set
+    /// `output_topic = "hermes/intent"`), `hermes/nlu/intentNotRecognized`
+    /// and `hermes/error/nlu` out.
+    Hermes,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -474,7 +492,10 @@ impl TaskConfig {
     pub fn error_topic(&self) -> String {
         self.error_topic
             .clone()
-            .unwrap_or_else(|| format!("{}/error", self.output_topic))
+            .unwrap_or_else(|| match self.protocol {
+                Protocol::Slmd => format!("{}/error", self.output_topic),
+                Protocol::Hermes => crate::hermes::ERROR_TOPIC.into(),
+            })
     }
 }
 

@@ -24,6 +24,7 @@ pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod examples;
+pub mod hermes;
 pub mod lock;
 pub mod logging;
 pub mod metrics;

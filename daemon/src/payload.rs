@@ -1,13 +1,14 @@
 //! What goes over the wire: input payloads in, result and error JSON out.
 //!
-//! Input is either JSON `{"id": "...", "text": "..."}` or plain UTF-8 text.
+//! Input is either JSON `{"id": "...", "text": "..."}` or plain UTF-8 text;
+//! for a Hermes task, a query `{"input": "...", ...}` ([`crate::hermes`]).
 //! Anything else gets an [`InputError`] with a machine-readable `reason`,
 //! published as an error result; the daemon never stops on bad input.
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::Limits;
+use crate::config::{Limits, Protocol};
 use std::collections::BTreeMap;
 
 use crate::engine::schema::{SlotValue, Span};
@@ -18,6 +19,15 @@ use crate::engine::{ModelInfo, Scores};
 pub struct Request {
     pub id: String,
     pub text: String,
+    /// A Hermes query's session (site, session id, intent filter).
+    pub session: Option<crate::hermes::Session>,
+}
+
+impl Request {
+    /// The intents a Hermes query allows, if it restricts them.
+    pub fn intent_filter(&self) -> Option<Vec<String>> {
+        self.session.as_ref()?.intent_filter.clone()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,8 +38,8 @@ pub enum InputError {
     NotUtf8 { offset: usize },
     #[error("payload looks like JSON but does not parse: {0}")]
     InvalidJson(String),
-    #[error("JSON payload has no string field \"text\"")]
-    MissingText,
+    #[error("JSON payload has no string field \"{0}\"")]
+    MissingText(&'static str),
     #[error("text is empty")]
     EmptyText,
     #[error("text is {chars} characters; the limit is {limit}")]
@@ -43,7 +53,7 @@ impl InputError {
             InputError::TooLarge { .. } => "too_large",
             InputError::NotUtf8 { .. } => "not_utf8",
             InputError::InvalidJson(_) => "invalid_json",
-            InputError::MissingText => "missing_text",
+            InputError::MissingText(_) => "missing_text",
             InputError::EmptyText => "empty_text",
             InputError::TextTooLong { .. } => "text_too_long",
         }
@@ -80,7 +90,12 @@ fn json_id(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-pub fn parse(topic: &str, payload: &[u8], limits: &Limits) -> Result<Request, InputError> {
+pub fn parse(
+    protocol: Protocol,
+    topic: &str,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<Request, InputError> {
     if payload.len() > limits.max_payload_bytes {
         return Err(InputError::TooLarge {
             size: payload.len(),
@@ -90,17 +105,23 @@ pub fn parse(topic: &str, payload: &[u8], limits: &Limits) -> Result<Request, In
     let body = std::str::from_utf8(payload).map_err(|e| InputError::NotUtf8 {
         offset: e.valid_up_to(),
     })?;
-    let (id, text) = if body.trim_start().starts_with('{') {
+    let json = body.trim_start().starts_with('{');
+    let (id, text, session) = if json || protocol == Protocol::Hermes {
         let v: serde_json::Value =
             serde_json::from_str(body).map_err(|e| InputError::InvalidJson(e.to_string()))?;
+        let field = match protocol {
+            Protocol::Slmd => "text",
+            Protocol::Hermes => "input",
+        };
         let text = v
-            .get("text")
+            .get(field)
             .and_then(|t| t.as_str())
-            .ok_or(InputError::MissingText)?;
+            .ok_or(InputError::MissingText(field))?;
         let id = json_id(&v).unwrap_or_else(|| derived_id(topic, payload));
-        (id, text.to_owned())
+        let session = (protocol == Protocol::Hermes).then(|| crate::hermes::Session::of(&v));
+        (id, text.to_owned(), session)
     } else {
-        (derived_id(topic, payload), body.to_owned())
+        (derived_id(topic, payload), body.to_owned(), None)
     };
     let text = text.trim();
     if text.is_empty() {
@@ -116,6 +137,7 @@ pub fn parse(topic: &str, payload: &[u8], limits: &Limits) -> Result<Request, In
     Ok(Request {
         id,
         text: text.to_owned(),
+        session,
     })
 }
 
@@ -286,6 +308,37 @@ fn round2(x: f64) -> f64 {
 mod tests {
     use super::*;
 
+    const SLMD: Protocol = Protocol::Slmd;
+
+    #[test]
+    fn a_hermes_query_is_json_with_its_input_and_session() {
+        let q = br#"{"input": " lights on ", "id": "q1", "siteId": "hall", "intentFilter": ["A"]}"#;
+        let roomy = Limits {
+            max_payload_bytes: 256,
+            ..limits()
+        };
+        let r = parse(Protocol::Hermes, "hermes/nlu/query", q, &roomy).unwrap();
+        assert_eq!((r.id.as_str(), r.text.as_str()), ("q1", "lights on"));
+        let s = r.session.unwrap();
+        assert_eq!(
+            (s.site_id.as_str(), s.intent_filter),
+            ("hall", Some(vec!["A".into()]))
+        );
+        let reason = |p: &[u8]| {
+            parse(Protocol::Hermes, "t", p, &limits())
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(
+            reason(b"lights on"),
+            "invalid_json",
+            "Hermes has no plain-text form"
+        );
+        assert_eq!(reason(br#"{"text": "lights on"}"#), "missing_text");
+        let e = parse(Protocol::Hermes, "t", br#"{"text": "x"}"#, &limits()).unwrap_err();
+        assert!(e.to_string().contains("\"input\""), "{e}");
+    }
+
     fn limits() -> Limits {
         Limits {
             max_payload_bytes: 64,
@@ -297,17 +350,24 @@ mod tests {
 
     #[test]
     fn json_and_plain_text_are_accepted() {
-        let r = parse("t", br#"{"id": "a1", "text": " lights off "}"#, &limits()).unwrap();
+        let r = parse(
+            SLMD,
+            "t",
+            br#"{"id": "a1", "text": " lights off "}"#,
+            &limits(),
+        )
+        .unwrap();
         assert_eq!(
             r,
             Request {
                 id: "a1".into(),
-                text: "lights off".into()
+                text: "lights off".into(),
+                session: None,
             }
         );
-        let r = parse("t", br#"{"id": 7, "text": "x"}"#, &limits()).unwrap();
+        let r = parse(SLMD, "t", br#"{"id": 7, "text": "x"}"#, &limits()).unwrap();
         assert_eq!(r.id, "7");
-        let r = parse("t", b"lights off", &limits()).unwrap();
+        let r = parse(SLMD, "t", b"lights off", &limits()).unwrap();
         assert_eq!(r.text, "lights off");
         assert_eq!(r.id, derived_id("t", b"lights off"));
     }
@@ -322,7 +382,7 @@ mod tests {
     #[test]
     fn each_bad_input_has_its_reason() {
         let l = limits();
-        let reason = |p: &[u8]| parse("t", p, &l).unwrap_err().reason();
+        let reason = |p: &[u8]| parse(SLMD, "t", p, &l).unwrap_err().reason();
         assert_eq!(reason(&[b'a'; 65]), "too_large");
         assert_eq!(reason(&[0xff, 0xfe, b'a']), "not_utf8");
         assert_eq!(reason(b"{\"text\": "), "invalid_json");

@@ -24,8 +24,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::config::{Limits, TaskConfig};
+use crate::config::{Limits, Protocol, TaskConfig};
 use crate::engine::{Engine, EngineError};
+use crate::hermes;
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
 use crate::topic;
@@ -341,11 +342,15 @@ impl Router {
         let reply = routing.reply_to(&entry);
         let out = match (
             &reply,
-            payload::parse(&entry.topic, &entry.payload, &routing.limits),
+            payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
         ) {
             (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
             (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
-            (Ok(_), Ok(req)) => match routing.engine.infer(&task.name, req.text).await {
+            (Ok(_), Ok(req)) => match routing
+                .engine
+                .infer_among(&task.name, req.text.clone(), req.intent_filter())
+                .await
+            {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
                     let result = TaskResult::new(
@@ -374,7 +379,14 @@ impl Router {
                             tokens: scores.tokens,
                         },
                     );
-                    json_entry(&task.output_topic, &result)
+                    match &req.session {
+                        None => json_entry(&task.output_topic, &result),
+                        Some(session) => {
+                            let (topic, body) =
+                                hermes::answer(&task.output_topic, session, &req.text, &scores);
+                            json_entry(&topic, &body)
+                        }
+                    }
                 }
                 Err(EngineError::Stopped) => return Err(EngineError::Stopped),
                 Err(e @ EngineError::TooLong { .. }) => {
@@ -416,6 +428,13 @@ impl Router {
             "rejected: {message}"
         );
         self.metrics.error(&task.name, reason);
+        if task.protocol == Protocol::Hermes {
+            let session = hermes::Session::of_payload(&entry.payload);
+            return json_entry(
+                &task.error_topic(),
+                &hermes::error(&session, reason, &message),
+            );
+        }
         let err = ErrorResult {
             id,
             task: task.name.clone(),

@@ -266,6 +266,9 @@ pub struct Scores {
 struct Job {
     task: usize,
     text: String,
+    /// Only these labels may be chosen (Hermes' `intentFilter`); `None`
+    /// allows all.
+    among: Option<Vec<String>>,
     reply: oneshot::Sender<Result<Scores, EngineError>>,
 }
 
@@ -375,10 +378,17 @@ impl Engine {
         &self,
         task: &str,
         text: String,
+        among: Option<Vec<String>>,
     ) -> Result<(Command, oneshot::Receiver<Result<Scores, EngineError>>), EngineError> {
         let task = self.task_index(task)?;
         let (reply, rx) = oneshot::channel();
-        Ok((Command::Infer(Job { task, text, reply }), rx))
+        let job = Job {
+            task,
+            text,
+            among,
+            reply,
+        };
+        Ok((Command::Infer(job), rx))
     }
 
     /// Decodes an extract task's intent prompts ahead of its messages (the
@@ -405,14 +415,27 @@ impl Engine {
     }
 
     pub async fn infer(&self, task: &str, text: String) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, text)?;
+        self.infer_among(task, text, None).await
+    }
+
+    /// [`Engine::infer`] choosing only among `labels` (a dialogue that
+    /// expects one of a few intents); the probabilities are renormalised
+    /// over them, and the task's reject label always stays in. Names that
+    /// are not labels of the task are ignored.
+    pub async fn infer_among(
+        &self,
+        task: &str,
+        text: String,
+        labels: Option<Vec<String>>,
+    ) -> Result<Scores, EngineError> {
+        let (job, rx) = self.job(task, text, labels)?;
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// For callers outside the async runtime (the CLI, eval).
     pub fn infer_blocking(&self, task: &str, text: String) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, text)?;
+        let (job, rx) = self.job(task, text, None)?;
         self.tx
             .blocking_send(job)
             .map_err(|_| EngineError::Stopped)?;
@@ -646,9 +669,10 @@ impl<'m> Worker<'m> {
             let scorer = self.scorer.as_mut().expect("a scorer for scored tasks");
             let result = scorer.score(job.task, &job.text).map(|(logp, tokens)| {
                 let task = &self.tasks[job.task];
+                let probs = restrict(task, head::softmax(&logp, 1.0), job.among.as_deref());
                 Scores {
                     tokens,
-                    ..decide(task, head::softmax(&logp, 1.0), ms_since(t0))
+                    ..decide(task, probs, ms_since(t0))
                 }
             });
             decided.push((job, result));
@@ -698,6 +722,7 @@ impl<'m> Worker<'m> {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
                     let probs = head.predict(&features(task, x, &job.text));
+                    let probs = restrict(task, probs, job.among.as_deref());
                     let scores = Scores {
                         tokens,
                         ..decide(task, probs, inference_ms)
@@ -798,13 +823,32 @@ fn features(task: &TaskSpec, mut hidden: Vec<f32>, text: &str) -> Vec<f32> {
     hidden
 }
 
+/// The probabilities given that the label is one of `among` (and the
+/// reject label): the others become 0 and the rest are renormalised. When
+/// none of `among` is a label, every probability is 0 and nothing is
+/// recognised.
+fn restrict(task: &TaskSpec, mut probs: Vec<f32>, among: Option<&[String]>) -> Vec<f32> {
+    let Some(among) = among else { return probs };
+    for (p, label) in probs.iter_mut().zip(&task.labels) {
+        let kept = among.contains(label) || task.reject_label.as_ref() == Some(label);
+        if !kept {
+            *p = 0.0;
+        }
+    }
+    let sum: f32 = probs.iter().sum();
+    if sum > 0.0 {
+        probs.iter_mut().for_each(|p| *p /= sum);
+    }
+    probs
+}
+
 /// Ranks the labels and applies the task's abstention rules.
 pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
     let mut ranked: Vec<(String, f32)> = task.labels.iter().cloned().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let (best, p) = &ranked[0];
     let rejected = task.reject_label.as_deref() == Some(best.as_str());
-    let label = (*p >= task.abstain_below && !rejected).then(|| best.clone());
+    let label = (*p > 0.0 && *p >= task.abstain_below && !rejected).then(|| best.clone());
     Scores {
         ranked,
         label,
@@ -1043,5 +1087,28 @@ mod tests {
         assert_eq!(s.ranked.len(), 3, "alternatives are still listed");
         let s = decide(&t, vec![0.1, 0.1, 0.8], 1.0);
         assert_eq!(s.label, None, "the reject label is not a recognition");
+    }
+
+    #[test]
+    fn a_label_filter_renormalises_over_the_allowed_labels_and_keeps_the_reject_label() {
+        let mut t = task();
+        t.labels = vec!["on".into(), "off".into(), "dim".into(), "oos".into()];
+        t.abstain_below = 0.0;
+        let among = ["off".to_string(), "dim".to_string()];
+        let p = restrict(&t, vec![0.6, 0.2, 0.1, 0.1], Some(&among));
+        assert_eq!(p[0], 0.0, "a label outside the filter is never chosen");
+        assert!((p[1] - 0.5).abs() < 1e-6 && (p[2] - 0.25).abs() < 1e-6);
+        assert!((p[3] - 0.25).abs() < 1e-6, "the reject label stays");
+        assert_eq!(decide(&t, p, 1.0).label.as_deref(), Some("off"));
+        assert_eq!(restrict(&t, vec![0.6, 0.2, 0.1, 0.1], None)[0], 0.6);
+        t.reject_label = None;
+        let unknown = ["heat".to_string()];
+        let p = restrict(&t, vec![0.6, 0.2, 0.1, 0.1], Some(&unknown));
+        assert!(p.iter().all(|&x| x == 0.0));
+        let s = decide(&t, p, 1.0);
+        assert_eq!(
+            s.label, None,
+            "no allowed label: not recognised, even with no threshold"
+        );
     }
 }
