@@ -373,11 +373,12 @@ pub struct TaskConfig {
     pub reject_label: Option<String>,
     #[serde(default)]
     pub labels: Vec<LabelConfig>,
-    /// JSONL file of `{"text": ..., "intent": ..., "slots": {...}}` rows
-    /// adding examples to the labels (rows whose intent is not a label are
-    /// an error). Rows with `slots` are shown to the model as extraction
-    /// examples of their intent.
-    pub examples_file: Option<PathBuf>,
+    /// JSONL file(s) of `{"text": ..., "intent": ..., "slots": {...}}`
+    /// rows adding examples to the labels (rows whose intent is not a label
+    /// are an error): a path or a list of paths. Rows with `slots` are
+    /// shown to the model as extraction examples of their intent.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub examples_file: Vec<PathBuf>,
     /// Extract tasks: the slot schema, `{ name, type = "string" | "number"
     /// | "enum", values = [...], open = false }`.
     #[serde(default)]
@@ -415,6 +416,20 @@ pub struct LabelConfig {
     /// Extract tasks: the slots this intent may fill (default: those its
     /// annotated examples fill; all when it has none).
     pub slots: Option<Vec<String>>,
+}
+
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(ps) => ps,
+    })
 }
 
 fn default_host() -> String {

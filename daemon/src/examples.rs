@@ -95,7 +95,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, ExamplesError> {
 }
 
 /// All examples of a task: each label's inline examples and description,
-/// then the rows of its examples file.
+/// then the rows of its examples files.
 pub fn for_task(config: &Config, task: &TaskConfig) -> Result<Vec<Example>, ExamplesError> {
     let mut out = Vec::new();
     for label in &task.labels {
@@ -106,7 +106,7 @@ pub fn for_task(config: &Config, task: &TaskConfig) -> Result<Vec<Example>, Exam
             slots: None,
         }));
     }
-    if let Some(file) = &task.examples_file {
+    for file in &task.examples_file {
         let rows = read_jsonl(&config.resolve(file))?;
         out.extend(rows.into_iter().map(Example::from));
     }

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod eval;
 pub mod examples;
 pub mod hermes;
+pub mod injection;
 pub mod lock;
 pub mod logging;
 pub mod metrics;
@@ -64,6 +65,8 @@ pub enum RunError {
     Tls(#[from] mqtt::TlsFileError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    Injection(#[from] injection::InjectionError),
     #[error(
         "model.mlock needs RLIMIT_MEMLOCK of at least {needed} bytes (the model file); the \
          limit is {limit}. Raise it (LimitMEMLOCK=infinity in the unit, ulimit -l) or set \
@@ -178,6 +181,9 @@ pub fn start_engine_with(
     config: &Config,
     (model_path, model, format): (PathBuf, ModelInfo, PromptFormat),
 ) -> Result<Engine, RunError> {
+    // Entities injected at run time (Hermes) extend or replace the
+    // configuration's enum values.
+    let config = &injection::Injected::load(&config.state_dir())?.apply(config);
     let mut tasks = Vec::with_capacity(config.tasks.len());
     for t in &config.tasks {
         tasks.push(TaskSpec {
@@ -273,14 +279,20 @@ pub(crate) async fn build_engine(
     }
 }
 
-/// Every task's input topics, and the model update control topic.
+/// Every task's input topics, the model update control topic and, when a
+/// task speaks Hermes, its entity injection topic.
 pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
     let control = config.updates.control_topic(&config.broker);
+    let hermes = config
+        .tasks
+        .iter()
+        .any(|t| t.protocol == config::Protocol::Hermes);
     let all = config
         .tasks
         .iter()
         .flat_map(|t| t.topics.iter().cloned())
-        .chain(std::iter::once(control));
+        .chain(std::iter::once(control))
+        .chain(hermes.then(|| injection::PERFORM_TOPIC.to_owned()));
     let mut filters: Vec<String> = Vec::new();
     for f in all {
         if !filters.contains(&f) {

@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::config::{Limits, Protocol, TaskConfig};
 use crate::engine::{Engine, EngineError};
 use crate::hermes;
+use crate::injection;
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
 use crate::topic;
@@ -102,7 +103,7 @@ impl Router {
         use crate::bundle::control::{self, Request};
         use crate::bundle::transfer::Progress;
         let parsed = control::parse(&entry.payload, &c.trust, c.require_signed);
-        let job = |req, transfer| crate::supervisor::Job { req, transfer };
+        let job = |req, transfer| crate::supervisor::Job::Update { req, transfer };
         let queue = |j: crate::supervisor::Job| match c.tx.try_send(j) {
             Ok(()) => serde_json::json!({"state": "received"}),
             Err(_) => serde_json::json!({
@@ -173,6 +174,25 @@ impl Router {
             ..json_entry(&c.status_topic, &status)
         };
         self.settle(key, Some(out));
+    }
+
+    /// An entity injection request: checked here, applied by the
+    /// supervisor (which answers it once the new engine serves).
+    async fn inject(&self, key: u64, entry: InboxEntry) {
+        let refused = |reason: &str, why: String| {
+            log::warn!(reason = reason; "entity injection refused: {why}");
+            let body = serde_json::json!({"error": why, "context": reason});
+            Some(json_entry(injection::ERROR_TOPIC, &body))
+        };
+        let out = match (injection::parse(&entry.payload), &self.control) {
+            (Err(e), _) => refused(e.reason(), e.to_string()),
+            (Ok(_), None) => refused("unavailable", "this router has no supervisor".into()),
+            (Ok(req), Some(c)) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
+                Ok(()) => None,
+                Err(_) => refused("unavailable", "the supervisor has stopped".into()),
+            },
+        };
+        self.settle(key, out);
     }
 
     /// Removes a message from the inbox, with an answer or without.
@@ -276,6 +296,12 @@ impl Router {
             return Ok(());
         }
         let routing = self.routing();
+        if entry.topic == injection::PERFORM_TOPIC
+            && routing.tasks.iter().any(|t| t.protocol == Protocol::Hermes)
+        {
+            self.inject(key, entry).await;
+            return Ok(());
+        }
         let Some(task) = routing
             .tasks
             .iter()

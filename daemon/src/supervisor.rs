@@ -20,6 +20,7 @@ use crate::bundle::store::BundleStore;
 use crate::bundle::update;
 use crate::config::Config;
 use crate::engine::{Engine, ModelInfo};
+use crate::injection::{self, Injected};
 use crate::router::{Router, Routing};
 use crate::store::{OutboxEntry, Store};
 use crate::{build_engine, topic_filters, Inference};
@@ -35,12 +36,17 @@ pub struct Supervisor {
     pub since: Instant,
 }
 
-/// An install the control topic asked for; `transfer` names the MQTT
-/// transfer whose file it is (removed afterwards).
+/// What the router hands over from MQTT.
 #[derive(Debug)]
-pub struct Job {
-    pub req: update::Request,
-    pub transfer: Option<String>,
+pub enum Job {
+    /// An install the control topic asked for; `transfer` names the MQTT
+    /// transfer whose file it is (removed afterwards).
+    Update {
+        req: update::Request,
+        transfer: Option<String>,
+    },
+    /// Entity injection (Hermes): new enum values, hence a new engine.
+    Inject(injection::Request),
 }
 
 impl Supervisor {
@@ -55,7 +61,10 @@ impl Supervisor {
         loop {
             tokio::select! {
                 Some(new) = reloads.recv() => self.reload(new).await,
-                Some(job) = requests.recv() => self.update(job).await,
+                Some(job) = requests.recv() => match job {
+                    Job::Update { req, transfer } => self.update(req, transfer).await,
+                    Job::Inject(req) => self.inject(req).await,
+                },
                 _ = trial.tick() => self.confirm_trial(),
                 else => break,
             }
@@ -154,7 +163,7 @@ impl Supervisor {
 
     /// One request from the control topic: install (and usually activate)
     /// on a blocking thread, then switch engines.
-    async fn update(&mut self, Job { req, transfer }: Job) {
+    async fn update(&mut self, req: update::Request, transfer: Option<String>) {
         log::info!("model update requested: {}", req.source);
         self.publish_status("updating", Some(&req.source));
         let job = {
@@ -188,6 +197,55 @@ impl Supervisor {
             Err(e) => log::error!("model update: {e}"),
         }
         self.publish_status("idle", None);
+    }
+
+    /// Records the injected values (`<state>/injections.json`) and swaps in
+    /// an engine built with them; if that fails the file is put back.
+    /// Answered on `hermes/injection/complete` or `hermes/error/injection`.
+    async fn inject(&mut self, req: injection::Request) {
+        let dir = self.config.state_dir();
+        let recorded = {
+            let (config, req, dir) = (self.config.clone(), req.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut injected = Injected::load(&dir)?;
+                let before = injected.clone();
+                injected.perform(&req, &config)?;
+                injected.save(&dir)?;
+                Ok::<_, injection::InjectionError>(before)
+            })
+            .await
+            .expect("injection task does not panic")
+        };
+        let outcome = match recorded {
+            Err(e) => Err((e.reason(), e.to_string())),
+            Ok(before) => {
+                let config = self.config.clone();
+                match self.switch(&config).await {
+                    Ok(()) => Ok(()),
+                    Err(why) => {
+                        let put_back = tokio::task::spawn_blocking(move || before.save(&dir));
+                        if let Ok(Err(e)) = put_back.await {
+                            log::error!(
+                                "entity injection: cannot restore the previous values: {e}"
+                            );
+                        }
+                        Err(("engine", why))
+                    }
+                }
+            }
+        };
+        let (topic, body) = match outcome {
+            Ok(()) => {
+                log::info!("entities injected; the engine serves with them");
+                (injection::COMPLETE_TOPIC, json!({"requestId": req.id}))
+            }
+            Err((reason, why)) => {
+                log::warn!(reason = reason; "entity injection refused: {why}");
+                let body = json!({"requestId": req.id, "error": why, "context": reason});
+                (injection::ERROR_TOPIC, body)
+            }
+        };
+        self.publish(topic, &body, false);
     }
 
     /// A bundle on trial that has served `trial_secs` is confirmed.
@@ -232,15 +290,20 @@ impl Supervisor {
             "on_trial": pointer.trial.is_some(),
             "last": pointer.last,
         });
+        let topic = self.config.updates.status_topic(&self.config.broker);
+        self.publish(&topic, &status, true);
+    }
+
+    fn publish(&self, topic: &str, body: &serde_json::Value, retain: bool) {
         let entry = OutboxEntry {
-            topic: self.config.updates.status_topic(&self.config.broker),
+            topic: topic.to_owned(),
             correlation: None,
-            payload: serde_json::to_vec(&status).expect("status serializes"),
-            retain: true,
+            payload: serde_json::to_vec(body).expect("JSON serialises"),
+            retain,
         };
         match self.store.publish(&entry) {
             Ok(()) => self.router.outbox_wake.as_ref()(),
-            Err(e) => log::error!("cannot queue the model status: {e}"),
+            Err(e) => log::error!("cannot queue a message for {topic}: {e}"),
         }
     }
 }

@@ -6,6 +6,7 @@ mod daemon;
 mod faults;
 mod mqtt5;
 mod packaging;
+mod packs;
 mod proxy;
 mod systemd;
 mod updates;

@@ -689,3 +689,47 @@ pub fn serve_file(path: &Path, break_first: bool) -> String {
     });
     format!("http://127.0.0.1:{port}/bundle.slmdb")
 }
+
+/// A shipped pack (`configs/<pack>.toml`) as the daemon would run it, with
+/// only what a test must change: the broker port, a unique client id, a
+/// state directory in `dir`, the test model, and example paths made
+/// absolute (the file is written to `dir`).
+pub fn pack_config(dir: &Path, broker_port: u16, pack: &str) -> PathBuf {
+    let configs = repo_root().join("configs");
+    let text = std::fs::read_to_string(configs.join(format!("{pack}.toml"))).unwrap();
+    let mut doc: toml::Table = text.parse().unwrap();
+    let nonce = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let broker = doc["broker"].as_table_mut().unwrap();
+    broker.insert("port".into(), i64::from(broker_port).into());
+    let id = format!("{}-{nonce}", broker["client_id"].as_str().unwrap());
+    broker.insert("client_id".into(), id.into());
+    broker.insert("max_backoff_secs".into(), 1.into());
+    let state = dir.join("state").display().to_string();
+    doc.insert(
+        "state".into(),
+        toml::Table::from_iter([("dir".into(), state.into())]).into(),
+    );
+    let model = doc["model"].as_table_mut().unwrap();
+    model.remove("name");
+    model.remove("manifests");
+    model.insert("path".into(), model_path().display().to_string().into());
+    let absolute = |v: &toml::Value| -> toml::Value {
+        configs
+            .join(v.as_str().unwrap())
+            .display()
+            .to_string()
+            .into()
+    };
+    for task in doc["tasks"].as_array_mut().unwrap() {
+        let task = task.as_table_mut().unwrap();
+        let files = match task.get("examples_file") {
+            Some(toml::Value::Array(a)) => a.iter().map(absolute).collect(),
+            Some(one) => vec![absolute(one)],
+            None => continue,
+        };
+        task.insert("examples_file".into(), toml::Value::Array(files));
+    }
+    let path = dir.join(format!("{pack}.toml"));
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}

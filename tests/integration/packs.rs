@@ -1,0 +1,158 @@
+//! The shipped use-case packs, run as shipped (configs/*.toml) against
+//! mosquitto and the real model.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::util::{pack_config, Broker, Client, Daemon, Msg};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The next message on `topic`, skipping others (retained status and the
+/// like).
+async fn on(sub: &mut Client, topic: &str) -> Msg {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match sub.next(left).await {
+            Some(m) if m.topic == topic => return m,
+            Some(_) => continue,
+            None => panic!("nothing on {topic} within {WAIT:?}"),
+        }
+    }
+}
+
+/// The Hermes fields of a slot, and its range checked against the input.
+fn check_slot(input: &str, slot: &Value) {
+    for field in ["entity", "slotName", "rawValue"] {
+        assert!(slot[field].is_string(), "{field} in {slot}");
+    }
+    let kind = slot["value"]["kind"].as_str().unwrap();
+    assert!(["Custom", "Number"].contains(&kind), "{slot}");
+    assert!(!slot["value"]["value"].is_null(), "{slot}");
+    if let Some(range) = slot.get("range") {
+        let chars: Vec<char> = input.chars().collect();
+        let (s, e) = (
+            range["start"].as_u64().unwrap() as usize,
+            range["end"].as_u64().unwrap() as usize,
+        );
+        let raw: String = chars[s..e].iter().collect();
+        assert_eq!(
+            raw,
+            slot["rawValue"].as_str().unwrap(),
+            "range of {slot} in {input:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn smart_home_speaks_hermes_with_home_assistant_intents_and_injected_entities() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = pack_config(dir.path(), broker.port, "smart-home");
+    let mut sub = Client::connect(broker.port, &["hermes/#"]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+
+    // A query, answered on hermes/intent/<intentName> with the Hermes fields.
+    let input = "turn off the kitchen lights";
+    let query = json!({"input": input, "id": "q1", "siteId": "kitchen", "sessionId": "s1",
+                       "customData": "from-test"});
+    sub.publish("hermes/nlu/query", query.to_string()).await;
+    let m = on(&mut sub, "hermes/intent/HassTurnOff").await;
+    let v = m.json();
+    assert_eq!(v["input"], input);
+    assert_eq!(v["intent"]["intentName"], "HassTurnOff");
+    let p = v["intent"]["confidenceScore"].as_f64().unwrap();
+    assert!(p > 0.0 && p <= 1.0, "{v}");
+    assert_eq!(
+        (&v["id"], &v["siteId"], &v["sessionId"]),
+        (&json!("q1"), &json!("kitchen"), &json!("s1"))
+    );
+    assert_eq!(v["customData"], "from-test");
+    let slots = v["slots"].as_array().unwrap();
+    slots.iter().for_each(|s| check_slot(input, s));
+    let area = slots
+        .iter()
+        .find(|s| s["slotName"] == "area")
+        .expect("an area slot");
+    assert_eq!(area["value"], json!({"kind": "Custom", "value": "Kitchen"}));
+    assert_eq!(area["rawValue"], "kitchen");
+
+    // intentFilter: only the allowed intents are chosen among.
+    let query = json!({"input": input, "id": "q2", "intentFilter": ["HassTurnOn"]});
+    sub.publish("hermes/nlu/query", query.to_string()).await;
+    let v = on(&mut sub, "hermes/intent/HassTurnOn").await.json();
+    assert_eq!(v["id"], "q2");
+    assert_eq!(v["siteId"], "default");
+    // None allowed that the task knows: not recognised, with the input.
+    let query =
+        json!({"input": input, "id": "q3", "sessionId": "s3", "intentFilter": ["NoSuchIntent"]});
+    sub.publish("hermes/nlu/query", query.to_string()).await;
+    let v = on(&mut sub, "hermes/nlu/intentNotRecognized").await.json();
+    assert_eq!(
+        (&v["id"], &v["sessionId"], &v["input"]),
+        (&json!("q3"), &json!("s3"), &json!(input))
+    );
+    assert!(v.get("intent").is_none());
+
+    // Errors go to hermes/error/nlu with the session and slmd's reason.
+    sub.publish("hermes/nlu/query", "turn on the lights").await;
+    let v = on(&mut sub, "hermes/error/nlu").await.json();
+    assert_eq!(v["context"], "invalid_json");
+    assert!(v["error"].as_str().unwrap().contains("JSON"), "{v}");
+    sub.publish(
+        "hermes/nlu/query",
+        json!({"sessionId": "s4", "text": "x"}).to_string(),
+    )
+    .await;
+    let v = on(&mut sub, "hermes/error/nlu").await.json();
+    assert_eq!(
+        (&v["context"], &v["sessionId"]),
+        (&json!("missing_text"), &json!("s4"))
+    );
+
+    // Entity injection: a new area becomes a value the slot may take.
+    let inject = json!({"id": "inj1", "operations": [["add", {"area": ["Attic"]}]]});
+    sub.publish("hermes/injection/perform", inject.to_string())
+        .await;
+    let v = on(&mut sub, "hermes/injection/complete").await.json();
+    assert_eq!(v, json!({"requestId": "inj1"}));
+    let saved = std::fs::read_to_string(dir.path().join("state/injections.json")).unwrap();
+    assert!(saved.contains("Attic"), "{saved}");
+    let input = "turn on the lights in the attic";
+    sub.publish(
+        "hermes/nlu/query",
+        json!({"input": input, "id": "q5"}).to_string(),
+    )
+    .await;
+    let v = on(&mut sub, "hermes/intent/HassTurnOn").await.json();
+    let area = v["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slotName"] == "area")
+        .cloned();
+    assert_eq!(
+        area.expect("an area slot")["value"]["value"],
+        "Attic",
+        "{v}"
+    );
+    // An entity that is no enum slot is refused, and the daemon serves on.
+    let inject = json!({"id": "inj2", "operations": [["add", {"brightness": ["x"]}]]});
+    sub.publish("hermes/injection/perform", inject.to_string())
+        .await;
+    let v = on(&mut sub, "hermes/error/injection").await.json();
+    assert_eq!(v["context"], "unknown_entity");
+    sub.publish(
+        "hermes/nlu/query",
+        json!({"input": "what time is it", "id": "q6"}).to_string(),
+    )
+    .await;
+    let v = on(&mut sub, "hermes/intent/HassGetCurrentTime")
+        .await
+        .json();
+    assert_eq!(v["id"], "q6");
+    assert!(daemon.is_running());
+}
