@@ -391,6 +391,9 @@ pub struct TaskConfig {
     /// ([`crate::hermes`]).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Safety policy for commands that act on the world: each result gets
+    /// an `action` (execute, confirm or refuse) ([`crate::policy`]).
+    pub policy: Option<crate::policy::PolicyConfig>,
 }
 
 /// A task's wire format.
@@ -712,6 +715,7 @@ impl Config {
             );
         }
         self.validate_slots(key, task, p);
+        self.validate_policy(key, task, p);
         if !(0.0..=1.0).contains(&task.abstain_below) {
             p.add(format!("{key}.abstain_below"), "must be between 0 and 1");
         }
@@ -761,6 +765,35 @@ impl Config {
 }
 
 impl Config {
+    fn validate_policy(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        let Some(policy) = &task.policy else { return };
+        if let Some(t) = &policy.state_topic {
+            if let Err(why) = crate::topic::check_filter(t) {
+                p.add(format!("{key}.policy.state_topic"), why);
+            }
+        }
+        for (i, rule) in policy.rules.iter().enumerate() {
+            let at = format!("{key}.policy.rules[{i}]");
+            if !task.labels.iter().any(|l| l.name == rule.intent) {
+                p.add(
+                    format!("{at}.intent"),
+                    format!("{:?} is not one of the task's labels", rule.intent),
+                );
+            }
+            for (j, f) in rule.topics.iter().enumerate() {
+                if let Err(why) = crate::topic::check_filter(f) {
+                    p.add(format!("{at}.topics[{j}]"), why);
+                }
+            }
+            if rule.range.is_some_and(|[lo, hi]| lo > hi) {
+                p.add(format!("{at}.range"), "min is above max");
+            }
+            if !(0.0..=1.0).contains(&rule.min_confidence) {
+                p.add(format!("{at}.min_confidence"), "must be between 0 and 1");
+            }
+        }
+    }
+
     fn validate_slots(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
         match task.kind {
             TaskKind::Classify => {

@@ -33,6 +33,7 @@ pub mod models;
 pub mod mqtt;
 pub mod notify;
 pub mod payload;
+pub mod policy;
 pub mod router;
 pub mod status;
 pub mod store;
@@ -279,8 +280,9 @@ pub(crate) async fn build_engine(
     }
 }
 
-/// Every task's input topics, the model update control topic and, when a
-/// task speaks Hermes, its entity injection topic.
+/// Every task's input topics, the model update control topic, when a task
+/// speaks Hermes its entity injection topic, and the policies' vehicle
+/// state topics.
 pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
     let control = config.updates.control_topic(&config.broker);
     let hermes = config
@@ -292,7 +294,13 @@ pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
         .iter()
         .flat_map(|t| t.topics.iter().cloned())
         .chain(std::iter::once(control))
-        .chain(hermes.then(|| injection::PERFORM_TOPIC.to_owned()));
+        .chain(hermes.then(|| injection::PERFORM_TOPIC.to_owned()))
+        .chain(
+            config
+                .tasks
+                .iter()
+                .filter_map(|t| t.policy.as_ref()?.state_topic.clone()),
+        );
     let mut filters: Vec<String> = Vec::new();
     for f in all {
         if !filters.contains(&f) {

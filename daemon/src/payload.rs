@@ -168,6 +168,9 @@ pub struct TaskResult {
     pub latency_ms: f64,
     /// Of that, time on the inference thread.
     pub inference_ms: f64,
+    /// What the task's safety policy says to do (tasks with a policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<crate::policy::Action>,
 }
 
 /// What the task found.
@@ -237,6 +240,7 @@ impl TaskResult {
             model: model.clone(),
             latency_ms: round2(latency_ms),
             inference_ms: round2(scores.inference_ms),
+            action: None,
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct Router {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Model update requests: the control topic and where they go.
     control: Option<Control>,
+    /// The last speed (km/h) each policy state topic reported, and when.
+    speeds: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
 /// Model update requests arrive on `topic`. Installs go to the updater
@@ -86,6 +88,7 @@ impl Router {
             in_flight: Default::default(),
             metrics,
             control: None,
+            speeds: Default::default(),
         }
     }
 
@@ -195,6 +198,44 @@ impl Router {
         self.settle(key, out);
     }
 
+    /// A vehicle state report `{"speed_kmh": N}` for `task`'s policy; a
+    /// report that cannot be read gets an error result.
+    fn vehicle_state(&self, task: &TaskConfig, entry: &InboxEntry) -> Option<OutboxEntry> {
+        let speed = serde_json::from_slice::<serde_json::Value>(&entry.payload)
+            .ok()
+            .and_then(|v| v.get("speed_kmh")?.as_f64())
+            .filter(|s| s.is_finite() && *s >= 0.0);
+        match speed {
+            Some(s) => {
+                let now = std::time::Instant::now();
+                self.speeds
+                    .lock()
+                    .unwrap()
+                    .insert(entry.topic.clone(), (s, now));
+                None
+            }
+            None => Some(self.error(
+                task,
+                entry,
+                "bad_state",
+                "a vehicle state is {\"speed_kmh\": <number >= 0>}".into(),
+            )),
+        }
+    }
+
+    /// The freshest speed reported on `policy`'s state topic, if recent.
+    fn speed(&self, policy: &crate::policy::PolicyConfig) -> Option<f64> {
+        let filter = policy.state_topic.as_deref()?;
+        let max_age = std::time::Duration::from_secs(policy.state_max_age_secs);
+        self.speeds
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, (_, at))| topic::matches(filter, t) && at.elapsed() <= max_age)
+            .max_by_key(|(_, (_, at))| *at)
+            .map(|(_, (s, _))| *s)
+    }
+
     /// Removes a message from the inbox, with an answer or without.
     fn settle(&self, key: u64, out: Option<OutboxEntry>) {
         let done = match out {
@@ -302,6 +343,14 @@ impl Router {
             self.inject(key, entry).await;
             return Ok(());
         }
+        if let Some(task) = routing.tasks.iter().find(|t| {
+            let state = t.policy.as_ref().and_then(|p| p.state_topic.as_deref());
+            state.is_some_and(|f| topic::matches(f, &entry.topic))
+        }) {
+            let out = self.vehicle_state(task, &entry);
+            self.settle(key, out);
+            return Ok(());
+        }
         let Some(task) = routing
             .tasks
             .iter()
@@ -379,13 +428,23 @@ impl Router {
             {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
-                    let result = TaskResult::new(
+                    let mut result = TaskResult::new(
                         req.id.clone(),
                         &task.name,
                         &scores,
                         &routing.engine.model,
                         latency,
                     );
+                    result.action = task.policy.as_ref().map(|p| {
+                        p.decide(&crate::policy::Command {
+                            topic: &entry.topic,
+                            text: &req.text,
+                            intent: scores.label.as_deref(),
+                            confidence: result.confidence,
+                            slots: scores.slots.as_deref().unwrap_or_default(),
+                            speed_kmh: self.speed(p),
+                        })
+                    });
                     log::info!(
                         task = task.name.as_str(),
                         msg_id = req.id.as_str(),
