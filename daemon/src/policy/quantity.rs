@@ -10,6 +10,7 @@ use serde::Serialize;
 pub enum Quantity {
     /// An absolute value; `unit` is "°C", "°F", "%" or absent.
     Absolute {
+        #[serde(serialize_with = "number")]
         value: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         unit: Option<&'static str>,
@@ -17,10 +18,16 @@ pub enum Quantity {
     /// A step up or down from the current setting: "a bit warmer" is +1,
     /// "2 degrees lower" -2 °C.
     Relative {
+        #[serde(serialize_with = "number")]
         relative: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         unit: Option<&'static str>,
     },
+}
+
+/// Whole numbers as JSON integers, as slot values are.
+fn number<S: serde::Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+    crate::engine::schema::SlotValue::Number(*x).serialize(s)
 }
 
 impl Quantity {
