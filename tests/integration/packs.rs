@@ -220,7 +220,8 @@ async fn vehicle_commands_pass_the_safety_policy() {
     // Windows: fine when parked, a yes at speed; an unreadable state is an
     // error result and leaves the last speed in force. (A speed is good for
     // state_max_age_secs: the car reports it again.)
-    sub.publish("vehicle/state", json!({"speed_kmh": 0}).to_string()).await;
+    sub.publish("vehicle/state", json!({"speed_kmh": 0}).to_string())
+        .await;
     let v = command(&mut sub, cabin, "w1", "open the driver window").await;
     assert_eq!(v["action"]["decision"], "execute", "{v}");
     sub.publish("vehicle/state", json!({"speed_kmh": 80}).to_string())
