@@ -76,9 +76,16 @@ sleep 0.5
 for s in "${sends[@]}"; do
   topic=${s%%|*} payload=${s#*|}
   printf '  -> %-28s %s\n' "$topic" "$payload"
-  mosquitto_pub -p "$port" -q 1 -t "$topic" -m "$payload"
-  # The injection swaps the engine; let the query after it see the new one.
-  [ "$topic" = hermes/injection/perform ] && sleep 8
+  if [ "$topic" = hermes/injection/perform ]; then
+    # The injection swaps the engine: the queries after it wait for that.
+    mosquitto_sub -p "$port" -q 1 -t hermes/injection/complete -C 1 -W 120 >/dev/null &
+    done_sub=$!
+    sleep 0.3
+    mosquitto_pub -p "$port" -q 1 -t "$topic" -m "$payload"
+    wait "$done_sub" || true
+  else
+    mosquitto_pub -p "$port" -q 1 -t "$topic" -m "$payload"
+  fi
 done
 wait "$sub" || true
 echo

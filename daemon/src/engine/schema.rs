@@ -374,11 +374,14 @@ fn slot_value(spec: &SlotSpec, value: Value) -> Result<Option<SlotValue>, Schema
     }
 }
 
-/// Brings closed-enum slots in line with what the input says: a slot the
+/// Brings slots in line with what the input says. A closed-enum slot the
 /// reply left out, or filled with a value not in the input, takes the one
 /// value of its enum that the input names (on word boundaries, ignoring
-/// case), when exactly one does. A small model copies its examples' values
-/// too readily; the text is the better witness.
+/// case), when exactly one does. Then text values that are nowhere in the
+/// input are dropped, unless they are a known value of an open enum (a
+/// domain such as "binary_sensor" is inferred, not said). A small model
+/// copies its examples' values too readily; the text is the better witness.
+/// Numbers are kept ("one hundred percent" is 100).
 pub fn ground(slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
     for spec in slots {
         let SlotKind::Enum {
@@ -410,6 +413,18 @@ pub fn ground(slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
             None => found.push(slot),
         }
     }
+    found.retain(|slot| {
+        let known = |v: &str| match slots.iter().find(|s| s.name == slot.name).map(|s| &s.kind) {
+            Some(SlotKind::Enum { values, open: true }) => {
+                values.iter().any(|x| x.eq_ignore_ascii_case(v))
+            }
+            _ => false,
+        };
+        match &slot.value {
+            SlotValue::Number(_) => true,
+            SlotValue::Text(v) => slot.span.is_some() || known(v),
+        }
+    });
     found.sort_by_key(|s| slots.iter().position(|spec| spec.name == s.name));
 }
 
@@ -598,11 +613,13 @@ mod tests {
             r#"{"floor": "First Floor", "domain": "light"}"#,
         );
         let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["area", "floor", "domain"], "added, in schema order");
+        assert_eq!(
+            names,
+            ["area", "domain"],
+            "area added, in schema order; the floor nothing names is dropped"
+        );
         assert_eq!(got[0].value, kitchen);
         assert_eq!(got[0].span.as_ref().unwrap().raw, "kitchen");
-        let first = SlotValue::Text("First Floor".into());
-        assert_eq!(got[1].value, first, "nothing names a floor: kept");
 
         let got = grounded("pause music in the living room", r#"{"area": "Kitchen"}"#);
         assert_eq!(
@@ -614,6 +631,41 @@ mod tests {
         let got = grounded("kitchen and living room", r#"{"area": "Kitchen"}"#);
         assert_eq!(got.len(), 1, "two named: left to the model");
         assert_eq!(got[0].value, kitchen);
+    }
+
+    #[test]
+    fn grounding_drops_text_the_input_does_not_contain_but_keeps_inferred_known_values() {
+        let slots = vec![
+            spec(
+                "name",
+                SlotKind::Enum {
+                    values: vec!["Bedroom Lamp".into()],
+                    open: true,
+                },
+            ),
+            spec(
+                "domain",
+                SlotKind::Enum {
+                    values: vec!["binary_sensor".into()],
+                    open: true,
+                },
+            ),
+            spec("item", SlotKind::String),
+            spec("level", SlotKind::Number),
+        ];
+        let input = "is light detected at one hundred percent";
+        let reply =
+            r#"{"name": "Tower Lights", "domain": "binary_sensor", "item": "milk", "level": 100}"#;
+        let mut got = parse_output(&slots, reply, input).unwrap();
+        ground(&slots, &mut got, input);
+        let kept: Vec<(&str, String)> = got
+            .iter()
+            .map(|s| (s.name.as_str(), s.value.to_string()))
+            .collect();
+        assert_eq!(
+            kept,
+            [("domain", "binary_sensor".into()), ("level", "100".into())]
+        );
     }
 
     #[test]
