@@ -335,6 +335,9 @@ pub enum TaskKind {
     Classify,
     /// An intent (a label) and its slots.
     Extract,
+    /// Sensor readings judged by detectors; an anomaly gets a note whose
+    /// cause (one of the labels) the model picks (`[tasks.monitor]`).
+    Monitor,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +388,8 @@ pub struct TaskConfig {
     /// Extract tasks: what the model is told before an intent's examples.
     #[serde(default = "default_slot_instruction")]
     pub slot_instruction: String,
+    /// Monitor tasks: how readings are read and judged.
+    pub monitor: Option<crate::monitor::settings::MonitorConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -726,8 +731,21 @@ impl Config {
 
 impl Config {
     fn validate_slots(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        match (task.kind, &task.monitor) {
+            (TaskKind::Monitor, None) => p.add(
+                format!("{key}.monitor"),
+                "a monitor task needs a [tasks.monitor] table with its detectors",
+            ),
+            (TaskKind::Monitor, Some(m)) => {
+                for (k, message) in m.problems(&format!("{key}.monitor")) {
+                    p.add(k, message);
+                }
+            }
+            (_, Some(_)) => p.add(format!("{key}.monitor"), "only monitor tasks have one"),
+            _ => {}
+        }
         match task.kind {
-            TaskKind::Classify => {
+            TaskKind::Classify | TaskKind::Monitor => {
                 if !task.slots.is_empty() {
                     p.add(format!("{key}.slots"), "only extract tasks have slots");
                 }

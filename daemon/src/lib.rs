@@ -17,6 +17,8 @@
 //! - [`engine`]: the llama.cpp model on its own thread; classification heads
 //!   and grammar-constrained slot generation.
 //! - [`models`]: manifests, fetching and verifying GGUF files.
+//! - [`monitor`]: factory-line anomaly notes: sensor windows, detectors,
+//!   notes whose cause the model picks.
 //! - [`status`]: the store's figures for `slmd status`, while running too.
 
 pub mod bundle;
@@ -28,6 +30,7 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod models;
+pub mod monitor;
 pub mod mqtt;
 pub mod notify;
 pub mod payload;
@@ -386,11 +389,7 @@ pub async fn run(
     }
     let (requests_tx, requests) = tokio::sync::mpsc::channel(1);
     let wake_link = link.clone();
-    let routing = router::Routing {
-        engine,
-        tasks: config.tasks.clone(),
-        limits: config.limits.clone(),
-    };
+    let routing = router::Routing::new(engine, config.tasks.clone(), config.limits.clone());
     let router = Arc::new(
         router::Router::new(
             store.clone(),

@@ -60,6 +60,27 @@ enum Command {
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Publish a recorded sensor file (CSV with a header: a time stamp
+    /// column and value columns) as readings, for demos and tests.
+    Replay {
+        /// CSV: `timestamp,value` (the NAB layout) or `ts,<sensor>,<sensor>...`.
+        file: PathBuf,
+        /// Topic to publish the readings on.
+        #[arg(long)]
+        topic: String,
+        /// Readings per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// The broker, HOST:PORT (or mqtt://HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: slmd::mqtt::BrokerAddr,
+        /// Sensor name of a lone `value` column (default: the file's stem).
+        #[arg(long)]
+        sensor: Option<String>,
+        /// Unit put in every reading.
+        #[arg(long)]
+        unit: Option<String>,
+    },
     /// Inbox depth, outbox depth, dead letters and the oldest pending ages,
     /// as JSON; works while the daemon runs.
     Status {
@@ -297,6 +318,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => eval(args),
+        Command::Replay {
+            file,
+            topic,
+            rate,
+            broker,
+            sensor,
+            unit,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                anyhow::bail!("--rate must be above 0");
+            }
+            slmd::topic::check_name(&topic).map_err(|why| anyhow::anyhow!("--topic: {why}"))?;
+            let rows = slmd::monitor::replay::read(&file, sensor.as_deref())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let opts = slmd::monitor::replay::Options {
+                host: &broker.host,
+                port: broker.port,
+                topic: &topic,
+                rate,
+                unit: unit.as_deref(),
+                ack_timeout: std::time::Duration::from_secs(30),
+            };
+            let sent = runtime.block_on(slmd::monitor::replay::publish(&rows, &opts))?;
+            println!(
+                "{}: {sent} readings published to {topic} and acknowledged",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => bench(args),
         Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
             let (state, manifests) = dirs(d)?;
