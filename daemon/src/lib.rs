@@ -180,25 +180,11 @@ pub fn start_engine_with(
     config: &Config,
     (model_path, model, format): (PathBuf, ModelInfo, PromptFormat),
 ) -> Result<Engine, RunError> {
-    let mut tasks = Vec::with_capacity(config.tasks.len());
-    for t in &config.tasks {
-        tasks.push(TaskSpec {
-            name: t.name.clone(),
-            strategy: t.strategy,
-            instruction: t.instruction.clone(),
-            cue: t.cue.clone(),
-            labels: t.labels.iter().map(|l| l.name.clone()).collect(),
-            examples: examples::for_task(config, t)?,
-            lexical_weight: t.lexical_weight,
-            abstain_below: t.abstain_below,
-            reject_label: t.reject_label.clone(),
-            extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
-                slots: t.slots.clone(),
-                instruction: t.slot_instruction.clone(),
-                label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
-            }),
-        });
-    }
+    let tasks = config
+        .tasks
+        .iter()
+        .map(|t| task_spec(config, t))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = EngineOptions {
         model_path,
         model,
@@ -237,6 +223,27 @@ fn check_memlock(model: &Path) -> Result<(), RunError> {
         });
     }
     Ok(())
+}
+
+/// What the engine needs to know about a configured task (monitor tasks
+/// are classify tasks to it: their labels are the cause categories).
+pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, RunError> {
+    Ok(TaskSpec {
+        name: t.name.clone(),
+        strategy: t.strategy,
+        instruction: t.instruction.clone(),
+        cue: t.cue.clone(),
+        labels: t.labels.iter().map(|l| l.name.clone()).collect(),
+        examples: examples::for_task(config, t)?,
+        lexical_weight: t.lexical_weight,
+        abstain_below: t.abstain_below,
+        reject_label: t.reject_label.clone(),
+        extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
+            slots: t.slots.clone(),
+            instruction: t.slot_instruction.clone(),
+            label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
+        }),
+    })
 }
 
 /// Whether messages go through the model (always, but for measuring the

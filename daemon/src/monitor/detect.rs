@@ -69,11 +69,18 @@ pub fn rate(prev: Sample, cur: Sample, max_per_sec: f64) -> Option<Firing> {
     })
 }
 
+/// A spread this small next to the mean is rounding noise of a constant
+/// signal, not a spread: dividing by it gives absurd sigmas.
+fn negligible(std: f64, mean: f64) -> bool {
+    std <= 1e-9 * mean.abs().max(1.0)
+}
+
 /// Fires when `value` is more than `k` standard deviations (at least
-/// `min_std`) from the reference mean. A zero spread never fires.
+/// `min_std`) from the reference mean. A zero (or negligible) spread never
+/// fires: set `min_std` for signals that may sit still.
 pub fn zscore(value: f64, reference: Stats, k: f64, min_std: f64) -> Option<Firing> {
     let std = reference.std.max(min_std);
-    if std <= 0.0 {
+    if negligible(std, reference.mean) {
         return None;
     }
     let z = (value - reference.mean).abs() / std;
@@ -115,7 +122,7 @@ impl Ewma {
     /// Fires when `value` is more than `k` weighted deviations away.
     pub fn judge(&self, value: f64, k: f64, min_std: f64) -> Option<Firing> {
         let std = self.var.sqrt().max(min_std);
-        if std <= 0.0 {
+        if negligible(std, self.mean) {
             return None;
         }
         let z = (value - self.mean).abs() / std;
@@ -277,6 +284,8 @@ mod tests {
         );
         let flat = Stats { std: 0.0, ..r };
         assert!(zscore(11.0, flat, 3.0, 0.0).is_none());
+        let rounding_noise = Stats { std: 5e-14, ..r };
+        assert!(zscore(11.0, rounding_noise, 3.0, 0.0).is_none());
         assert!(zscore(11.0, flat, 3.0, 0.1).is_some());
     }
 
