@@ -584,7 +584,7 @@ mod tests {
         assert!(w.anomaly);
         assert_eq!((w.base_mean, w.base_std), (7.058, 43.31));
         assert_eq!(w.trace, vec![-19.71, 37.27, 300.0, 40.0]);
-        assert_eq!(w.end - w.start, 34.0 * 3600.0 + 1800.0);
+        assert_eq!(w.end - w.start, 33.0 * 3600.0 + 1800.0);
         assert!(parse_nab(0, &row("series y, no numbers", "normal")).is_err());
     }
 
