@@ -139,9 +139,12 @@ impl Ewma {
 /// One sensor's references and its detectors.
 ///
 /// A reading that some detector calls anomalous is not learnt into the
-/// window or the EWMA: the baseline of a lasting excursion stays the
-/// normal one (so its notes keep saying how far from normal it is). The
-/// previous reading (for the rate) is always the last one.
+/// window or the EWMA, so the baseline of an excursion stays the normal one
+/// (its notes say how far from normal it is) -- until `min_samples`
+/// anomalous readings in a row: from then on they are learnt, and a lasting
+/// change of level becomes the new normal within about a window (otherwise
+/// a sensor whose EWMA had followed a slow drift would never be normal
+/// again). The previous reading (for the rate) is always the last one.
 #[derive(Debug, Clone)]
 pub struct SensorDetector {
     settings: SensorSettings,
@@ -152,6 +155,8 @@ pub struct SensorDetector {
     /// Statistics known before the first reading (`prime`); used while the
     /// window has fewer than `min_samples` readings.
     prior: Option<Stats>,
+    /// Anomalous readings in a row, up to this one.
+    anomalous_run: usize,
 }
 
 impl SensorDetector {
@@ -161,6 +166,7 @@ impl SensorDetector {
             ewma: vec![None; settings.detectors.len()],
             prev: None,
             prior: None,
+            anomalous_run: 0,
             settings,
         }
     }
@@ -195,7 +201,8 @@ impl SensorDetector {
     }
 
     /// Judges `s` by every detector (in the configured order), then learns
-    /// it unless one fired. Returns the firings, empty when normal.
+    /// it unless one fired (and the run of anomalies is still short).
+    /// Returns the firings, empty when normal.
     pub fn step(&mut self, s: Sample) -> Vec<Firing> {
         let reference = self.reference();
         let min_std = self.settings.min_std;
@@ -220,7 +227,12 @@ impl SensorDetector {
             fired.extend(f);
         }
         self.prev = Some(s);
-        if fired.is_empty() {
+        self.anomalous_run = if fired.is_empty() {
+            0
+        } else {
+            self.anomalous_run + 1
+        };
+        if self.anomalous_run == 0 || self.anomalous_run > min_samples {
             self.window.push(s.value);
             for (state, d) in self.ewma.iter_mut().zip(&self.settings.detectors) {
                 if let DetectorConfig::Ewma { alpha, .. } = *d {
@@ -331,6 +343,24 @@ mod tests {
         // The excursion is not learnt: the next one is judged against the same baseline.
         let g = d.step(at(6.0, 30.0));
         assert_eq!(g[0].baseline, Some(base));
+    }
+
+    #[test]
+    fn a_lasting_change_becomes_the_new_normal() {
+        let mut d = SensorDetector::new(settings(vec![DetectorConfig::Zscore { k: 3.0 }]));
+        for i in 0..10 {
+            d.step(at(i as f64, 10.0 + (i % 2) as f64));
+        }
+        // A new level: anomalous for min_samples (5) readings without being
+        // learnt, then learnt until the window holds mostly the new level.
+        let mut fired = 0;
+        for i in 10..40 {
+            if !d.step(at(i as f64, 50.0 + (i % 2) as f64)).is_empty() {
+                fired += 1;
+            }
+        }
+        assert!((5..15).contains(&fired), "{fired}");
+        assert!(d.step(at(40.0, 50.5)).is_empty());
     }
 
     #[test]

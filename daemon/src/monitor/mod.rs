@@ -17,10 +17,11 @@
 //!   standard deviation (`alpha`, `k`), after the same warm-up.
 //!
 //! Readings that a detector fires on are not learnt into the window or
-//! the EWMA, so the baseline of an excursion stays the normal one. The
-//! other side of that choice: a lasting change of level (a new set point)
-//! stays anomalous and yields a note every cooldown until the sensor's
-//! state is reset (a configuration reload resets every sensor).
+//! the EWMA, so the baseline of an excursion stays the normal one; after
+//! `min_samples` anomalous readings in a row they are learnt after all, so
+//! a lasting change of level (a new set point, or the return from a slow
+//! drift the EWMA had followed) becomes the new normal within about a
+//! window instead of yielding a note every cooldown for ever.
 //!
 //! # The note
 //!
