@@ -783,3 +783,62 @@ impl Problems {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(task: &str) -> Config {
+        toml::from_str(&format!(
+            r#"
+            [broker]
+            client_id = "t"
+            [state]
+            dir = "/tmp/x"
+            [model]
+            path = "/tmp/m.gguf"
+            [[tasks]]
+            name = "f"
+            topics = ["f/+/reading"]
+            output_topic = "f/note"
+            labels = [{{ name = "a", examples = ["x"] }}, {{ name = "b", examples = ["y"] }}]
+            {task}
+            "#
+        ))
+        .unwrap()
+    }
+
+    fn keys(c: &Config) -> Vec<String> {
+        c.validate().into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn a_monitor_task_needs_its_table_and_only_it_has_one() {
+        assert_eq!(keys(&config(r#"kind = "monitor""#)), ["tasks[0].monitor"]);
+        let with = |kind: &str| {
+            config(&format!(
+                "kind = \"{kind}\"\n[tasks.monitor]\ndetectors = [{{ kind = \"zscore\", k = 4.0 }}]"
+            ))
+        };
+        assert!(
+            keys(&with("monitor")).is_empty(),
+            "{:?}",
+            with("monitor").validate()
+        );
+        assert_eq!(keys(&with("classify")), ["tasks[0].monitor"]);
+    }
+
+    #[test]
+    fn monitor_problems_carry_the_task_key() {
+        let c = config(
+            "kind = \"monitor\"\n[tasks.monitor]\nmin_samples = 1\ndetectors = [{ kind = \"rate\", max_per_sec = 0.0 }]",
+        );
+        assert_eq!(
+            keys(&c),
+            [
+                "tasks[0].monitor.min_samples",
+                "tasks[0].monitor.detectors[0].max_per_sec"
+            ]
+        );
+    }
+}
