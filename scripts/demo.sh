@@ -6,6 +6,7 @@
 #   scripts/demo.sh               configs/demo.toml: commands and intents
 #   scripts/demo.sh smart-home    the Hermes / Home Assistant pack
 #   scripts/demo.sh vehicle       the in-car pack and its safety policy
+#   scripts/demo.sh factory       anomaly notes on a recorded spindle series
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -21,6 +22,33 @@ $bin model fetch smollm2-135m-instruct-q4_1 --config "$config"
 start_broker
 echo "demo: broker on 127.0.0.1:$port; starting slmd with $config (log: $work/slmd.log)"
 start_slmd "$bin" "$config"
+
+if [ "$pack" = factory ]; then
+  # A spindle series (tests/fixtures/factory: six hours at 10 s, labelled
+  # faults) published by `slmd replay`, then one malformed reading.
+  mosquitto_sub -p "$port" -q 1 -v -t 'slmd/factory/#' >"$work/notes" &
+  sub=$!
+  pids+=($sub)
+  sleep 0.5
+  echo "  -> factory/line1/reading      tests/fixtures/factory/spindle.csv (2160 readings)"
+  $bin replay tests/fixtures/factory/spindle.csv --topic factory/line1/reading \
+    --rate 500 --unit C --broker "127.0.0.1:$port"
+  echo '  -> factory/line1/reading      {"sensor": "spindle_temp", "value": "hot"}'
+  mosquitto_pub -p "$port" -q 1 -t factory/line1/reading -m '{"sensor": "spindle_temp", "value": "hot"}'
+  # Notes wait for the model's cause; stop when nothing new came for 5 s.
+  last=-1
+  while [ "$(wc -l <"$work/notes")" -ne "$last" ]; do
+    last=$(wc -l <"$work/notes")
+    sleep 5
+  done
+  echo
+  echo "notes and errors:"
+  sed 's/^/  <- /' "$work/notes"
+  echo
+  echo "demo: $(grep -c '^slmd/factory/note ' "$work/notes" || true) notes, $(grep -c '^slmd/factory/error ' "$work/notes" || true) error(s)"
+  grep -q '^slmd/factory/note ' "$work/notes"
+  exit
+fi
 
 # Ids are unique per run: slmd skips a message whose id it already processed.
 run=$(date +%s)

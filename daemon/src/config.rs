@@ -335,6 +335,9 @@ pub enum TaskKind {
     Classify,
     /// An intent (a label) and its slots.
     Extract,
+    /// Sensor readings judged by detectors; an anomaly gets a note whose
+    /// cause (one of the labels) the model picks (`[tasks.monitor]`).
+    Monitor,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -394,6 +397,8 @@ pub struct TaskConfig {
     /// Safety policy for commands that act on the world: each result gets
     /// an `action` (execute, confirm or refuse) ([`crate::policy`]).
     pub policy: Option<crate::policy::PolicyConfig>,
+    /// Monitor tasks: how readings are read and judged.
+    pub monitor: Option<crate::monitor::settings::MonitorConfig>,
 }
 
 /// A task's wire format.
@@ -795,8 +800,21 @@ impl Config {
     }
 
     fn validate_slots(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        match (task.kind, &task.monitor) {
+            (TaskKind::Monitor, None) => p.add(
+                format!("{key}.monitor"),
+                "a monitor task needs a [tasks.monitor] table with its detectors",
+            ),
+            (TaskKind::Monitor, Some(m)) => {
+                for (k, message) in m.problems(&format!("{key}.monitor")) {
+                    p.add(k, message);
+                }
+            }
+            (_, Some(_)) => p.add(format!("{key}.monitor"), "only monitor tasks have one"),
+            _ => {}
+        }
         match task.kind {
-            TaskKind::Classify => {
+            TaskKind::Classify | TaskKind::Monitor => {
                 if !task.slots.is_empty() {
                     p.add(format!("{key}.slots"), "only extract tasks have slots");
                 }
@@ -832,5 +850,64 @@ impl Problems {
             key: key.into(),
             message: message.into(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(task: &str) -> Config {
+        toml::from_str(&format!(
+            r#"
+            [broker]
+            client_id = "t"
+            [state]
+            dir = "/tmp/x"
+            [model]
+            path = "/tmp/m.gguf"
+            [[tasks]]
+            name = "f"
+            topics = ["f/+/reading"]
+            output_topic = "f/note"
+            labels = [{{ name = "a", examples = ["x"] }}, {{ name = "b", examples = ["y"] }}]
+            {task}
+            "#
+        ))
+        .unwrap()
+    }
+
+    fn keys(c: &Config) -> Vec<String> {
+        c.validate().into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn a_monitor_task_needs_its_table_and_only_it_has_one() {
+        assert_eq!(keys(&config(r#"kind = "monitor""#)), ["tasks[0].monitor"]);
+        let with = |kind: &str| {
+            config(&format!(
+                "kind = \"{kind}\"\n[tasks.monitor]\ndetectors = [{{ kind = \"zscore\", k = 4.0 }}]"
+            ))
+        };
+        assert!(
+            keys(&with("monitor")).is_empty(),
+            "{:?}",
+            with("monitor").validate()
+        );
+        assert_eq!(keys(&with("classify")), ["tasks[0].monitor"]);
+    }
+
+    #[test]
+    fn monitor_problems_carry_the_task_key() {
+        let c = config(
+            "kind = \"monitor\"\n[tasks.monitor]\nmin_samples = 1\ndetectors = [{ kind = \"rate\", max_per_sec = 0.0 }]",
+        );
+        assert_eq!(
+            keys(&c),
+            [
+                "tasks[0].monitor.min_samples",
+                "tasks[0].monitor.detectors[0].max_per_sec"
+            ]
+        );
     }
 }

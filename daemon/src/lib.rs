@@ -17,6 +17,8 @@
 //! - [`engine`]: the llama.cpp model on its own thread; classification heads
 //!   and grammar-constrained slot generation.
 //! - [`models`]: manifests, fetching and verifying GGUF files.
+//! - [`monitor`]: factory-line anomaly notes: sensor windows, detectors,
+//!   notes whose cause the model picks.
 //! - [`status`]: the store's figures for `slmd status`, while running too.
 
 pub mod bundle;
@@ -30,6 +32,7 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod models;
+pub mod monitor;
 pub mod mqtt;
 pub mod notify;
 pub mod payload;
@@ -185,25 +188,11 @@ pub fn start_engine_with(
     // Entities injected at run time (Hermes) extend or replace the
     // configuration's enum values.
     let config = &injection::Injected::load(&config.state_dir())?.apply(config);
-    let mut tasks = Vec::with_capacity(config.tasks.len());
-    for t in &config.tasks {
-        tasks.push(TaskSpec {
-            name: t.name.clone(),
-            strategy: t.strategy,
-            instruction: t.instruction.clone(),
-            cue: t.cue.clone(),
-            labels: t.labels.iter().map(|l| l.name.clone()).collect(),
-            examples: examples::for_task(config, t)?,
-            lexical_weight: t.lexical_weight,
-            abstain_below: t.abstain_below,
-            reject_label: t.reject_label.clone(),
-            extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
-                slots: t.slots.clone(),
-                instruction: t.slot_instruction.clone(),
-                label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
-            }),
-        });
-    }
+    let tasks = config
+        .tasks
+        .iter()
+        .map(|t| task_spec(config, t))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = EngineOptions {
         model_path,
         model,
@@ -242,6 +231,27 @@ fn check_memlock(model: &Path) -> Result<(), RunError> {
         });
     }
     Ok(())
+}
+
+/// What the engine needs to know about a configured task (monitor tasks
+/// are classify tasks to it: their labels are the cause categories).
+pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, RunError> {
+    Ok(TaskSpec {
+        name: t.name.clone(),
+        strategy: t.strategy,
+        instruction: t.instruction.clone(),
+        cue: t.cue.clone(),
+        labels: t.labels.iter().map(|l| l.name.clone()).collect(),
+        examples: examples::for_task(config, t)?,
+        lexical_weight: t.lexical_weight,
+        abstain_below: t.abstain_below,
+        reject_label: t.reject_label.clone(),
+        extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
+            slots: t.slots.clone(),
+            instruction: t.slot_instruction.clone(),
+            label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
+        }),
+    })
 }
 
 /// Whether messages go through the model (always, but for measuring the
@@ -407,11 +417,7 @@ pub async fn run(
     }
     let (requests_tx, requests) = tokio::sync::mpsc::channel(1);
     let wake_link = link.clone();
-    let routing = router::Routing {
-        engine,
-        tasks: config.tasks.clone(),
-        limits: config.limits.clone(),
-    };
+    let routing = router::Routing::new(engine, config.tasks.clone(), config.limits.clone());
     let router = Arc::new(
         router::Router::new(
             store.clone(),

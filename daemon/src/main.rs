@@ -53,13 +53,34 @@ enum Command {
     /// `--train A --test B`: train on A, test on B. `--train A --cv K`:
     /// K-fold cross-validation on A. `--config FILE --task NAME --test B`:
     /// test a configured task on B.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
     /// Latency and throughput through the engine at several concurrencies,
     /// with and without prefix caching and batching.
     Bench(BenchArgs),
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Publish a recorded sensor file (CSV with a header: a time stamp
+    /// column and value columns) as readings, for demos and tests.
+    Replay {
+        /// CSV: `timestamp,value` (the NAB layout) or `ts,<sensor>,<sensor>...`.
+        file: PathBuf,
+        /// Topic to publish the readings on.
+        #[arg(long)]
+        topic: String,
+        /// Readings per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// The broker, HOST:PORT (or mqtt://HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: slmd::mqtt::BrokerAddr,
+        /// Sensor name of a lone `value` column (default: the file's stem).
+        #[arg(long)]
+        sensor: Option<String>,
+        /// Unit put in every reading.
+        #[arg(long)]
+        unit: Option<String>,
+    },
     /// Inbox depth, outbox depth, dead letters and the oldest pending ages,
     /// as JSON; works while the daemon runs.
     Status {
@@ -98,6 +119,13 @@ struct EvalArgs {
     /// Extract: what the model is told before an intent's examples.
     #[arg(long, default_value = slmd::engine::extract::DEFAULT_INSTRUCTION)]
     slot_instruction: String,
+    /// Anomaly: a labelled series (CSV as `slmd replay` reads) to score the
+    /// detector grid on, with --faults.
+    #[arg(long)]
+    series: Option<PathBuf>,
+    /// Anomaly: the series' fault intervals, CSV `kind,start,end`.
+    #[arg(long)]
+    faults: Option<PathBuf>,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
@@ -130,6 +158,11 @@ struct EvalArgs {
 enum EvalKind {
     Classify,
     Extract,
+    /// Detector settings on anomaly windows (--test, NAB rows) and on a
+    /// labelled series (--series, --faults); with --config and --task, the
+    /// configured monitor joins the series grid and the model picks every
+    /// note's cause.
+    Anomaly,
 }
 
 /// The model and how the engine runs it, for `eval` and `bench`.
@@ -296,7 +329,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval(args) => eval(args),
+        Command::Eval(args) => eval(*args),
+        Command::Replay {
+            file,
+            topic,
+            rate,
+            broker,
+            sensor,
+            unit,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                anyhow::bail!("--rate must be above 0");
+            }
+            slmd::topic::check_name(&topic).map_err(|why| anyhow::anyhow!("--topic: {why}"))?;
+            let rows = slmd::monitor::replay::read(&file, sensor.as_deref())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let opts = slmd::monitor::replay::Options {
+                host: &broker.host,
+                port: broker.port,
+                topic: &topic,
+                rate,
+                unit: unit.as_deref(),
+                ack_timeout: std::time::Duration::from_secs(30),
+            };
+            let sent = runtime.block_on(slmd::monitor::replay::publish(&rows, &opts))?;
+            println!(
+                "{}: {sent} readings published to {topic} and acknowledged",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => bench(args),
         Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
             let (state, manifests) = dirs(d)?;
@@ -343,8 +407,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     use slmd::eval::{self, TaskSettings};
     use slmd::examples::read_jsonl;
+    if a.kind == EvalKind::Anomaly {
+        return eval_anomaly(a);
+    }
     let extract = match a.kind {
-        EvalKind::Classify => None,
+        EvalKind::Classify | EvalKind::Anomaly => None,
         EvalKind::Extract => Some(eval::ExtractSettings {
             instruction: a.slot_instruction.clone(),
             known: match &a.slot_values {
@@ -425,6 +492,65 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `slmd eval --kind anomaly`.
+fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    use slmd::eval::anomaly;
+    let test = a
+        .test
+        .as_ref()
+        .context("--kind anomaly needs --test (NAB rows)")?;
+    let nab = slmd::examples::read_jsonl(test)?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| anomaly::parse_nab(i, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = match (&a.engine.dirs.config, &a.task) {
+        (Some(path), Some(task)) => {
+            let config = load(path)?;
+            let t = config.task(task).context("no such task")?.clone();
+            if t.monitor.is_none() {
+                anyhow::bail!("task {task:?} is not a monitor task");
+            }
+            Some((config, t))
+        }
+        (None, None) => {
+            slmd::logging::init(log::LevelFilter::Warn);
+            None
+        }
+        _ => anyhow::bail!("--config and --task go together"),
+    };
+    let engine = match &config {
+        Some((c, t)) => Some(slmd::engine::Engine::start(
+            engine_options(&a.engine)?,
+            vec![slmd::task_spec(c, t)?],
+        )?),
+        None => None,
+    };
+    let series = match (&a.series, &a.faults) {
+        (Some(file), Some(faults)) => Some(anomaly::Series {
+            file,
+            faults,
+            configured: config.as_ref().and_then(|(_, t)| t.monitor.as_ref()),
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("--series and --faults go together"),
+    };
+    let causes = match (&engine, &config) {
+        (Some(engine), Some((_, t))) => Some(anomaly::Causes {
+            engine,
+            task: &t.name,
+        }),
+        _ => None,
+    };
+    let report = anomaly::run(&nab, series, causes)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -28,6 +28,7 @@ use crate::config::{Limits, Protocol, TaskConfig};
 use crate::engine::{Engine, EngineError};
 use crate::hermes;
 use crate::injection;
+use crate::monitor::{MonitorError, Monitors, Verdict};
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
 use crate::topic;
@@ -41,6 +42,9 @@ pub struct Routing {
     pub engine: Engine,
     pub tasks: Vec<TaskConfig>,
     pub limits: Limits,
+    /// Monitor tasks' sensor windows: new with every routing, so a reload
+    /// starts them afresh.
+    pub monitors: Monitors,
 }
 
 pub struct Router {
@@ -309,10 +313,14 @@ impl Router {
                     Some(e) = fatal_rx.recv() => return Err(e),
                 };
                 cursor = Some(key);
+                // Readings are judged here, in inbox order, before the
+                // message goes its own way (rates need the order).
+                let routing = self.routing();
+                let verdict = judge(&routing, &entry, attempts, self.control.as_ref());
                 let this = self.clone();
                 let fatal = fatal_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = this.process(key, entry, attempts).await {
+                    if let Err(e) = this.process(key, entry, attempts, routing, verdict).await {
                         let _ = fatal.try_send(e);
                     }
                     drop(permit);
@@ -331,12 +339,18 @@ impl Router {
         Ok(())
     }
 
-    async fn process(&self, key: u64, entry: InboxEntry, attempts: u32) -> Result<(), EngineError> {
+    async fn process(
+        &self,
+        key: u64,
+        entry: InboxEntry,
+        attempts: u32,
+        routing: Arc<Routing>,
+        verdict: Option<Result<Verdict, MonitorError>>,
+    ) -> Result<(), EngineError> {
         if let Some(c) = self.control.as_ref().filter(|c| c.topic == entry.topic) {
             self.control(c, key, entry).await;
             return Ok(());
         }
-        let routing = self.routing();
         if entry.topic == injection::PERFORM_TOPIC
             && routing.tasks.iter().any(|t| t.protocol == Protocol::Hermes)
         {
@@ -351,11 +365,7 @@ impl Router {
             self.settle(key, out);
             return Ok(());
         }
-        let Some(task) = routing
-            .tasks
-            .iter()
-            .find(|t| t.topics.iter().any(|f| topic::matches(f, &entry.topic)))
-        else {
+        let Some(task) = routing.task_for(&entry.topic) else {
             log::warn!("no task consumes topic {}; message dropped", entry.topic);
             if let Err(e) = self.store.discard_inbox(key) {
                 log::error!("cannot drop message {key}: {e}");
@@ -378,6 +388,9 @@ impl Router {
                 Err(e) => log::error!("cannot commit dead letter {key}: {e}"),
             }
             return Ok(());
+        }
+        if let Some(verdict) = verdict {
+            return self.monitored(key, &entry, task, &routing, verdict).await;
         }
         let own_id = payload::own_id(&entry.payload);
         // An id-less copy the broker does not call a redelivery may be the
@@ -497,6 +510,81 @@ impl Router {
         Ok(())
     }
 
+    /// A monitor task's reading, judged already: nothing to say, an error
+    /// result, or a note whose cause the model picks.
+    ///
+    /// Readings are not deduplicated by id as commands are: a redelivered
+    /// reading carries its own time stamp, so it lands in the window as
+    /// one more sample of the same instant, and the judgement had to
+    /// happen in order before a dedup lookup could.
+    async fn monitored(
+        &self,
+        key: u64,
+        entry: &InboxEntry,
+        task: &TaskConfig,
+        routing: &Routing,
+        verdict: Result<Verdict, MonitorError>,
+    ) -> Result<(), EngineError> {
+        let facts = match verdict {
+            Ok(Verdict::Normal | Verdict::Held) => {
+                self.settle(key, None);
+                return Ok(());
+            }
+            Err(e) => {
+                let out = self.error(task, entry, e.reason(), e.to_string());
+                self.settle(key, Some(out));
+                return Ok(());
+            }
+            Ok(Verdict::Note(facts)) => facts,
+        };
+        let (cause, confidence, inference_ms, tokens) =
+            match routing.engine.infer(&task.name, facts.describe()).await {
+                Ok(s) => {
+                    let conf = s.ranked.first().map(|r| r.1);
+                    (s.label, conf, s.inference_ms, s.tokens)
+                }
+                Err(EngineError::Stopped) => return Err(EngineError::Stopped),
+                Err(e) => {
+                    // The facts matter more than the cause: the note goes
+                    // out without one.
+                    log::error!(task = task.name.as_str(); "no cause for the note: {e}");
+                    (None, None, 0.0, 0)
+                }
+            };
+        let latency = now_ms().saturating_sub(entry.received_ms) as f64;
+        let note = crate::monitor::note::Note {
+            id: payload::id_of(&entry.topic, &entry.payload),
+            task: &task.name,
+            sentence: facts.sentence(cause.as_deref()),
+            facts: &facts,
+            cause_confidence: cause.as_ref().and(confidence),
+            cause,
+            model: &routing.engine.model,
+            latency_ms: latency,
+        };
+        log::info!(
+            task = task.name.as_str(),
+            msg_id = note.id.as_str(),
+            sensor = facts.sensor.as_str(),
+            detector = facts.detector.as_str(),
+            count = facts.count,
+            cause = note.cause.as_deref().unwrap_or("-");
+            "note: {}",
+            note.sentence
+        );
+        self.metrics.result(
+            &task.name,
+            &crate::metrics::Observed {
+                recognised: note.cause.is_some(),
+                latency_ms: latency,
+                inference_ms,
+                tokens,
+            },
+        );
+        self.settle(key, Some(json_entry(&task.output_topic, &note)));
+        Ok(())
+    }
+
     fn error(
         &self,
         task: &TaskConfig,
@@ -534,6 +622,22 @@ impl Router {
 }
 
 impl Routing {
+    pub fn new(engine: Engine, tasks: Vec<TaskConfig>, limits: Limits) -> Routing {
+        Routing {
+            monitors: Monitors::new(&tasks),
+            engine,
+            tasks,
+            limits,
+        }
+    }
+
+    /// The task that consumes `topic` (the first in the file).
+    fn task_for(&self, topic: &str) -> Option<&TaskConfig> {
+        self.tasks
+            .iter()
+            .find(|t| t.topics.iter().any(|f| topic::matches(f, topic)))
+    }
+
     /// The request's response topic, if it has one slmd may publish to.
     fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
         let Some(reply) = &entry.reply else {
@@ -559,6 +663,26 @@ impl Routing {
         }
         Ok(Some(reply))
     }
+}
+
+/// Judges a monitor task's reading; `None` for every other message (and
+/// for one going to the dead letters).
+fn judge(
+    routing: &Routing,
+    entry: &InboxEntry,
+    attempts: u32,
+    control: Option<&Control>,
+) -> Option<Result<Verdict, MonitorError>> {
+    if control.is_some_and(|c| c.topic == entry.topic) || attempts >= routing.limits.max_attempts {
+        return None;
+    }
+    let task = routing.task_for(&entry.topic)?;
+    routing.monitors.observe(
+        &task.name,
+        &entry.payload,
+        routing.limits.max_payload_bytes,
+        entry.received_ms as f64 / 1000.0,
+    )
 }
 
 fn refusal(e: &crate::bundle::BundleError) -> serde_json::Value {

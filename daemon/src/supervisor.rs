@@ -137,11 +137,11 @@ impl Supervisor {
             );
             self.since = Instant::now();
         }
-        self.router.replace(Routing {
+        self.router.replace(Routing::new(
             engine,
-            tasks: config.tasks.clone(),
-            limits: config.limits.clone(),
-        });
+            config.tasks.clone(),
+            config.limits.clone(),
+        ));
         if changed {
             self.publish_status("idle", None);
         }
@@ -185,11 +185,11 @@ impl Supervisor {
                     outcome.name,
                     outcome.version
                 );
-                self.router.replace(Routing {
+                self.router.replace(Routing::new(
                     engine,
-                    tasks: self.config.tasks.clone(),
-                    limits: self.config.limits.clone(),
-                });
+                    self.config.tasks.clone(),
+                    self.config.limits.clone(),
+                ));
                 self.since = Instant::now();
             }
             Ok(Ok((outcome, None))) => log::info!("model update: installed {}", outcome.version),

@@ -24,6 +24,7 @@ fn shipped_and_good_configs_validate() {
         fixture("good.toml"),
         repo_root().join("configs/demo.toml"),
         repo_root().join("configs/slmd.toml"),
+        repo_root().join("configs/factory.toml"),
     ] {
         let out = slmd(&["check-config", "--config", path.to_str().unwrap()]);
         assert!(

@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod factory;
 mod faults;
 mod mqtt5;
 mod packaging;

@@ -7,6 +7,7 @@
 //! is predicted by a head that never saw it. Each distinct example is
 //! embedded once across the folds.
 
+pub mod anomaly;
 pub mod bench;
 pub mod folds;
 pub mod metrics;
