@@ -23,6 +23,8 @@ run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 -
 run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
+run ha-extract-catalogue --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml" --extra-train "$DATA/ha_intents/intents.yaml"
+run automotive-extract --kind extract --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 # The factory pack: detector grids on the NAB windows and the synthetic
 # spindle series, causes from the model, the grounding check.
 run factory-anomaly --kind anomaly --test "$DATA/nab_windows.jsonl" \

@@ -25,6 +25,8 @@ fn shipped_and_good_configs_validate() {
         repo_root().join("configs/demo.toml"),
         repo_root().join("configs/slmd.toml"),
         repo_root().join("configs/factory.toml"),
+        repo_root().join("configs/smart-home.toml"),
+        repo_root().join("configs/vehicle.toml"),
     ] {
         let out = slmd(&["check-config", "--config", path.to_str().unwrap()]);
         assert!(
