@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{model_path, repo_root, Broker, Client, Daemon};
+use crate::util::{pack_config, Broker, Client, Daemon};
 
 const NOTES: &str = "slmd/factory/note";
 const ERRORS: &str = "slmd/factory/error";
@@ -18,37 +18,6 @@ const CAUSES: &[&str] = &[
     "coolant_loss",
     "sensor_fault",
 ];
-
-/// The shipped factory task under a test broker, state and model.
-fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
-    let shipped = std::fs::read_to_string(repo_root().join("configs/factory.toml")).unwrap();
-    let tasks = &shipped[shipped.find("[[tasks]]").expect("a task")..];
-    let text = format!(
-        r#"
-[broker]
-port = {port}
-client_id = "slmd-factory-test"
-max_backoff_secs = 1
-
-[state]
-dir = "{state}"
-
-[model]
-path = "{model}"
-threads = 2
-context_size = 1024
-
-[log]
-level = "debug"
-
-{tasks}"#,
-        state = dir.join("state").display(),
-        model = model_path().display(),
-    );
-    let path = dir.join("factory.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// Runs `slmd replay` on `csv`; its stdout.
 fn replay(csv: &Path, port: u16) -> String {
@@ -109,7 +78,7 @@ fn assert_grounded(note: &serde_json::Value) {
 async fn an_excursion_gets_one_grounded_note_and_repeats_are_counted() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), broker.port);
+    let config = pack_config(dir.path(), broker.port, "factory");
     let mut sub = Client::connect(broker.port, &[NOTES, ERRORS]).await;
     let mut daemon = Daemon::start(&config, &broker.url());
     daemon.wait_subscribed().await;
