@@ -76,6 +76,21 @@ pub struct Control {
     pub tx: tokio::sync::mpsc::Sender<crate::supervisor::Job>,
 }
 
+/// Where a message goes; decided once, in inbox order, as it leaves the
+/// inbox.
+enum Route {
+    /// A model update request on the control topic.
+    Control,
+    /// A Hermes entity injection.
+    Inject,
+    /// A vehicle state report for the policy of task `.0`.
+    State(usize),
+    /// A message for task `.0`; a monitor task's reading comes judged.
+    Task(usize, Option<Result<Verdict, MonitorError>>),
+    /// No task consumes the topic.
+    Nowhere,
+}
+
 impl Router {
     pub fn new(
         store: Store,
@@ -313,14 +328,15 @@ impl Router {
                     Some(e) = fatal_rx.recv() => return Err(e),
                 };
                 cursor = Some(key);
-                // Readings are judged here, in inbox order, before the
-                // message goes its own way (rates need the order).
+                // Routed here, in inbox order, before the message goes its
+                // own way: a monitor task's readings are judged now (rates
+                // need the order).
                 let routing = self.routing();
-                let verdict = judge(&routing, &entry, attempts, self.control.as_ref());
+                let route = self.route(&routing, &entry, attempts);
                 let this = self.clone();
                 let fatal = fatal_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = this.process(key, entry, attempts, routing, verdict).await {
+                    if let Err(e) = this.process(key, entry, attempts, routing, route).await {
                         let _ = fatal.try_send(e);
                     }
                     drop(permit);
@@ -339,38 +355,74 @@ impl Router {
         Ok(())
     }
 
+    /// Where a message goes. A monitor task's reading is judged on the way
+    /// (unless it is bound for the dead letters).
+    fn route(&self, routing: &Routing, entry: &InboxEntry, attempts: u32) -> Route {
+        let topic = entry.topic.as_str();
+        if self.control.as_ref().is_some_and(|c| c.topic == topic) {
+            return Route::Control;
+        }
+        let tasks = &routing.tasks;
+        if topic == injection::PERFORM_TOPIC && tasks.iter().any(|t| t.protocol == Protocol::Hermes)
+        {
+            return Route::Inject;
+        }
+        let state = |t: &TaskConfig| {
+            let filter = t.policy.as_ref().and_then(|p| p.state_topic.as_deref());
+            filter.is_some_and(|f| topic::matches(f, topic))
+        };
+        if let Some(i) = tasks.iter().position(state) {
+            return Route::State(i);
+        }
+        let Some(i) = tasks
+            .iter()
+            .position(|t| t.topics.iter().any(|f| topic::matches(f, topic)))
+        else {
+            return Route::Nowhere;
+        };
+        let verdict = (attempts < routing.limits.max_attempts)
+            .then(|| {
+                routing.monitors.observe(
+                    &tasks[i].name,
+                    &entry.payload,
+                    routing.limits.max_payload_bytes,
+                    entry.received_ms as f64 / 1000.0,
+                )
+            })
+            .flatten();
+        Route::Task(i, verdict)
+    }
+
     async fn process(
         &self,
         key: u64,
         entry: InboxEntry,
         attempts: u32,
         routing: Arc<Routing>,
-        verdict: Option<Result<Verdict, MonitorError>>,
+        route: Route,
     ) -> Result<(), EngineError> {
-        if let Some(c) = self.control.as_ref().filter(|c| c.topic == entry.topic) {
-            self.control(c, key, entry).await;
-            return Ok(());
-        }
-        if entry.topic == injection::PERFORM_TOPIC
-            && routing.tasks.iter().any(|t| t.protocol == Protocol::Hermes)
-        {
-            self.inject(key, entry).await;
-            return Ok(());
-        }
-        if let Some(task) = routing.tasks.iter().find(|t| {
-            let state = t.policy.as_ref().and_then(|p| p.state_topic.as_deref());
-            state.is_some_and(|f| topic::matches(f, &entry.topic))
-        }) {
-            let out = self.vehicle_state(task, &entry);
-            self.settle(key, out);
-            return Ok(());
-        }
-        let Some(task) = routing.task_for(&entry.topic) else {
-            log::warn!("no task consumes topic {}; message dropped", entry.topic);
-            if let Err(e) = self.store.discard_inbox(key) {
-                log::error!("cannot drop message {key}: {e}");
+        let (task, verdict) = match route {
+            Route::Control => {
+                if let Some(c) = &self.control {
+                    self.control(c, key, entry).await;
+                }
+                return Ok(());
             }
-            return Ok(());
+            Route::Inject => {
+                self.inject(key, entry).await;
+                return Ok(());
+            }
+            Route::State(i) => {
+                let out = self.vehicle_state(&routing.tasks[i], &entry);
+                self.settle(key, out);
+                return Ok(());
+            }
+            Route::Nowhere => {
+                log::warn!("no task consumes topic {}; message dropped", entry.topic);
+                self.settle(key, None);
+                return Ok(());
+            }
+            Route::Task(i, verdict) => (&routing.tasks[i], verdict),
         };
         if attempts >= routing.limits.max_attempts {
             let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
@@ -631,13 +683,6 @@ impl Routing {
         }
     }
 
-    /// The task that consumes `topic` (the first in the file).
-    fn task_for(&self, topic: &str) -> Option<&TaskConfig> {
-        self.tasks
-            .iter()
-            .find(|t| t.topics.iter().any(|f| topic::matches(f, topic)))
-    }
-
     /// The request's response topic, if it has one slmd may publish to.
     fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
         let Some(reply) = &entry.reply else {
@@ -663,26 +708,6 @@ impl Routing {
         }
         Ok(Some(reply))
     }
-}
-
-/// Judges a monitor task's reading; `None` for every other message (and
-/// for one going to the dead letters).
-fn judge(
-    routing: &Routing,
-    entry: &InboxEntry,
-    attempts: u32,
-    control: Option<&Control>,
-) -> Option<Result<Verdict, MonitorError>> {
-    if control.is_some_and(|c| c.topic == entry.topic) || attempts >= routing.limits.max_attempts {
-        return None;
-    }
-    let task = routing.task_for(&entry.topic)?;
-    routing.monitors.observe(
-        &task.name,
-        &entry.payload,
-        routing.limits.max_payload_bytes,
-        entry.received_ms as f64 / 1000.0,
-    )
 }
 
 fn refusal(e: &crate::bundle::BundleError) -> serde_json::Value {

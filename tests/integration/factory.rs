@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{pack_config, Broker, Client, Daemon};
+use crate::util::Running;
 
 const NOTES: &str = "slmd/factory/note";
 const ERRORS: &str = "slmd/factory/error";
@@ -76,12 +76,12 @@ fn assert_grounded(note: &serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_excursion_gets_one_grounded_note_and_repeats_are_counted() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = pack_config(dir.path(), broker.port, "factory");
-    let mut sub = Client::connect(broker.port, &[NOTES, ERRORS]).await;
-    let mut daemon = Daemon::start(&config, &broker.url());
-    daemon.wait_subscribed().await;
+    let Running {
+        broker,
+        mut daemon,
+        mut sub,
+        dir,
+    } = Running::pack("factory", &[NOTES, ERRORS]).await;
 
     // 40 s of a steady spindle (65 C +- 0.3), then a 6-reading excursion,
     // then steady again; one reading a second.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::{pack_config, Broker, Client, Daemon, Msg};
+use crate::util::{Client, Msg, Running};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -48,12 +48,12 @@ fn check_slot(input: &str, slot: &Value) {
 
 #[tokio::test]
 async fn smart_home_speaks_hermes_with_home_assistant_intents_and_injected_entities() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = pack_config(dir.path(), broker.port, "smart-home");
-    let mut sub = Client::connect(broker.port, &["hermes/#"]).await;
-    let mut daemon = Daemon::start(&config, &broker.url());
-    daemon.wait_subscribed().await;
+    let Running {
+        broker: _broker,
+        mut daemon,
+        mut sub,
+        dir,
+    } = Running::pack("smart-home", &["hermes/#"]).await;
 
     // A query, answered on hermes/intent/<intentName> with the Hermes fields.
     let input = "turn off the kitchen lights";
@@ -180,12 +180,12 @@ fn rank(decision: &Value) -> u8 {
 
 #[tokio::test]
 async fn vehicle_commands_pass_the_safety_policy() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = pack_config(dir.path(), broker.port, "vehicle");
-    let mut sub = Client::connect(broker.port, &["vehicle/slmd/#"]).await;
-    let mut daemon = Daemon::start(&config, &broker.url());
-    daemon.wait_subscribed().await;
+    let Running {
+        broker: _broker,
+        mut daemon,
+        mut sub,
+        dir: _dir,
+    } = Running::pack("vehicle", &["vehicle/slmd/#"]).await;
     let cabin = "vehicle/cabin/voice";
     sub.publish("vehicle/state", json!({"speed_kmh": 0}).to_string())
         .await;

@@ -609,22 +609,35 @@ pub struct Running {
     pub broker: Broker,
     pub daemon: Daemon,
     pub sub: Client,
-    _dir: tempfile::TempDir,
+    /// Holds the config and the state directory.
+    pub dir: tempfile::TempDir,
 }
 
 impl Running {
     pub async fn start() -> Running {
+        Running::with(&["test/out/#", "test/err/#"], |dir, port| {
+            write_config(dir, port, "")
+        })
+        .await
+    }
+
+    /// A shipped pack ([`pack_config`]), the client watching `filters`.
+    pub async fn pack(pack: &str, filters: &[&str]) -> Running {
+        Running::with(filters, |dir, port| pack_config(dir, port, pack)).await
+    }
+
+    async fn with(filters: &[&str], config: impl FnOnce(&Path, u16) -> PathBuf) -> Running {
         let broker = Broker::start();
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), broker.port, "");
-        let sub = Client::connect(broker.port, &["test/out/#", "test/err/#"]).await;
+        let config = config(dir.path(), broker.port);
+        let sub = Client::connect(broker.port, filters).await;
         let mut daemon = Daemon::start(&config, &broker.url());
         daemon.wait_subscribed().await;
         Running {
             broker,
             daemon,
             sub,
-            _dir: dir,
+            dir,
         }
     }
 }

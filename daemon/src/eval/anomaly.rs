@@ -167,51 +167,38 @@ fn setting(name: &str, detectors: Vec<DetectorConfig>) -> Setting {
     }
 }
 
+/// One setting per z-score `k`, per EWMA `(alpha, k)` and per rate limit
+/// (named with `rate_unit`).
+fn grid(zs: &[f64], ewmas: &[(f64, f64)], rates: &[f64], rate_unit: &str) -> Vec<Setting> {
+    let z = zs
+        .iter()
+        .map(|&k| setting(&format!("zscore k={k}"), vec![DetectorConfig::Zscore { k }]));
+    let ewma = ewmas.iter().map(|&(alpha, k)| {
+        let name = format!("ewma alpha={alpha} k={k}");
+        setting(&name, vec![DetectorConfig::Ewma { alpha, k }])
+    });
+    let rate = rates.iter().map(|&r| {
+        let name = format!("rate {r}{rate_unit}");
+        setting(&name, vec![DetectorConfig::Rate { max_per_sec: r }])
+    });
+    z.chain(ewma).chain(rate).collect()
+}
+
 /// The NAB grid (rate limits in baseline sigmas per bin).
 pub fn nab_grid() -> Vec<Setting> {
-    let mut g = Vec::new();
-    for k in [2.0, 3.0, 4.0, 5.0] {
-        g.push(setting(
-            &format!("zscore k={k}"),
-            vec![DetectorConfig::Zscore { k }],
-        ));
-    }
-    for (alpha, k) in [(0.1, 3.0), (0.1, 5.0), (0.3, 3.0), (0.3, 5.0)] {
-        g.push(setting(
-            &format!("ewma alpha={alpha} k={k}"),
-            vec![DetectorConfig::Ewma { alpha, k }],
-        ));
-    }
-    for c in [1.0, 2.0, 3.0] {
-        g.push(setting(
-            &format!("rate {c} sigma/bin"),
-            vec![DetectorConfig::Rate { max_per_sec: c }],
-        ));
-    }
-    g
+    let ewmas = [(0.1, 3.0), (0.1, 5.0), (0.3, 3.0), (0.3, 5.0)];
+    grid(
+        &[2.0, 3.0, 4.0, 5.0],
+        &ewmas,
+        &[1.0, 2.0, 3.0],
+        " sigma/bin",
+    )
 }
 
 /// The series grid (the spindle series is in C, one reading per 10 s).
 pub fn series_grid() -> Vec<Setting> {
-    let mut g = Vec::new();
-    for k in [3.0, 4.0, 5.0, 6.0] {
-        g.push(setting(
-            &format!("zscore k={k}"),
-            vec![DetectorConfig::Zscore { k }],
-        ));
-    }
-    for (alpha, k) in [(0.1, 4.0), (0.1, 6.0), (0.3, 4.0), (0.3, 6.0)] {
-        g.push(setting(
-            &format!("ewma alpha={alpha} k={k}"),
-            vec![DetectorConfig::Ewma { alpha, k }],
-        ));
-    }
-    for r in [0.1, 0.2, 0.5] {
-        g.push(setting(
-            &format!("rate {r}/s"),
-            vec![DetectorConfig::Rate { max_per_sec: r }],
-        ));
-    }
+    let ewmas = [(0.1, 4.0), (0.1, 6.0), (0.3, 4.0), (0.3, 6.0)];
+    let mut g = grid(&[3.0, 4.0, 5.0, 6.0], &ewmas, &[0.1, 0.2, 0.5], "/s");
     g.push(setting(
         "threshold max=80",
         vec![DetectorConfig::Threshold {

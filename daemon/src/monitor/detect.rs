@@ -79,14 +79,24 @@ fn negligible(std: f64, mean: f64) -> bool {
 /// `min_std`) from the reference mean. A zero (or negligible) spread never
 /// fires: set `min_std` for signals that may sit still.
 pub fn zscore(value: f64, reference: Stats, k: f64, min_std: f64) -> Option<Firing> {
-    let std = reference.std.max(min_std);
-    if negligible(std, reference.mean) {
+    beyond_k(
+        "zscore",
+        value,
+        reference.mean,
+        reference.std.max(min_std),
+        k,
+    )
+}
+
+/// `detector` fires when `value` is more than `k` times `std` from `mean`.
+fn beyond_k(detector: &'static str, value: f64, mean: f64, std: f64, k: f64) -> Option<Firing> {
+    if negligible(std, mean) {
         return None;
     }
-    let z = (value - reference.mean).abs() / std;
+    let z = (value - mean).abs() / std;
     (z > k).then_some(Firing {
-        detector: "zscore",
-        baseline: Some(reference.mean),
+        detector,
+        baseline: Some(mean),
         sigma: Some(z),
         limit: Some(k),
         rate_per_s: None,
@@ -121,18 +131,7 @@ impl Ewma {
 
     /// Fires when `value` is more than `k` weighted deviations away.
     pub fn judge(&self, value: f64, k: f64, min_std: f64) -> Option<Firing> {
-        let std = self.var.sqrt().max(min_std);
-        if negligible(std, self.mean) {
-            return None;
-        }
-        let z = (value - self.mean).abs() / std;
-        (z > k).then_some(Firing {
-            detector: "ewma",
-            baseline: Some(self.mean),
-            sigma: Some(z),
-            limit: Some(k),
-            rate_per_s: None,
-        })
+        beyond_k("ewma", value, self.mean, self.var.sqrt().max(min_std), k)
     }
 }
 
