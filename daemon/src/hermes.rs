@@ -48,32 +48,40 @@ pub struct Session {
 
 impl Session {
     /// From a query object; missing or mistyped fields take Hermes'
-    /// defaults (`siteId` "default", no session, no filter).
-    pub fn of(query: &Value) -> Session {
-        let text = |k: &str| query.get(k).and_then(Value::as_str).map(str::to_owned);
-        let filter = query
-            .get("intentFilter")
-            .and_then(Value::as_array)
-            .map(|a| {
+    /// defaults (`siteId` "default", no session), but an `intentFilter`
+    /// that is not null or a list of names gives `None`: a filter must
+    /// never silently widen to every intent.
+    pub fn of(query: &Value) -> Option<Session> {
+        let filter = match query.get("intentFilter") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
                 a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            });
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<String>>>()?,
+            ),
+            Some(_) => return None,
+        };
+        Some(Session {
+            intent_filter: filter,
+            ..Session::echoed(query)
+        })
+    }
+
+    /// The fields an answer echoes, without the filter.
+    fn echoed(query: &Value) -> Session {
+        let text = |k: &str| query.get(k).and_then(Value::as_str).map(str::to_owned);
         Session {
             id: text("id"),
             site_id: text("siteId").unwrap_or_else(|| "default".into()),
             session_id: text("sessionId"),
             custom_data: query.get("customData").cloned().unwrap_or(Value::Null),
-            intent_filter: filter,
+            intent_filter: None,
         }
     }
 
     /// Best effort for a payload that may not even be JSON (error answers).
     pub fn of_payload(payload: &[u8]) -> Session {
-        serde_json::from_slice::<Value>(payload)
-            .map(|v| Session::of(&v))
-            .unwrap_or_else(|_| Session::of(&Value::Null))
+        Session::echoed(&serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null))
     }
 }
 
@@ -160,17 +168,22 @@ mod tests {
     #[test]
     fn a_query_gives_its_session_with_hermes_defaults() {
         let q = json!({"input": "x", "id": "q1", "siteId": "kitchen", "sessionId": "s",
-                       "customData": "cd", "intentFilter": ["A", 7, "B"]});
-        let s = Session::of(&q);
+                       "customData": "cd", "intentFilter": ["A", "B"]});
+        let s = Session::of(&q).unwrap();
         assert_eq!(s.id.as_deref(), Some("q1"));
         assert_eq!(s.site_id, "kitchen");
         assert_eq!(s.session_id.as_deref(), Some("s"));
         assert_eq!(s.custom_data, json!("cd"));
         assert_eq!(s.intent_filter, Some(vec!["A".into(), "B".into()]));
+        // A filter that is not a list of names is refused, never widened.
+        assert_eq!(Session::of(&json!({"intentFilter": ["A", 7]})), None);
+        assert_eq!(Session::of(&json!({"intentFilter": "A"})), None);
         let s = Session::of_payload(b"\xff not json");
         assert_eq!((s.site_id.as_str(), s.session_id), ("default", None));
         assert_eq!(
-            Session::of(&json!({"intentFilter": null})).intent_filter,
+            Session::of(&json!({"intentFilter": null}))
+                .unwrap()
+                .intent_filter,
             None
         );
     }
@@ -195,7 +208,7 @@ mod tests {
                 span: None,
             },
         ];
-        let s = Session::of(&json!({"id": "q", "siteId": "k", "sessionId": "s"}));
+        let s = Session::of(&json!({"id": "q", "siteId": "k", "sessionId": "s"})).unwrap();
         let (topic, body) = answer(
             "hermes/intent",
             &s,
@@ -234,7 +247,7 @@ mod tests {
 
     #[test]
     fn below_threshold_is_intent_not_recognized_and_errors_carry_the_session() {
-        let s = Session::of(&json!({"sessionId": "s"}));
+        let s = Session::of(&json!({"sessionId": "s"})).unwrap();
         let (topic, body) = answer("hermes/intent", &s, "hmm", &scores(None, vec![]));
         assert_eq!(topic, NOT_RECOGNIZED_TOPIC);
         assert_eq!(body["input"], "hmm");

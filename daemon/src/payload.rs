@@ -42,6 +42,8 @@ pub enum InputError {
     MissingText(&'static str),
     #[error("text is empty")]
     EmptyText,
+    #[error("intentFilter must be null or a list of intent names")]
+    BadIntentFilter,
     #[error("text is {chars} characters; the limit is {limit}")]
     TextTooLong { chars: usize, limit: usize },
 }
@@ -55,6 +57,7 @@ impl InputError {
             InputError::InvalidJson(_) => "invalid_json",
             InputError::MissingText(_) => "missing_text",
             InputError::EmptyText => "empty_text",
+            InputError::BadIntentFilter => "bad_intent_filter",
             InputError::TextTooLong { .. } => "text_too_long",
         }
     }
@@ -118,7 +121,12 @@ pub fn parse(
             .and_then(|t| t.as_str())
             .ok_or(InputError::MissingText(field))?;
         let id = json_id(&v).unwrap_or_else(|| derived_id(topic, payload));
-        let session = (protocol == Protocol::Hermes).then(|| crate::hermes::Session::of(&v));
+        let session = match protocol {
+            Protocol::Slmd => None,
+            Protocol::Hermes => {
+                Some(crate::hermes::Session::of(&v).ok_or(InputError::BadIntentFilter)?)
+            }
+        };
         (id, text.to_owned(), session)
     } else {
         (derived_id(topic, payload), body.to_owned(), None)
@@ -257,7 +265,7 @@ pub struct ErrorResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorBody {
     /// Machine-readable: `too_large`, `not_utf8`, `invalid_json`,
-    /// `missing_text`, `empty_text`, `text_too_long`, `inference_failed`;
+    /// `missing_text`, `empty_text`, `text_too_long`, `bad_intent_filter` (Hermes), `inference_failed`;
     /// on the dead-letter topic, `too_many_attempts`.
     pub reason: String,
     pub message: String,
@@ -339,6 +347,14 @@ mod tests {
             "Hermes has no plain-text form"
         );
         assert_eq!(reason(br#"{"text": "lights on"}"#), "missing_text");
+        assert_eq!(
+            reason(br#"{"input": "x", "intentFilter": "A"}"#),
+            "bad_intent_filter"
+        );
+        assert_eq!(
+            reason(br#"{"input": "x", "intentFilter": [1]}"#),
+            "bad_intent_filter"
+        );
         let e = parse(Protocol::Hermes, "t", br#"{"text": "x"}"#, &limits()).unwrap_err();
         assert!(e.to_string().contains("\"input\""), "{e}");
     }
