@@ -113,7 +113,9 @@ struct EvalArgs {
     slot_values: Option<PathBuf>,
     /// More training rows for every task, never tested: labelled JSONL or a
     /// Home Assistant intent catalogue (`intents.yaml`: its example
-    /// sentences). Rows whose text is also in --train or --test are dropped.
+    /// sentences; with --kind extract each intent may also fill the slots
+    /// the catalogue lists for it). Rows whose text is also in --train or
+    /// --test are dropped.
     #[arg(long)]
     extra_train: Option<PathBuf>,
     /// Extract: what the model is told before an intent's examples.
@@ -129,6 +131,10 @@ struct EvalArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+    /// Also write every row's outcome (text, truth, prediction, confidence,
+    /// slots, latency) to this file, one JSON object per line.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
     /// Fold assignment seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -410,6 +416,23 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.kind == EvalKind::Anomaly {
         return eval_anomaly(a);
     }
+    let extra = match &a.extra_train {
+        None => eval::Extra::default(),
+        Some(path) => {
+            let mut tested = Vec::new();
+            for p in [&a.train, &a.test].into_iter().flatten() {
+                tested.extend(read_jsonl(p)?);
+            }
+            let extra = eval::read_extra(path, &tested)?;
+            eprintln!(
+                "--extra-train: {} rows from {} ({} dropped: their text is also in the evaluated rows)",
+                extra.rows.len(),
+                path.display(),
+                extra.dropped
+            );
+            extra
+        }
+    };
     let extract = match a.kind {
         EvalKind::Classify | EvalKind::Anomaly => None,
         EvalKind::Extract => Some(eval::ExtractSettings {
@@ -418,26 +441,11 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 Some(path) => eval::slots::read_known(path)?,
                 None => Default::default(),
             },
+            intent_slots: extra.intent_slots,
         }),
     };
-    let extra = match &a.extra_train {
-        None => Vec::new(),
-        Some(path) => {
-            let mut tested = Vec::new();
-            for p in [&a.train, &a.test].into_iter().flatten() {
-                tested.extend(read_jsonl(p)?);
-            }
-            let (rows, dropped) = eval::read_extra(path, &tested)?;
-            eprintln!(
-                "--extra-train: {} rows from {} ({dropped} dropped: their text is also in the evaluated rows)",
-                rows.len(),
-                path.display()
-            );
-            rows
-        }
-    };
     let settings = TaskSettings {
-        extra,
+        extra: extra.rows,
         extract,
         strategy: a.strategy,
         instruction: a.instruction.clone(),
@@ -487,7 +495,15 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             slmd::engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
         (engine, names, a.reject_label.clone())
     };
-    let report = eval::run(&engine, &trials, reject.as_deref())?;
+    let (report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
+    if let Some(path) = &a.predictions {
+        let mut lines = String::new();
+        for o in &outcomes {
+            lines.push_str(&serde_json::to_string(o)?);
+            lines.push('\n');
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -27,6 +27,9 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 
+use std::sync::Arc;
+
+use super::ground::Grounding;
 use super::schema::{SlotKind, SlotSpec};
 use super::EngineError;
 use crate::examples::{slot_text, Example};
@@ -59,6 +62,9 @@ pub struct IntentPrompt {
     pub grammar: String,
     /// The intent's slots, in task schema order.
     pub slots: Vec<SlotSpec>,
+    /// What the task's examples teach about its slots (shared by its
+    /// intents).
+    pub grounding: Arc<Grounding>,
 }
 
 impl IntentPrompt {
@@ -69,7 +75,7 @@ impl IntentPrompt {
         format: PromptFormat,
         instruction: &str,
         intent: &str,
-        slots: Vec<SlotSpec>,
+        (slots, grounding): (Vec<SlotSpec>, Arc<Grounding>),
         examples: &[&Example],
     ) -> IntentPrompt {
         let (system, user, reply, end) = super::scorer::turns(format);
@@ -87,6 +93,7 @@ impl IntentPrompt {
             grammar: super::schema::gbnf(&slots),
             text,
             slots,
+            grounding,
         }
     }
 }
@@ -594,7 +601,7 @@ mod tests {
             PromptFormat::Chatml,
             "Extract.",
             "HassLightSet",
-            slots(),
+            (slots(), Default::default()),
             &[&ex],
         );
         assert!(p

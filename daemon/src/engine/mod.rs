@@ -16,6 +16,7 @@
 
 pub mod embed;
 pub mod extract;
+pub mod ground;
 pub mod head;
 pub mod lexical;
 pub mod schema;
@@ -24,7 +25,7 @@ pub mod scorer;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -125,6 +126,8 @@ impl ExtractSpec {
     /// Each label's prompt; `None` for an intent without slots (its answer
     /// needs no generation).
     pub fn prompts(&self, format: PromptFormat, task: &TaskSpec) -> Vec<Option<IntentPrompt>> {
+        let schema = ground::with_example_values(&self.slots, &task.examples);
+        let grounding = Arc::new(ground::Grounding::learn(&schema, &task.examples));
         task.labels
             .iter()
             .enumerate()
@@ -136,22 +139,21 @@ impl ExtractSpec {
                     .collect();
                 let names: Vec<String> = match self.label_slots.get(i).cloned().flatten() {
                     Some(names) => names,
-                    None if annotated.is_empty() => {
-                        self.slots.iter().map(|s| s.name.clone()).collect()
-                    }
+                    None if annotated.is_empty() => schema.iter().map(|s| s.name.clone()).collect(),
                     None => annotated
                         .iter()
                         .flat_map(|e| e.slots.iter().flat_map(|m| m.keys().cloned()))
                         .collect(),
                 };
-                let slots: Vec<SlotSpec> = self
-                    .slots
+                let slots: Vec<SlotSpec> = schema
                     .iter()
                     .filter(|s| names.contains(&s.name))
                     .cloned()
                     .collect();
-                (!slots.is_empty())
-                    .then(|| IntentPrompt::new(format, &self.instruction, label, slots, &annotated))
+                (!slots.is_empty()).then(|| {
+                    let slots = (slots, grounding.clone());
+                    IntentPrompt::new(format, &self.instruction, label, slots, &annotated)
+                })
             })
             .collect()
     }
@@ -786,7 +788,9 @@ impl<'m> Worker<'m> {
                     schema::parse_output(&prompt.slots, &g.text, &job.text).map_err(|e| {
                         EngineError::Decode(format!("generated slots {:?}: {e}", g.text))
                     })?;
-                schema::ground(&prompt.slots, &mut slots, &job.text);
+                prompt
+                    .grounding
+                    .ground(&prompt.slots, &mut slots, &job.text);
                 Ok((slots, g.tokens))
             });
             match slots {

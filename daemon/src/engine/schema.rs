@@ -374,62 +374,8 @@ fn slot_value(spec: &SlotSpec, value: Value) -> Result<Option<SlotValue>, Schema
     }
 }
 
-/// Brings slots in line with what the input says. A closed-enum slot the
-/// reply left out, or filled with a value not in the input, takes the one
-/// value of its enum that the input names (on word boundaries, ignoring
-/// case), when exactly one does. Then text values that are nowhere in the
-/// input are dropped, unless they are a known value of an open enum (a
-/// domain such as "binary_sensor" is inferred, not said). A small model
-/// copies its examples' values too readily; the text is the better witness.
-/// Numbers are kept ("one hundred percent" is 100).
-pub fn ground(slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
-    for spec in slots {
-        let SlotKind::Enum {
-            values,
-            open: false,
-        } = &spec.kind
-        else {
-            continue;
-        };
-        let named: Vec<(&String, (usize, usize))> = values
-            .iter()
-            .filter_map(|v| Some((v, find_word(input, v)?)))
-            .collect();
-        let [(value, (start, end))] = named[..] else {
-            continue;
-        };
-        let slot = Slot {
-            name: spec.name.clone(),
-            value: SlotValue::Text(value.clone()),
-            span: Some(Span {
-                start,
-                end,
-                raw: input[start..end].to_string(),
-            }),
-        };
-        match found.iter_mut().find(|s| s.name == spec.name) {
-            Some(s) if s.span.is_none() => *s = slot,
-            Some(_) => {}
-            None => found.push(slot),
-        }
-    }
-    found.retain(|slot| {
-        let known = |v: &str| match slots.iter().find(|s| s.name == slot.name).map(|s| &s.kind) {
-            Some(SlotKind::Enum { values, open: true }) => {
-                values.iter().any(|x| x.eq_ignore_ascii_case(v))
-            }
-            _ => false,
-        };
-        match &slot.value {
-            SlotValue::Number(_) => true,
-            SlotValue::Text(v) => slot.span.is_some() || known(v),
-        }
-    });
-    found.sort_by_key(|s| slots.iter().position(|spec| spec.name == s.name));
-}
-
 /// `value` in `input` on word boundaries, ignoring case.
-fn find_word(input: &str, value: &str) -> Option<(usize, usize)> {
+pub(crate) fn find_word(input: &str, value: &str) -> Option<(usize, usize)> {
     let (hay, needle) = (input.to_lowercase(), value.to_lowercase());
     if hay.len() != input.len() || needle.is_empty() {
         return None;
@@ -592,80 +538,6 @@ mod tests {
         assert_eq!(v(SlotValue::Number(20.5)), "20.5");
         assert_eq!(v(SlotValue::Number(-3.0)), "-3");
         assert_eq!(v(SlotValue::Text("Kitchen".into())), "\"Kitchen\"");
-    }
-
-    #[test]
-    fn grounding_takes_the_enum_value_the_input_names() {
-        let slots = vec![
-            spec("area", enumeration(&["Kitchen", "Living Room"])),
-            spec("floor", enumeration(&["First Floor", "Basement"])),
-            spec("domain", SlotKind::String),
-        ];
-        let grounded = |input: &str, reply: &str| {
-            let mut got = parse_output(&slots, reply, input).unwrap();
-            ground(&slots, &mut got, input);
-            got
-        };
-        let kitchen = SlotValue::Text("Kitchen".into());
-
-        let got = grounded(
-            "turn off the kitchen lights",
-            r#"{"floor": "First Floor", "domain": "light"}"#,
-        );
-        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["area", "domain"],
-            "area added, in schema order; the floor nothing names is dropped"
-        );
-        assert_eq!(got[0].value, kitchen);
-        assert_eq!(got[0].span.as_ref().unwrap().raw, "kitchen");
-
-        let got = grounded("pause music in the living room", r#"{"area": "Kitchen"}"#);
-        assert_eq!(
-            got[0].value,
-            SlotValue::Text("Living Room".into()),
-            "replaced"
-        );
-
-        let got = grounded("kitchen and living room", r#"{"area": "Kitchen"}"#);
-        assert_eq!(got.len(), 1, "two named: left to the model");
-        assert_eq!(got[0].value, kitchen);
-    }
-
-    #[test]
-    fn grounding_drops_text_the_input_does_not_contain_but_keeps_inferred_known_values() {
-        let slots = vec![
-            spec(
-                "name",
-                SlotKind::Enum {
-                    values: vec!["Bedroom Lamp".into()],
-                    open: true,
-                },
-            ),
-            spec(
-                "domain",
-                SlotKind::Enum {
-                    values: vec!["binary_sensor".into()],
-                    open: true,
-                },
-            ),
-            spec("item", SlotKind::String),
-            spec("level", SlotKind::Number),
-        ];
-        let input = "is light detected at one hundred percent";
-        let reply =
-            r#"{"name": "Tower Lights", "domain": "binary_sensor", "item": "milk", "level": 100}"#;
-        let mut got = parse_output(&slots, reply, input).unwrap();
-        ground(&slots, &mut got, input);
-        let kept: Vec<(&str, String)> = got
-            .iter()
-            .map(|s| (s.name.as_str(), s.value.to_string()))
-            .collect();
-        assert_eq!(
-            kept,
-            [("domain", "binary_sensor".into()), ("level", "100".into())]
-        );
     }
 
     #[test]

@@ -20,9 +20,12 @@ use serde::Serialize;
 /// Name of the confusion-matrix column counting abstentions.
 pub const ABSTAIN_COLUMN: &str = "(abstain)";
 
-/// One evaluated row.
-#[derive(Debug, Clone)]
+/// One evaluated row (also what `slmd eval --predictions` writes, a line
+/// each).
+#[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// The row's input.
+    pub text: String,
     /// The true label.
     pub truth: String,
     /// The model's best label (even when it abstained).
@@ -543,6 +546,7 @@ mod tests {
 
     fn row(truth: &str, top: &str, abstained: bool) -> Outcome {
         Outcome {
+            text: String::new(),
             truth: truth.into(),
             top: top.into(),
             confidence: 0.5,

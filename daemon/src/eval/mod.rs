@@ -13,6 +13,7 @@ pub mod folds;
 pub mod metrics;
 pub mod slots;
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
@@ -50,6 +51,9 @@ pub struct TaskSettings {
 pub struct ExtractSettings {
     pub instruction: String,
     pub known: slots::Known,
+    /// Slots each intent may fill besides those its training rows fill (an
+    /// HA catalogue's intent slots, from `--extra-train`).
+    pub intent_slots: BTreeMap<String, Vec<String>>,
 }
 
 /// One task trained on `train` and tested on `test`; labels are the distinct
@@ -102,27 +106,54 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
         extract: s.extract.as_ref().map(|x| crate::engine::ExtractSpec {
             slots: slots::infer_schema(train, &x.known),
             instruction: x.instruction.clone(),
-            label_slots: Vec::new(),
+            label_slots: labels
+                .iter()
+                .map(|label| {
+                    let more = x.intent_slots.get(label)?;
+                    let mut names: Vec<String> = train
+                        .iter()
+                        .filter(|r| &r.intent == label)
+                        .flat_map(|r| r.slots.iter().flat_map(|m| m.keys().cloned()))
+                        .chain(more.iter().cloned())
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    Some(names)
+                })
+                .collect(),
         }),
         labels,
     }
 }
 
+/// What `--extra-train` adds.
+#[derive(Debug, Default)]
+pub struct Extra {
+    pub rows: Vec<Row>,
+    /// Rows left out because their text is also evaluated.
+    pub dropped: usize,
+    /// From a catalogue: each intent's slot names.
+    pub intent_slots: BTreeMap<String, Vec<String>>,
+}
+
 /// Extra training rows from `path`: labelled JSONL, or (`.yaml`/`.yml`) a
 /// Home Assistant intent catalogue (`intents.yaml`), whose slot
 /// combinations' `example` sentences become rows of their intent, without
-/// slots. Rows whose text (ignoring case) is one of `exclude`'s are dropped,
-/// so nothing tested is trained on; returns the rows and how many were
-/// dropped.
-pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<(Vec<Row>, usize)> {
+/// slots, and whose intents' `slots` are kept. Rows whose text (ignoring
+/// case) is one of `exclude`'s are dropped, so nothing tested is trained on.
+pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Extra> {
     let is_yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml")
     );
+    let mut intent_slots = BTreeMap::new();
     let rows = if is_yaml {
         let doc: serde_json::Value = serde_norway::from_str(&std::fs::read_to_string(path)?)?;
         let mut rows = Vec::new();
         for (intent, spec) in doc.as_object().into_iter().flatten() {
+            if let Some(slots) = spec.get("slots").and_then(|s| s.as_object()) {
+                intent_slots.insert(intent.clone(), slots.keys().cloned().collect());
+            }
             let combos = spec.get("slot_combinations").and_then(|c| c.as_object());
             for combo in combos.into_iter().flat_map(|c| c.values()) {
                 let texts: Vec<String> = match combo.get("example") {
@@ -154,15 +185,20 @@ pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<(Ve
         .filter(|r| !tested.contains(&r.text.trim().to_lowercase()))
         .collect();
     let dropped = before - rows.len();
-    Ok((rows, dropped))
+    Ok(Extra {
+        rows,
+        dropped,
+        intent_slots,
+    })
 }
 
-/// Runs every test row of every trial through `engine`, one at a time.
+/// Runs every test row of every trial through `engine`, one at a time;
+/// the report and each row's outcome.
 pub fn run(
     engine: &Engine,
     trials: &[(String, Vec<Row>)],
     reject_label: Option<&str>,
-) -> Result<Report, EngineError> {
+) -> Result<(Report, Vec<Outcome>), EngineError> {
     let total: usize = trials.iter().map(|(_, t)| t.len()).sum();
     let mut progress = Progress::new(total);
     let mut outcomes = Vec::with_capacity(total);
@@ -175,6 +211,7 @@ pub fn run(
             let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
             let (top, confidence) = scores.ranked[0].clone();
             outcomes.push(Outcome {
+                text: row.text.clone(),
                 truth: row.intent.clone(),
                 top,
                 confidence,
@@ -199,11 +236,8 @@ pub fn run(
         }
     }
     progress.done();
-    Ok(metrics::report(
-        &outcomes,
-        started.elapsed().as_secs_f64(),
-        reject_label,
-    ))
+    let report = metrics::report(&outcomes, started.elapsed().as_secs_f64(), reject_label);
+    Ok((report, outcomes))
 }
 
 /// A one-line progress bar on stderr, drawn only on a terminal.
@@ -291,14 +325,18 @@ mod tests {
     fn catalogue_examples_become_rows_and_tested_texts_are_dropped() {
         let (_dir, path) = temp_file(
             "intents.yaml",
-            "HassTurnOn:\n  supported: true\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
+            "HassTurnOn:\n  supported: true\n  slots:\n    name: {}\n    area: {}\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
         );
         let tested = vec![Row {
             text: "nevermind ".into(),
             intent: "HassNevermind".into(),
             slots: None,
         }];
-        let (extra, dropped) = read_extra(&path, &tested).unwrap();
+        let Extra {
+            rows: extra,
+            dropped,
+            intent_slots,
+        } = read_extra(&path, &tested).unwrap();
         let mut texts: Vec<&str> = extra.iter().map(|r| r.text.as_str()).collect();
         texts.sort();
         assert_eq!(texts, ["lights on in the kitchen", "turn on the lamp"]);
@@ -306,6 +344,8 @@ mod tests {
             .iter()
             .all(|r| r.intent == "HassTurnOn" && r.slots.is_none()));
         assert_eq!(dropped, 1, "a tested text is never trained on");
+        assert_eq!(intent_slots["HassTurnOn"], ["area", "name"]);
+        assert!(intent_slots["HassNevermind"].is_empty());
 
         // Extra rows join every fold's training, only for known intents.
         let mut s = settings();

@@ -104,6 +104,32 @@ pub fn read(text: &str) -> Option<Quantity> {
     })
 }
 
+/// Every number said in `text`, in digits ("21", "20.5°") or words ("one
+/// hundred"), with the byte range of the words that say it.
+pub fn numbers_in(text: &str) -> Vec<(f64, std::ops::Range<usize>)> {
+    let words: Vec<(usize, &str)> = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '?' || c == '!')
+        .map(|w| (w.as_ptr() as usize - text.as_ptr() as usize, w))
+        .filter(|(_, w)| !w.is_empty())
+        .collect();
+    let lower: Vec<String> = words.iter().map(|(_, w)| w.to_lowercase()).collect();
+    let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        match number_at(&lower[i..]) {
+            Some((value, used)) => {
+                let (start, _) = words[i];
+                let (last, w) = words[i + used - 1];
+                found.push((value, start..last + w.len()));
+                i += used;
+            }
+            None => i += 1,
+        }
+    }
+    found
+}
+
 fn unit_of(glued: &str, rest: &[&str]) -> Option<&'static str> {
     let next = rest.first().copied().unwrap_or("");
     let after = rest.get(1).copied().unwrap_or("");
@@ -186,6 +212,17 @@ mod tests {
 
     fn abs(value: f64, unit: Option<&'static str>) -> Option<Quantity> {
         Some(Quantity::Absolute { value, unit })
+    }
+
+    #[test]
+    fn every_number_is_found_with_its_words() {
+        let text = "Set it to one hundred percent, then 20.5° in 5 minutes";
+        let got: Vec<(f64, &str)> = numbers_in(text)
+            .into_iter()
+            .map(|(v, r)| (v, &text[r]))
+            .collect();
+        assert_eq!(got, [(100.0, "one hundred"), (20.5, "20.5°"), (5.0, "5")]);
+        assert!(numbers_in("no numbers here").is_empty());
     }
 
     #[test]

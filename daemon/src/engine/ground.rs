@@ -1,0 +1,564 @@
+//! Grounding: bringing generated slots in line with what the input says.
+//!
+//! A 135M model copies its examples' values too readily ("First Floor" for
+//! "turn off the kitchen lights") and misses names it was never shown; the
+//! input is the better witness. Grounding links the input to the known
+//! values of the intent's enum slots (the home's areas and entity names)
+//! and trusts those links over the reply:
+//!
+//! - A *mention* is a known enum value said in the input on word
+//!   boundaries, ignoring case. Only the longest mentions count: in "the
+//!   office thermostat", entity "Office Thermostat" is meant, not area
+//!   "Office".
+//! - A slot with exactly one mention takes it when the reply left the slot
+//!   out, gave a value that is nowhere in the input, or gave a part of the
+//!   mention. Open enums do so only when their values are *said* (see
+//!   [`Grounding::inferred`]): a `domain` such as `light` is inferred, and the word
+//!   "light" in the input does not make it one.
+//! - A text value is dropped when it lies inside another slot's mention
+//!   (longer, or a closed enum's: "kitchen" in "pause the kitchen timer" is
+//!   the area, not the timer's name), and when it is nowhere in the input,
+//!   unless its slot is inferred and the value is one of its known values.
+//! - Said text values lose *carrier words* at either end ("timer" in
+//!   "pizza timer"; see [`Grounding::carriers`]).
+//! - A number is kept when the input says it, in digits or words ("one
+//!   hundred percent" is 100).
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::schema::{find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
+use crate::examples::{slot_text, Example};
+
+/// A slot is said when at least this share of its example values can be
+/// found in their example's text.
+const SAID_SHARE: f64 = 0.75;
+
+/// A carrier word is outside slot values in at least this many examples.
+const CARRIER_EXAMPLES: usize = 2;
+
+/// What a task's annotated examples teach about its slots.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grounding {
+    /// Slots whose values are inferred rather than said: fewer than
+    /// [`SAID_SHARE`] of the values the examples give them are found in
+    /// their text (a `domain` such as `binary_sensor`). A slot no example
+    /// fills is taken as said.
+    pub inferred: BTreeSet<String>,
+    /// Carrier words, lower case: words of the examples that are never part
+    /// of a slot value and are outside one in at least two examples ("timer"
+    /// in "pause the pizza timer"). A value does not begin or end with one.
+    pub carriers: BTreeSet<String>,
+}
+
+fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+}
+
+impl Grounding {
+    /// Learns from `examples` (those with slots) about `slots`.
+    pub fn learn(slots: &[SlotSpec], examples: &[Example]) -> Grounding {
+        let annotated: Vec<(&str, Vec<String>)> = examples
+            .iter()
+            .filter_map(|ex| {
+                let given = ex.slots.as_ref()?;
+                Some((
+                    ex.text.as_str(),
+                    given.values().filter_map(slot_text).collect(),
+                ))
+            })
+            .collect();
+        let inferred = slots
+            .iter()
+            .filter(|spec| {
+                let (mut given, mut found) = (0usize, 0usize);
+                for ex in examples {
+                    let Some(text) = ex
+                        .slots
+                        .as_ref()
+                        .and_then(|m| m.get(&spec.name))
+                        .and_then(slot_text)
+                    else {
+                        continue;
+                    };
+                    if text.parse::<f64>().is_ok() {
+                        continue;
+                    }
+                    given += 1;
+                    found += usize::from(find_span(&ex.text, &SlotValue::Text(text)).is_some());
+                }
+                given > 0 && (found as f64) < SAID_SHARE * given as f64
+            })
+            .map(|spec| spec.name.clone())
+            .collect();
+        let inside: BTreeSet<String> = annotated
+            .iter()
+            .flat_map(|(_, values)| values.iter().flat_map(|v| words(v)))
+            .collect();
+        let mut outside: HashMap<String, usize> = HashMap::new();
+        for (text, _) in &annotated {
+            let distinct: BTreeSet<String> = words(text).collect();
+            for w in distinct {
+                *outside.entry(w).or_default() += 1;
+            }
+        }
+        let carriers = outside
+            .into_iter()
+            .filter(|(w, n)| *n >= CARRIER_EXAMPLES && !inside.contains(w))
+            .map(|(w, _)| w)
+            .collect();
+        Grounding { inferred, carriers }
+    }
+
+    fn said(&self, slot: &str) -> bool {
+        !self.inferred.contains(slot)
+    }
+
+    /// `value` without carrier words at either end; `None` when nothing
+    /// else is left.
+    fn trim<'v>(&self, value: &'v str) -> Option<&'v str> {
+        let is_carrier = |w: &str| self.carriers.contains(&w.to_lowercase());
+        let mut v = value.trim();
+        while let Some((first, rest)) = v.split_once(' ') {
+            if !is_carrier(first) {
+                break;
+            }
+            v = rest.trim_start();
+        }
+        while let Some((rest, last)) = v.rsplit_once(' ') {
+            if !is_carrier(last) {
+                break;
+            }
+            v = rest.trim_end();
+        }
+        (!v.is_empty() && !is_carrier(v)).then_some(v)
+    }
+}
+
+/// `slots` with each open enum's known values joined by the values the
+/// annotated `examples` give it (so a timer name seen in one intent's
+/// examples is known to all), in first-seen order.
+pub fn with_example_values(slots: &[SlotSpec], examples: &[Example]) -> Vec<SlotSpec> {
+    slots
+        .iter()
+        .map(|spec| {
+            let mut spec = spec.clone();
+            if let SlotKind::Enum { values, open: true } = &mut spec.kind {
+                let given = examples
+                    .iter()
+                    .filter_map(|ex| ex.slots.as_ref()?.get(&spec.name).and_then(slot_text));
+                for v in given {
+                    if v.parse::<f64>().is_err()
+                        && !values.iter().any(|x| x.eq_ignore_ascii_case(&v))
+                    {
+                        values.push(v);
+                    }
+                }
+            }
+            spec
+        })
+        .collect()
+}
+
+/// A known value of slot `slot` said at `start..end` of the input.
+#[derive(Debug, Clone)]
+struct Mention {
+    slot: usize,
+    value: String,
+    start: usize,
+    end: usize,
+}
+
+impl Mention {
+    fn covers(&self, span: &Span) -> bool {
+        self.start <= span.start && span.end <= self.end
+    }
+
+    fn is(&self, span: &Span) -> bool {
+        self.start == span.start && span.end == self.end
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+fn closed(spec: &SlotSpec) -> bool {
+    matches!(spec.kind, SlotKind::Enum { open: false, .. })
+}
+
+/// The longest mentions of `slots`' enum values in `input`: a mention
+/// inside a longer one (of any slot) is not one.
+fn mentions(slots: &[SlotSpec], input: &str) -> Vec<Mention> {
+    let mut all = Vec::new();
+    for (slot, spec) in slots.iter().enumerate() {
+        let SlotKind::Enum { values, .. } = &spec.kind else {
+            continue;
+        };
+        for value in values {
+            if let Some((start, end)) = find_word(input, value) {
+                all.push(Mention {
+                    slot,
+                    value: value.clone(),
+                    start,
+                    end,
+                });
+            }
+        }
+    }
+    let longest = |m: &Mention| {
+        !all.iter()
+            .any(|o| o.start <= m.start && m.end <= o.end && o.len() > m.len())
+    };
+    all.iter().filter(|m| longest(m)).cloned().collect()
+}
+
+impl Grounding {
+    /// Brings `found` (parsed from the reply to `input`, for an intent
+    /// that may fill `slots`) in line with the input, as the module
+    /// describes. The result is in schema order.
+    pub fn ground(&self, slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
+        self.trim_carriers(slots, found, input);
+        let said_numbers = crate::policy::quantity::numbers_in(input);
+        for slot in found.iter_mut() {
+            if let (SlotValue::Number(x), None) = (&slot.value, &slot.span) {
+                slot.span = said_numbers
+                    .iter()
+                    .find(|(v, _)| v == x)
+                    .map(|(_, r)| Span {
+                        start: r.start,
+                        end: r.end,
+                        raw: input[r.clone()].to_string(),
+                    });
+            }
+        }
+        let mentions = mentions(slots, input);
+        let mut claimed: Vec<&Mention> = Vec::new();
+        for (i, spec) in slots.iter().enumerate() {
+            let own: Vec<&Mention> = mentions.iter().filter(|m| m.slot == i).collect();
+            let [m] = own[..] else {
+                continue;
+            };
+            if !closed(spec) && !self.said(&spec.name) {
+                continue;
+            }
+            let slot = Slot {
+                name: spec.name.clone(),
+                value: SlotValue::Text(m.value.clone()),
+                span: Some(Span {
+                    start: m.start,
+                    end: m.end,
+                    raw: input[m.start..m.end].to_string(),
+                }),
+            };
+            match found.iter_mut().find(|s| s.name == spec.name) {
+                Some(s) if s.span.as_ref().map_or(true, |span| m.covers(span)) => {
+                    *s = slot;
+                    claimed.push(m);
+                }
+                Some(s) => {
+                    if s.span.as_ref().is_some_and(|span| m.is(span)) {
+                        claimed.push(m);
+                    }
+                }
+                None => {
+                    found.push(slot);
+                    claimed.push(m);
+                }
+            }
+        }
+        found.retain(|slot| {
+            let Some(i) = slots.iter().position(|s| s.name == slot.name) else {
+                return false;
+            };
+            match (&slot.value, &slot.span) {
+                (_, Some(span)) => !claimed.iter().any(|m| {
+                    m.slot != i
+                        && m.covers(span)
+                        && (m.len() > span.end - span.start || closed(&slots[m.slot]))
+                }),
+                (SlotValue::Number(_), None) => false,
+                (SlotValue::Text(value), None) => {
+                    !self.said(&slot.name)
+                        && matches!(&slots[i].kind, SlotKind::Enum { values, open: true }
+                            if values.iter().any(|x| x.eq_ignore_ascii_case(value)))
+                }
+            }
+        });
+        found.sort_by_key(|s| slots.iter().position(|spec| spec.name == s.name));
+    }
+
+    /// Said text values lose carrier words at either end (and are dropped
+    /// when nothing else is left); known values are left as they are.
+    fn trim_carriers(&self, slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
+        found.retain_mut(|slot| {
+            let SlotValue::Text(value) = &slot.value else {
+                return true;
+            };
+            let spec = slots.iter().find(|s| s.name == slot.name);
+            let known = match spec.map(|s| &s.kind) {
+                Some(SlotKind::Enum { values, .. }) => values.contains(value),
+                _ => false,
+            };
+            if known || !self.said(&slot.name) {
+                return true;
+            }
+            let Some(trimmed) = self.trim(value) else {
+                return false;
+            };
+            if trimmed != value {
+                let value = SlotValue::Text(trimmed.to_string());
+                slot.span = find_span(input, &value);
+                slot.value = value;
+            }
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::schema::parse_output;
+
+    fn spec(name: &str, values: &[&str], open: bool) -> SlotSpec {
+        SlotSpec {
+            name: name.to_string(),
+            kind: SlotKind::Enum {
+                values: values.iter().map(|v| v.to_string()).collect(),
+                open,
+            },
+        }
+    }
+
+    fn text(name: &str) -> SlotSpec {
+        SlotSpec {
+            name: name.to_string(),
+            kind: SlotKind::String,
+        }
+    }
+
+    /// Grounds `reply` to `input`; (slot, value, raw span) in schema order.
+    fn grounded(
+        slots: &[SlotSpec],
+        g: &Grounding,
+        input: &str,
+        reply: &str,
+    ) -> Vec<(String, String, Option<String>)> {
+        let mut got = parse_output(slots, reply, input).unwrap();
+        g.ground(slots, &mut got, input);
+        got.into_iter()
+            .map(|s| (s.name, s.value.to_string(), s.span.map(|s| s.raw)))
+            .collect()
+    }
+
+    fn slot(name: &str, value: &str, raw: Option<&str>) -> (String, String, Option<String>) {
+        (name.into(), value.into(), raw.map(str::to_owned))
+    }
+
+    #[test]
+    fn a_closed_enum_takes_the_one_value_the_input_names() {
+        let slots = vec![
+            spec("area", &["Kitchen", "Living Room"], false),
+            spec("floor", &["First Floor", "Basement"], false),
+            text("domain"),
+        ];
+        let said = Grounding::default();
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "turn off the kitchen lights",
+                r#"{"floor": "First Floor"}"#
+            ),
+            [slot("area", "Kitchen", Some("kitchen"))],
+            "area added; the floor nothing names is dropped"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "pause music in the living room",
+                r#"{"area": "Kitchen"}"#
+            ),
+            [slot("area", "Living Room", Some("living room"))],
+            "replaced"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "kitchen and living room",
+                r#"{"area": "Kitchen"}"#
+            ),
+            [slot("area", "Kitchen", Some("kitchen"))],
+            "two named: left to the model"
+        );
+    }
+
+    #[test]
+    fn the_longest_mention_wins_across_slots() {
+        let slots = vec![
+            spec("name", &["Office Thermostat", "TV", "Light"], true),
+            spec("area", &["Office", "Kitchen"], false),
+            text("item"),
+        ];
+        let said = Grounding::default();
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "what's the office thermostat temperature?",
+                r#"{"area": "Office"}"#
+            ),
+            [slot("name", "Office Thermostat", Some("office thermostat"))],
+            "the entity is meant, not the area inside its name"
+        );
+        assert_eq!(
+            grounded(&slots, &said, "pause the TV", "{}"),
+            [slot("name", "TV", Some("TV"))],
+            "a said open enum takes a known value the reply missed"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "pause the kitchen timer",
+                r#"{"name": "kitchen"}"#
+            ),
+            [slot("area", "Kitchen", Some("kitchen"))],
+            "a word claimed by a closed enum is not also a name"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "set Overhead Light to red",
+                r#"{"name": "Overhead Light"}"#
+            ),
+            [slot("name", "Overhead Light", Some("Overhead Light"))],
+            "a reply longer than the known value it contains stands"
+        );
+    }
+
+    #[test]
+    fn inferred_slots_keep_known_values_and_are_not_filled_from_words() {
+        let slots = vec![
+            spec("name", &["Bedroom Lamp", "Light"], true),
+            spec("domain", &["binary_sensor", "light"], true),
+            text("item"),
+            SlotSpec {
+                name: "level".into(),
+                kind: SlotKind::Number,
+            },
+        ];
+        let said = Grounding {
+            inferred: ["domain".to_string()].into(),
+            ..Default::default()
+        };
+        let input = "is light detected at one hundred percent";
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                input,
+                r#"{"name": "Tower Lights", "domain": "binary_sensor", "item": "milk", "level": 100}"#
+            ),
+            [
+                slot("name", "Light", Some("light")),
+                slot("domain", "binary_sensor", None),
+                slot("level", "100", Some("one hundred")),
+            ],
+            "unsaid text dropped (a said slot's known value too); the inferred domain kept and not taken from the word"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &said,
+                "turn up the volume",
+                r#"{"name": "Bedroom Lamp"}"#
+            ),
+            [],
+            "a said slot's known value must be said"
+        );
+    }
+
+    #[test]
+    fn examples_teach_inferred_slots_carrier_words_and_values() {
+        let slots = vec![spec("name", &["TV"], true), spec("domain", &[], true)];
+        let ex = |text: &str, name: &str, domain: &str| Example {
+            text: text.into(),
+            label: "x".into(),
+            slots: Some(
+                [("name", name), ("domain", domain)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                    .collect(),
+            ),
+        };
+        let examples = [
+            ex("is the pet door open", "Pet Door", "binary_sensor"),
+            ex("turn on the tv", "tv", "media_player"),
+            ex("open main valve", "Main Valve", "valve"),
+        ];
+        let g = Grounding::learn(&slots, &examples);
+        assert_eq!(g.inferred, ["domain".to_string()].into());
+        assert_eq!(
+            g.carriers,
+            ["open".to_string(), "the".to_string()].into(),
+            "outside values in two examples and never inside one"
+        );
+        let widened = with_example_values(&slots, &examples);
+        assert_eq!(
+            widened[0].kind,
+            SlotKind::Enum {
+                values: vec!["TV".into(), "Pet Door".into(), "Main Valve".into()],
+                open: true
+            }
+        );
+    }
+
+    #[test]
+    fn carrier_words_are_trimmed_and_numbers_must_be_said() {
+        let slots = vec![
+            text("name"),
+            SlotSpec {
+                name: "level".into(),
+                kind: SlotKind::Number,
+            },
+        ];
+        let g = Grounding {
+            carriers: ["timer".to_string(), "the".to_string()].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            grounded(
+                &slots,
+                &g,
+                "pause the pizza timer",
+                r#"{"name": "the pizza timer"}"#
+            ),
+            [slot("name", "pizza", Some("pizza"))]
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &g,
+                "resume the timer",
+                r#"{"name": "timer", "level": 1}"#
+            ),
+            [],
+            "nothing but a carrier word, and a number the input does not say"
+        );
+        assert_eq!(
+            grounded(
+                &slots,
+                &g,
+                "set it to one hundred percent",
+                r#"{"level": 100}"#
+            ),
+            [slot("level", "100", Some("one hundred"))]
+        );
+    }
+}
