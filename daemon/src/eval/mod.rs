@@ -137,9 +137,9 @@ pub struct Extra {
 }
 
 /// Extra training rows from `path`: labelled JSONL, or (`.yaml`/`.yml`) a
-/// Home Assistant intent catalogue (`intents.yaml`), whose slot
-/// combinations' `example` sentences become rows of their intent, without
-/// slots, and whose intents' `slots` are kept. Rows whose text (ignoring
+/// Home Assistant intent catalogue (`intents.yaml`), whose intents'
+/// `description` and slot combinations' `example` sentences become rows of
+/// their intent, without slots, and whose intents' `slots` are kept. Rows whose text (ignoring
 /// case) is one of `exclude`'s are dropped, so nothing tested is trained on.
 pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Extra> {
     let is_yaml = matches!(
@@ -153,6 +153,13 @@ pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Ext
         for (intent, spec) in doc.as_object().into_iter().flatten() {
             if let Some(slots) = spec.get("slots").and_then(|s| s.as_object()) {
                 intent_slots.insert(intent.clone(), slots.keys().cloned().collect());
+            }
+            if let Some(description) = spec.get("description").and_then(|d| d.as_str()) {
+                rows.push(Row {
+                    text: description.to_owned(),
+                    intent: intent.clone(),
+                    slots: None,
+                });
             }
             let combos = spec.get("slot_combinations").and_then(|c| c.as_object());
             for combo in combos.into_iter().flat_map(|c| c.values()) {
@@ -325,7 +332,7 @@ mod tests {
     fn catalogue_examples_become_rows_and_tested_texts_are_dropped() {
         let (_dir, path) = temp_file(
             "intents.yaml",
-            "HassTurnOn:\n  supported: true\n  slots:\n    name: {}\n    area: {}\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
+            "HassTurnOn:\n  supported: true\n  description: Turns on a device\n  slots:\n    name: {}\n    area: {}\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
         );
         let tested = vec![Row {
             text: "nevermind ".into(),
@@ -339,7 +346,10 @@ mod tests {
         } = read_extra(&path, &tested).unwrap();
         let mut texts: Vec<&str> = extra.iter().map(|r| r.text.as_str()).collect();
         texts.sort();
-        assert_eq!(texts, ["lights on in the kitchen", "turn on the lamp"]);
+        assert_eq!(
+            texts,
+            ["Turns on a device", "lights on in the kitchen", "turn on the lamp"]
+        );
         assert!(extra
             .iter()
             .all(|r| r.intent == "HassTurnOn" && r.slots.is_none()));
