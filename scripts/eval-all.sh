@@ -25,6 +25,10 @@ run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
 run ha-extract-catalogue --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml" --extra-train "$DATA/ha_intents/intents.yaml"
 run automotive-extract --kind extract --train "$DATA/ms_automotive_poi.jsonl" --cv 5
+# Extraction on another source: a seeded sample of 40 rows per intent of
+# SNIPS 2017 (7 intents, 39 slots).
+python3 scripts/sample-per-label.py "$DATA/snips2017.jsonl" 40 7 >"$OUT/snips280.jsonl"
+run snips-sample-extract --kind extract --train "$OUT/snips280.jsonl" --cv 5
 # The factory pack: detector grids on the NAB windows and the synthetic
 # spindle series, causes from the model, the grounding check.
 run factory-anomaly --kind anomaly --test "$DATA/nab_windows.jsonl" \
