@@ -357,6 +357,20 @@ mod tests {
         (name.into(), value.into(), raw.map(str::to_owned))
     }
 
+    /// Each case: input, reply, the grounded slots, why.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(String, String, Option<String>)>,
+        &'a str,
+    );
+
+    fn check(slots: &[SlotSpec], g: &Grounding, cases: Vec<Case<'_>>) {
+        for (input, reply, want, why) in cases {
+            assert_eq!(grounded(slots, g, input, reply), want, "{input}: {why}");
+        }
+    }
+
     #[test]
     fn a_closed_enum_takes_the_one_value_the_input_names() {
         let slots = vec![
@@ -364,36 +378,30 @@ mod tests {
             spec("floor", &["First Floor", "Basement"], false),
             text("domain"),
         ];
-        let said = Grounding::default();
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "turn off the kitchen lights",
-                r#"{"floor": "First Floor"}"#
-            ),
-            [slot("area", "Kitchen", Some("kitchen"))],
-            "area added; the floor nothing names is dropped"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "pause music in the living room",
-                r#"{"area": "Kitchen"}"#
-            ),
-            [slot("area", "Living Room", Some("living room"))],
-            "replaced"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "kitchen and living room",
-                r#"{"area": "Kitchen"}"#
-            ),
-            [slot("area", "Kitchen", Some("kitchen"))],
-            "two named: left to the model"
+        let kitchen = || vec![slot("area", "Kitchen", Some("kitchen"))];
+        check(
+            &slots,
+            &Grounding::default(),
+            vec![
+                (
+                    "turn off the kitchen lights",
+                    r#"{"floor": "First Floor"}"#,
+                    kitchen(),
+                    "area added; the floor nothing names is dropped",
+                ),
+                (
+                    "pause music in the living room",
+                    r#"{"area": "Kitchen"}"#,
+                    vec![slot("area", "Living Room", Some("living room"))],
+                    "replaced",
+                ),
+                (
+                    "kitchen and living room",
+                    r#"{"area": "Kitchen"}"#,
+                    kitchen(),
+                    "two named: left to the model",
+                ),
+            ],
         );
     }
 
@@ -404,41 +412,35 @@ mod tests {
             spec("area", &["Office", "Kitchen"], false),
             text("item"),
         ];
-        let said = Grounding::default();
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "what's the office thermostat temperature?",
-                r#"{"area": "Office"}"#
-            ),
-            [slot("name", "Office Thermostat", Some("office thermostat"))],
-            "the entity is meant, not the area inside its name"
-        );
-        assert_eq!(
-            grounded(&slots, &said, "pause the TV", "{}"),
-            [slot("name", "TV", Some("TV"))],
-            "a said open enum takes a known value the reply missed"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "pause the kitchen timer",
-                r#"{"name": "kitchen"}"#
-            ),
-            [slot("area", "Kitchen", Some("kitchen"))],
-            "a word claimed by a closed enum is not also a name"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "set Overhead Light to red",
-                r#"{"name": "Overhead Light"}"#
-            ),
-            [slot("name", "Overhead Light", Some("Overhead Light"))],
-            "a reply longer than the known value it contains stands"
+        check(
+            &slots,
+            &Grounding::default(),
+            vec![
+                (
+                    "what's the office thermostat temperature?",
+                    r#"{"area": "Office"}"#,
+                    vec![slot("name", "Office Thermostat", Some("office thermostat"))],
+                    "the entity is meant, not the area inside its name",
+                ),
+                (
+                    "pause the TV",
+                    "{}",
+                    vec![slot("name", "TV", Some("TV"))],
+                    "a said open enum takes a known value the reply missed",
+                ),
+                (
+                    "pause the kitchen timer",
+                    r#"{"name": "kitchen"}"#,
+                    vec![slot("area", "Kitchen", Some("kitchen"))],
+                    "a word claimed by a closed enum is not also a name",
+                ),
+                (
+                    "set Overhead Light to red",
+                    r#"{"name": "Overhead Light"}"#,
+                    vec![slot("name", "Overhead Light", Some("Overhead Light"))],
+                    "a reply longer than the known value it contains stands",
+                ),
+            ],
         );
     }
 
@@ -457,30 +459,27 @@ mod tests {
             inferred: ["domain".to_string()].into(),
             ..Default::default()
         };
-        let input = "is light detected at one hundred percent";
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                input,
-                r#"{"name": "Tower Lights", "domain": "binary_sensor", "item": "milk", "level": 100}"#
-            ),
-            [
-                slot("name", "Light", Some("light")),
-                slot("domain", "binary_sensor", None),
-                slot("level", "100", Some("one hundred")),
+        check(
+            &slots,
+            &said,
+            vec![
+                (
+                    "is light detected at one hundred percent",
+                    r#"{"name": "Tower Lights", "domain": "binary_sensor", "item": "milk", "level": 100}"#,
+                    vec![
+                        slot("name", "Light", Some("light")),
+                        slot("domain", "binary_sensor", None),
+                        slot("level", "100", Some("one hundred")),
+                    ],
+                    "unsaid text dropped; the inferred domain kept and not taken from the word",
+                ),
+                (
+                    "turn up the volume",
+                    r#"{"name": "Bedroom Lamp"}"#,
+                    vec![],
+                    "a said slot's known value must be said",
+                ),
             ],
-            "unsaid text dropped (a said slot's known value too); the inferred domain kept and not taken from the word"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &said,
-                "turn up the volume",
-                r#"{"name": "Bedroom Lamp"}"#
-            ),
-            [],
-            "a said slot's known value must be said"
         );
     }
 
@@ -532,33 +531,29 @@ mod tests {
             carriers: ["timer".to_string(), "the".to_string()].into(),
             ..Default::default()
         };
-        assert_eq!(
-            grounded(
-                &slots,
-                &g,
-                "pause the pizza timer",
-                r#"{"name": "the pizza timer"}"#
-            ),
-            [slot("name", "pizza", Some("pizza"))]
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &g,
-                "resume the timer",
-                r#"{"name": "timer", "level": 1}"#
-            ),
-            [],
-            "nothing but a carrier word, and a number the input does not say"
-        );
-        assert_eq!(
-            grounded(
-                &slots,
-                &g,
-                "set it to one hundred percent",
-                r#"{"level": 100}"#
-            ),
-            [slot("level", "100", Some("one hundred"))]
+        check(
+            &slots,
+            &g,
+            vec![
+                (
+                    "pause the pizza timer",
+                    r#"{"name": "the pizza timer"}"#,
+                    vec![slot("name", "pizza", Some("pizza"))],
+                    "carrier words trimmed",
+                ),
+                (
+                    "resume the timer",
+                    r#"{"name": "timer", "level": 1}"#,
+                    vec![],
+                    "nothing but a carrier word, and a number the input does not say",
+                ),
+                (
+                    "set it to one hundred percent",
+                    r#"{"level": 100}"#,
+                    vec![slot("level", "100", Some("one hundred"))],
+                    "a number said in words",
+                ),
+            ],
         );
     }
 }

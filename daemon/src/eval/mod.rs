@@ -348,7 +348,11 @@ mod tests {
         texts.sort();
         assert_eq!(
             texts,
-            ["Turns on a device", "lights on in the kitchen", "turn on the lamp"]
+            [
+                "Turns on a device",
+                "lights on in the kitchen",
+                "turn on the lamp"
+            ]
         );
         assert!(extra
             .iter()
