@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::schema::{SlotKind, MAX_STRING_CHARS};
+use crate::engine::schema::{add_value, SlotKind, MAX_STRING_CHARS};
 
 pub const PERFORM_TOPIC: &str = "hermes/injection/perform";
 pub const COMPLETE_TOPIC: &str = "hermes/injection/complete";
@@ -215,9 +215,7 @@ impl Injected {
                     }
                 }
                 for v in values {
-                    if !e.values.iter().any(|x| x.eq_ignore_ascii_case(v)) {
-                        e.values.push(v.clone());
-                    }
+                    add_value(&mut e.values, v);
                 }
                 let n = e.values.len() + if e.vanilla { vanilla.len() } else { 0 };
                 if n == 0 {
@@ -246,9 +244,7 @@ impl Injected {
                     values.clear();
                 }
                 for v in &e.values {
-                    if !values.iter().any(|x| x.eq_ignore_ascii_case(v)) {
-                        values.push(v.clone());
-                    }
+                    add_value(values, v);
                 }
             }
         }

@@ -500,16 +500,6 @@ impl Router {
                         &routing.engine.model,
                         latency,
                     );
-                    result.action = task.policy.as_ref().map(|p| {
-                        p.decide(&crate::policy::Command {
-                            topic: &entry.topic,
-                            text: &req.text,
-                            intent: scores.label.as_deref(),
-                            confidence: result.confidence,
-                            slots: scores.slots.as_deref().unwrap_or_default(),
-                            speed_kmh: self.speed(p),
-                        })
-                    });
                     log::info!(
                         task = task.name.as_str(),
                         msg_id = req.id.as_str(),
@@ -530,7 +520,20 @@ impl Router {
                         },
                     );
                     match &req.session {
-                        None => json_entry(&task.output_topic, &result),
+                        None => {
+                            // Hermes answers carry no action; only JSON results decide one.
+                            result.action = task.policy.as_ref().map(|p| {
+                                p.decide(&crate::policy::Command {
+                                    topic: &entry.topic,
+                                    text: &req.text,
+                                    intent: scores.label.as_deref(),
+                                    confidence: result.confidence,
+                                    slots: scores.slots.as_deref().unwrap_or_default(),
+                                    speed_kmh: self.speed(p),
+                                })
+                            });
+                            json_entry(&task.output_topic, &result)
+                        }
                         Some(session) => {
                             let (topic, body) =
                                 hermes::answer(&task.output_topic, session, &req.text, &scores);

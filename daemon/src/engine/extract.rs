@@ -75,7 +75,8 @@ impl IntentPrompt {
         format: PromptFormat,
         instruction: &str,
         intent: &str,
-        (slots, grounding): (Vec<SlotSpec>, Arc<Grounding>),
+        slots: Vec<SlotSpec>,
+        grounding: Arc<Grounding>,
         examples: &[&Example],
     ) -> IntentPrompt {
         let (system, user, reply, end) = super::scorer::turns(format);
@@ -601,7 +602,8 @@ mod tests {
             PromptFormat::Chatml,
             "Extract.",
             "HassLightSet",
-            (slots(), Default::default()),
+            slots(),
+            Default::default(),
             &[&ex],
         );
         assert!(p

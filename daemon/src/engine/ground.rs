@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::schema::{find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
+use super::schema::{add_value, find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
 use crate::examples::{slot_text, Example};
 
 /// A slot is said when at least this share of its example values can be
@@ -148,12 +148,8 @@ pub fn with_example_values(slots: &[SlotSpec], examples: &[Example]) -> Vec<Slot
                 let given = examples
                     .iter()
                     .filter_map(|ex| ex.slots.as_ref()?.get(&spec.name).and_then(slot_text));
-                for v in given {
-                    if v.parse::<f64>().is_err()
-                        && !values.iter().any(|x| x.eq_ignore_ascii_case(&v))
-                    {
-                        values.push(v);
-                    }
+                for v in given.filter(|v| v.parse::<f64>().is_err()) {
+                    add_value(values, &v);
                 }
             }
             spec
@@ -220,17 +216,13 @@ impl Grounding {
     /// describes. The result is in schema order.
     pub fn ground(&self, slots: &[SlotSpec], found: &mut Vec<Slot>, input: &str) {
         self.trim_carriers(slots, found, input);
-        let said_numbers = crate::policy::quantity::numbers_in(input);
+        let said = super::numbers::said_numbers(input);
         for slot in found.iter_mut() {
             if let (SlotValue::Number(x), None) = (&slot.value, &slot.span) {
-                slot.span = said_numbers
+                slot.span = said
                     .iter()
                     .find(|(v, _)| v == x)
-                    .map(|(_, r)| Span {
-                        start: r.start,
-                        end: r.end,
-                        raw: input[r.clone()].to_string(),
-                    });
+                    .map(|(_, r)| Span::of(input, r.start, r.end));
             }
         }
         let mentions = mentions(slots, input);
@@ -246,11 +238,7 @@ impl Grounding {
             let slot = Slot {
                 name: spec.name.clone(),
                 value: SlotValue::Text(m.value.clone()),
-                span: Some(Span {
-                    start: m.start,
-                    end: m.end,
-                    raw: input[m.start..m.end].to_string(),
-                }),
+                span: Some(Span::of(input, m.start, m.end)),
             };
             match found.iter_mut().find(|s| s.name == spec.name) {
                 Some(s) if s.span.as_ref().map_or(true, |span| m.covers(span)) => {

@@ -19,6 +19,7 @@ pub mod extract;
 pub mod ground;
 pub mod head;
 pub mod lexical;
+pub mod numbers;
 pub mod schema;
 pub mod scorer;
 
@@ -151,8 +152,15 @@ impl ExtractSpec {
                     .cloned()
                     .collect();
                 (!slots.is_empty()).then(|| {
-                    let slots = (slots, grounding.clone());
-                    IntentPrompt::new(format, &self.instruction, label, slots, &annotated)
+                    let grounding = grounding.clone();
+                    IntentPrompt::new(
+                        format,
+                        &self.instruction,
+                        label,
+                        slots,
+                        grounding,
+                        &annotated,
+                    )
                 })
             })
             .collect()

@@ -92,6 +92,17 @@ pub struct Span {
     pub raw: String,
 }
 
+impl Span {
+    /// `input[start..end]` as a span.
+    pub fn of(input: &str, start: usize, end: usize) -> Span {
+        Span {
+            start,
+            end,
+            raw: input[start..end].to_string(),
+        }
+    }
+}
+
 /// One extracted slot.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Slot {
@@ -376,14 +387,24 @@ fn slot_value(spec: &SlotSpec, value: Value) -> Result<Option<SlotValue>, Schema
 
 /// `value` in `input` on word boundaries, ignoring case.
 pub(crate) fn find_word(input: &str, value: &str) -> Option<(usize, usize)> {
-    let (hay, needle) = (input.to_lowercase(), value.to_lowercase());
-    if hay.len() != input.len() || needle.is_empty() {
+    if value.is_empty() {
         return None;
     }
-    let boundary = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);
-    hay.match_indices(&needle)
-        .map(|(i, m)| (i, i + m.len()))
-        .find(|&(a, b)| boundary(hay[..a].chars().next_back()) && boundary(hay[b..].chars().next()))
+    search(input, value, on_word)
+}
+
+/// Whether `input[start..end]` is whole words: no letter or digit joins it
+/// on either side.
+fn on_word(input: &str, start: usize, end: usize) -> bool {
+    !matches!(char_before(input, start), Some(c) if c.is_alphanumeric())
+        && !matches!(input[end..].chars().next(), Some(c) if c.is_alphanumeric())
+}
+
+/// Adds `value` to `values` unless it is there already, ignoring ASCII case.
+pub fn add_value(values: &mut Vec<String>, value: &str) {
+    if !values.iter().any(|x| x.eq_ignore_ascii_case(value)) {
+        values.push(value.to_owned());
+    }
 }
 
 /// Where in `input` a value was said, or `None`.
@@ -399,11 +420,7 @@ pub fn find_span(input: &str, value: &SlotValue) -> Option<Span> {
         SlotValue::Text(text) => find_text(input, text.trim())?,
         SlotValue::Number(x) => find_number(input, *x)?,
     };
-    Some(Span {
-        start,
-        end,
-        raw: input[start..end].to_string(),
-    })
+    Some(Span::of(input, start, end))
 }
 
 fn find_text(input: &str, text: &str) -> Option<(usize, usize)> {
@@ -422,14 +439,10 @@ fn find_text(input: &str, text: &str) -> Option<(usize, usize)> {
             _ => format!("{t}s"),
         })
         .collect();
-    let word = |input: &str, start: usize, end: usize| {
-        !matches!(char_before(input, start), Some(c) if c.is_alphanumeric())
-            && !matches!(input[end..].chars().next(), Some(c) if c.is_alphanumeric())
-    };
     exact
         .iter()
         .chain(&variants)
-        .find_map(|t| search(input, t, word))
+        .find_map(|t| search(input, t, on_word))
         .or_else(|| exact.iter().find_map(|t| search(input, t, |_, _, _| true)))
 }
 

@@ -25,6 +25,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::engine::Engine;
+use crate::eval::metrics::{harmonic, ratio};
 use crate::examples::Row;
 use crate::monitor::detect::SensorDetector;
 use crate::monitor::note::{ungrounded, Facts};
@@ -236,21 +237,9 @@ fn score(
     recall_hits: usize,
     recall_of: usize,
 ) -> Score {
-    let precision = if tp + fp == 0 {
-        0.0
-    } else {
-        tp as f64 / (tp + fp) as f64
-    };
-    let recall = if recall_of == 0 {
-        0.0
-    } else {
-        recall_hits as f64 / recall_of as f64
-    };
-    let f1 = if precision + recall == 0.0 {
-        0.0
-    } else {
-        2.0 * precision * recall / (precision + recall)
-    };
+    let precision = ratio(tp, tp + fp);
+    let recall = ratio(recall_hits, recall_of);
+    let f1 = harmonic(precision, recall);
     Score {
         setting: setting.into(),
         tp,

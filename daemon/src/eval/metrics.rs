@@ -124,7 +124,7 @@ pub struct Report {
 }
 
 /// `num / den`, or 0 when `den` is 0.
-fn ratio(num: usize, den: usize) -> f64 {
+pub(crate) fn ratio(num: usize, den: usize) -> f64 {
     if den == 0 {
         0.0
     } else {
@@ -138,7 +138,7 @@ fn opt_ratio(num: usize, den: usize) -> Option<f64> {
 }
 
 /// Harmonic mean, 0 when both inputs are 0.
-fn harmonic(p: f64, r: f64) -> f64 {
+pub(crate) fn harmonic(p: f64, r: f64) -> f64 {
     if p + r == 0.0 {
         0.0
     } else {

@@ -190,10 +190,10 @@ impl SensorDetector {
         }
     }
 
-    /// The reference statistics: the window once it has `min_samples`
-    /// readings, else the prior if any.
-    fn reference(&self) -> Option<Stats> {
-        match self.window.stats() {
+    /// The reference statistics, from the window's `stats`: the window once
+    /// it has `min_samples` readings, else the prior if any.
+    fn reference(&self, stats: Option<Stats>) -> Option<Stats> {
+        match stats {
             Some(s) if s.n >= self.settings.min_samples => Some(s),
             _ => self.prior,
         }
@@ -203,14 +203,15 @@ impl SensorDetector {
     /// it unless one fired (and the run of anomalies is still short).
     /// Returns the firings, empty when normal.
     pub fn step(&mut self, s: Sample) -> Vec<Firing> {
-        let reference = self.reference();
+        let stats = self.window.stats();
+        let reference = self.reference(stats);
         let min_std = self.settings.min_std;
         let min_samples = self.settings.min_samples;
         let mut fired = Vec::new();
         for (i, d) in self.settings.detectors.iter().enumerate() {
             let f = match *d {
                 DetectorConfig::Threshold { min, max } => {
-                    let base = self.window.stats().map(|w| w.mean);
+                    let base = stats.map(|w| w.mean);
                     threshold(s.value, min, max, base)
                 }
                 DetectorConfig::Rate { max_per_sec } => {

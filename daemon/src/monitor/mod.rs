@@ -180,12 +180,6 @@ impl TaskMonitor {
         &self.config
     }
 
-    /// A fresh detector with the sensor's settings (for the evaluation,
-    /// which primes it).
-    pub fn detector_for(&self, sensor: &str) -> SensorDetector {
-        SensorDetector::new(self.config.for_sensor(sensor))
-    }
-
     /// Judges one reading and learns from it.
     pub fn observe(&mut self, r: &Reading) -> Result<Verdict, MonitorError> {
         self.observe_with(r, |_| {})
@@ -267,10 +261,6 @@ impl Monitors {
                 })
                 .collect(),
         }
-    }
-
-    pub fn has(&self, task: &str) -> bool {
-        self.tasks.contains_key(task)
     }
 
     /// Parses and judges a reading of `task`; `None` when it is not a

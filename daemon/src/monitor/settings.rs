@@ -90,18 +90,6 @@ pub enum DetectorConfig {
     Ewma { alpha: f64, k: f64 },
 }
 
-impl DetectorConfig {
-    /// Short name, as notes and reports give it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            DetectorConfig::Threshold { .. } => "threshold",
-            DetectorConfig::Rate { .. } => "rate",
-            DetectorConfig::Zscore { .. } => "zscore",
-            DetectorConfig::Ewma { .. } => "ewma",
-        }
-    }
-}
-
 impl MonitorConfig {
     /// The effective settings of one sensor.
     pub fn for_sensor(&self, sensor: &str) -> SensorSettings {
@@ -177,30 +165,26 @@ impl MonitorConfig {
 /// Problems of one sensor's settings, keys relative (`.window`).
 fn check_sensor(s: &SensorSettings) -> Vec<(String, String)> {
     let mut p = Vec::new();
-    let key = "";
     if !(2..=100_000).contains(&s.window) {
-        p.push((
-            format!("{key}.window"),
-            "must be between 2 and 100000".into(),
-        ));
+        p.push((".window".to_string(), "must be between 2 and 100000".into()));
     }
     if s.min_samples < 2 || s.min_samples > s.window {
         p.push((
-            format!("{key}.min_samples"),
+            ".min_samples".to_string(),
             format!("must be between 2 and the window ({})", s.window),
         ));
     }
     if !(s.min_std.is_finite() && s.min_std >= 0.0) {
-        p.push((format!("{key}.min_std"), "must be 0 or more".into()));
+        p.push((".min_std".to_string(), "must be 0 or more".into()));
     }
     if s.detectors.is_empty() {
         p.push((
-            format!("{key}.detectors"),
+            ".detectors".to_string(),
             "at least one detector is needed".into(),
         ));
     }
     for (i, d) in s.detectors.iter().enumerate() {
-        let k = format!("{key}.detectors[{i}]");
+        let k = format!(".detectors[{i}]");
         let positive = |x: f64| x.is_finite() && x > 0.0;
         match *d {
             DetectorConfig::Threshold { min, max } => match (min, max) {
