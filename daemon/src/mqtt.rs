@@ -398,14 +398,7 @@ impl Link {
     }
 
     fn acked(&self, ack: &PubAck) {
-        let key = {
-            let mut t = self.tracker.lock().unwrap();
-            let key = t.by_pkid.remove(&ack.pkid);
-            if let Some(k) = key {
-                t.inflight.remove(&k);
-            }
-            key
-        };
+        let key = self.tracker.lock().unwrap().by_pkid.remove(&ack.pkid);
         if let Some(k) = key {
             if !matches!(
                 ack.reason,
@@ -420,6 +413,9 @@ impl Link {
             if let Err(e) = self.store.outbox_remove(k) {
                 log::error!("cannot remove published result {k} from the outbox: {e}");
             }
+            // Only now: the publisher sends whatever is in the outbox and not
+            // in flight, so leaving flight first would send this one again.
+            self.tracker.lock().unwrap().inflight.remove(&k);
             self.publisher_wake.notify_one();
         }
     }
