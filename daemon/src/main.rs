@@ -200,10 +200,22 @@ struct BenchArgs {
     /// Messages answered per concurrency level.
     #[arg(long, default_value_t = 200)]
     messages: usize,
+    /// `extract` also generates each message's slots (as `slmd eval`).
+    #[arg(long, value_enum, default_value = "classify")]
+    kind: BenchKind,
+    /// Extract: known slot values (as `slmd eval --slot-values`).
+    #[arg(long)]
+    slot_values: Option<PathBuf>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchKind {
+    Classify,
+    Extract,
 }
 
 #[derive(Subcommand)]
@@ -613,7 +625,17 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         lexical_weight: 1.0,
         abstain_below: 0.0,
         reject_label: None,
-        extract: None,
+        extract: match a.kind {
+            BenchKind::Classify => None,
+            BenchKind::Extract => Some(slmd::eval::ExtractSettings {
+                instruction: slmd::engine::extract::DEFAULT_INSTRUCTION.into(),
+                known: match &a.slot_values {
+                    Some(path) => slmd::eval::slots::read_known(path)?,
+                    None => Default::default(),
+                },
+                intent_slots: Default::default(),
+            }),
+        },
         extra: Vec::new(),
     };
     let trial = slmd::eval::holdout(&rows, Vec::new(), &settings).remove(0);

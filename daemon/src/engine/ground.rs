@@ -22,10 +22,15 @@
 //! - Said text values lose *carrier words* at either end ("timer" in
 //!   "pizza timer"; see [`Grounding::carriers`]).
 //! - A number is kept when the input says it, in digits or words ("one
-//!   hundred percent" is 100).
+//!   hundred percent" is 100). The words around a said number decide its
+//!   slot when they can ([`NumberCues`]); a number placed in one slot is
+//!   not also another slot's value or a name ("pause 1 hour timer" gives
+//!   `start_hours: 1`, not `name: "1"`).
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 
+use super::number_slots::NumberCues;
 use super::schema::{add_value, find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
 use crate::examples::{slot_text, Example};
 
@@ -48,6 +53,8 @@ pub struct Grounding {
     /// of a slot value and are outside one in at least two examples ("timer"
     /// in "pause the pizza timer"). A value does not begin or end with one.
     pub carriers: BTreeSet<String>,
+    /// Which words around a said number point to which number slot.
+    pub numbers: NumberCues,
 }
 
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
@@ -108,7 +115,11 @@ impl Grounding {
             .filter(|(w, n)| *n >= CARRIER_EXAMPLES && !inside.contains(w))
             .map(|(w, _)| w)
             .collect();
-        Grounding { inferred, carriers }
+        Grounding {
+            inferred,
+            carriers,
+            numbers: NumberCues::learn(slots, examples),
+        }
     }
 
     fn said(&self, slot: &str) -> bool {
@@ -226,6 +237,26 @@ impl Grounding {
             }
         }
         let mentions = mentions(slots, input);
+        let names: Vec<Range<usize>> = mentions.iter().map(|m| m.start..m.end).collect();
+        let placed = self.numbers.place(slots, input, &names);
+        for p in &placed {
+            let slot = Slot {
+                name: p.slot.clone(),
+                value: SlotValue::Number(p.value),
+                span: Some(Span::of(input, p.range.start, p.range.end)),
+            };
+            match found.iter_mut().find(|s| s.name == p.slot) {
+                Some(s) => *s = slot,
+                None => found.push(slot),
+            }
+        }
+        // A placed number is no other slot's value.
+        found.retain(|s| {
+            let Some(span) = &s.span else { return true };
+            !placed
+                .iter()
+                .any(|p| p.slot != s.name && span.start < p.range.end && p.range.start < span.end)
+        });
         let mut claimed: Vec<&Mention> = Vec::new();
         for (i, spec) in slots.iter().enumerate() {
             let own: Vec<&Mention> = mentions.iter().filter(|m| m.slot == i).collect();
@@ -540,6 +571,46 @@ mod tests {
                     r#"{"level": 100}"#,
                     vec![slot("level", "100", Some("one hundred"))],
                     "a number said in words",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_words_around_numbers_place_them_and_a_placed_number_is_nothing_else() {
+        let number = |name: &str| SlotSpec {
+            name: name.into(),
+            kind: SlotKind::Number,
+        };
+        let slots = vec![text("name"), number("minutes"), number("start_hours")];
+        let examples = [Example {
+            text: "pause 1 hour timer".into(),
+            label: "x".into(),
+            slots: Some(
+                [("start_hours".to_string(), serde_json::json!(1))]
+                    .into_iter()
+                    .collect(),
+            ),
+        }];
+        let g = Grounding::learn(&slots, &examples);
+        check(
+            &slots,
+            &g,
+            vec![
+                (
+                    "add 5 minutes to 1 hour timer",
+                    r#"{"name": "1", "minutes": 1}"#,
+                    vec![
+                        slot("minutes", "5", Some("5")),
+                        slot("start_hours", "1", Some("1")),
+                    ],
+                    "numbers moved to the slots their units point to; '1' is not a name",
+                ),
+                (
+                    "add 5 to the timer",
+                    r#"{"minutes": 5}"#,
+                    vec![slot("minutes", "5", Some("5"))],
+                    "no unit: the model's choice stands",
                 ),
             ],
         );

@@ -19,6 +19,7 @@ pub mod extract;
 pub mod ground;
 pub mod head;
 pub mod lexical;
+pub mod number_slots;
 pub mod numbers;
 pub mod schema;
 pub mod scorer;
