@@ -155,6 +155,12 @@ pub struct ModelConfig {
     /// stay decoded in it (about 150 cells each) beside 2048 working cells.
     #[serde(default = "default_extract_context")]
     pub extract_context_size: u32,
+    /// Share of the model's blocks classifier heads read (0 < d <= 1). At
+    /// the default 0.8 heads read the model cut to its first four fifths, a
+    /// second, smaller file derived once into the state directory; 1.0
+    /// reads the whole model and loads it only once.
+    #[serde(default = "default_head_depth")]
+    pub head_depth: f32,
     /// Lock the model in RAM (needs RLIMIT_MEMLOCK >= the model's size).
     #[serde(default)]
     pub mlock: bool,
@@ -465,6 +471,10 @@ fn default_manifests() -> PathBuf {
 fn default_context() -> u32 {
     512
 }
+fn default_head_depth() -> f32 {
+    crate::engine::HEAD_DEPTH
+}
+
 fn default_extract_context() -> u32 {
     8192
 }
@@ -593,6 +603,9 @@ impl Config {
         }
         if self.model.nice.is_some_and(|n| !(-20..=19).contains(&n)) {
             p.add("model.nice", "must be between -20 and 19");
+        }
+        if !(self.model.head_depth > 0.0 && self.model.head_depth <= 1.0) {
+            p.add("model.head_depth", "must be above 0 and at most 1");
         }
         if !(64..=32768).contains(&self.model.context_size) {
             p.add("model.context_size", "must be between 64 and 32768");

@@ -203,6 +203,7 @@ pub fn start_engine_with(
         head_cache: Some(config.state_dir().join("heads")),
         decode: Default::default(),
         extract_context: config.model.extract_context_size,
+        head_depth: config.model.head_depth,
         tuning: engine::Tuning {
             mlock: config.model.mlock,
             nice: config.model.nice,

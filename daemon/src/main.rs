@@ -185,6 +185,10 @@ struct EngineArgs {
     /// Context of the slot generator (extract only).
     #[arg(long, default_value_t = 8192)]
     extract_context_size: u32,
+    /// Share of the model's blocks classifier heads read (1: all; see the
+    /// `model.head_depth` setting).
+    #[arg(long, default_value_t = slmd::engine::HEAD_DEPTH)]
+    head_depth: f32,
     #[command(flatten)]
     dirs: DirArgs,
 }
@@ -611,6 +615,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions>
         head_cache: None,
         decode: Default::default(),
         extract_context: a.extract_context_size,
+        head_depth: a.head_depth,
         tuning: Default::default(),
     })
 }

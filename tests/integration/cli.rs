@@ -125,9 +125,25 @@ fn classify(config: &std::path::Path, task: &str, text: &str) -> (serde_json::Va
 fn classify_prints_one_result_from_the_label_set() {
     let dir = tempfile::tempdir().unwrap();
     let config = crate::util::write_config(dir.path(), 1883, "");
-    let (v, _) = classify(&config, "home", "switch off the lights please");
+    let (v, log) = classify(&config, "home", "switch off the lights please");
     assert_eq!(v["label"], "lights_off", "{v}");
     assert_eq!(v["task"], "home");
+    // The head reads the model cut to its first 24 of 30 blocks (the
+    // default head depth 0.8), derived once into the head cache.
+    assert!(
+        log.contains("heads read the first 24 of 30 blocks"),
+        "{log}"
+    );
+    let cut: Vec<_> = std::fs::read_dir(dir.path().join("state/heads"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("24of30blocks.gguf")
+        })
+        .collect();
+    assert_eq!(cut.len(), 1, "one cut model in the head cache");
 
     // The second start loads the trained head instead of re-embedding.
     let (v, log) = classify(&config, "home", "make me a coffee");

@@ -25,7 +25,7 @@ pub mod schema;
 pub mod scorer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -185,8 +185,16 @@ pub struct EngineOptions {
     /// Context of the slot generator (intent prompts and replies); at least
     /// [`extract::MIN_CONTEXT`]. Only allocated when a task extracts.
     pub extract_context: u32,
+    /// Share of the model's transformer blocks the classifier head reads
+    /// (1.0: all). Below 1, heads read the model cut to its first blocks
+    /// ([`crate::models::gguf`]), derived once next to the head cache.
+    pub head_depth: f32,
     pub tuning: Tuning,
 }
+
+/// The head depth used unless configured: measured best on SmolLM2-135M
+/// (docs/EVAL.md, "Head depth").
+pub const HEAD_DEPTH: f32 = 0.8;
 
 /// How the inference thread and the model's memory are treated by the OS.
 #[derive(Debug, Clone, Default)]
@@ -497,7 +505,14 @@ fn inference_thread(
             return;
         }
     };
-    let mut worker = match Worker::new(&opts, &model, tasks) {
+    let head_model = match head_model(&opts, &tasks) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut worker = match Worker::new(&opts, &model, head_model.as_ref(), tasks) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -523,22 +538,80 @@ fn inference_thread(
 }
 
 fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
+    load_model_file(&opts.model_path, &opts.model.name, &opts.tuning)
+}
+
+fn load_model_file(path: &Path, name: &str, tuning: &Tuning) -> Result<LlamaModel, EngineError> {
     let backend = backend()?;
     let started = Instant::now();
-    let params = LlamaModelParams::default().with_use_mlock(opts.tuning.mlock);
-    let model = LlamaModel::load_from_file(backend, &opts.model_path, &params).map_err(|e| {
-        EngineError::Load {
-            path: opts.model_path.clone(),
+    let params = LlamaModelParams::default().with_use_mlock(tuning.mlock);
+    let model =
+        LlamaModel::load_from_file(backend, path, &params).map_err(|e| EngineError::Load {
+            path: path.to_path_buf(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     log::info!(
-        "model {} loaded from {} in {} ms",
-        opts.model.name,
-        opts.model_path.display(),
+        "model {name} loaded from {} in {} ms",
+        path.display(),
         started.elapsed().as_millis()
     );
     Ok(model)
+}
+
+/// Cut models in the head cache other than `keep` (of a model updated
+/// away, or another depth) are removed; an engine still reading one keeps
+/// its mapping, and a rollback derives its file again.
+fn remove_other_cut_models(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let cut = path.to_str().is_some_and(|p| p.ends_with("blocks.gguf"));
+        if cut && path != keep {
+            if let Err(e) = std::fs::remove_file(&path) {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// The model heads read when they read fewer than all blocks (see
+/// [`EngineOptions::head_depth`]), and its identity for the head cache;
+/// `None` when no task has a head or the depth keeps every block.
+fn head_model(
+    opts: &EngineOptions,
+    tasks: &[TaskSpec],
+) -> Result<Option<(LlamaModel, String)>, EngineError> {
+    if !tasks.iter().any(|t| t.strategy == Strategy::Head) {
+        return Ok(None);
+    }
+    let load_err = |path: &Path, e: &dyn std::fmt::Display| EngineError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let all = crate::models::gguf::block_count(&opts.model_path)
+        .map_err(|e| load_err(&opts.model_path, &e))?;
+    let blocks = ((opts.head_depth * all as f32).round() as u32).clamp(1, all);
+    if blocks == all {
+        return Ok(None);
+    }
+    let id = format!("{}-{blocks}of{all}blocks", opts.model.sha256);
+    let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!("{id}.gguf"));
+    if !path.is_file() {
+        std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, &e))?;
+        crate::models::gguf::keep_blocks(&opts.model_path, &path, blocks)
+            .map_err(|e| load_err(&path, &e))?;
+        log::info!(
+            "heads read the first {blocks} of {all} blocks: {}",
+            path.display()
+        );
+        if opts.head_cache.is_some() {
+            remove_other_cut_models(&dir, &path);
+        }
+    }
+    let name = format!("{} ({blocks} of {all} blocks)", opts.model.name);
+    Ok(Some((load_model_file(&path, &name, &opts.tuning)?, id)))
 }
 
 /// A context whose whole window can be decoded in one batch, with a unified
@@ -565,15 +638,20 @@ impl<'m> Worker<'m> {
     fn new(
         opts: &EngineOptions,
         model: &'m LlamaModel,
+        head_model: Option<&'m (LlamaModel, String)>,
         tasks: Vec<TaskSpec>,
     ) -> Result<Self, EngineError> {
         let templates: Vec<Template> = tasks
             .iter()
             .map(|t| Template::new(opts.format, &t.instruction, &t.cue))
             .collect();
+        let (embedding_model, model_id) = match head_model {
+            Some((m, id)) => (m, id.as_str()),
+            None => (model, opts.model.sha256.as_str()),
+        };
         let mut embedder = Embedder::new(
             backend()?,
-            model,
+            embedding_model,
             &templates,
             opts.context_size,
             threads(opts.threads),
@@ -585,7 +663,13 @@ impl<'m> Worker<'m> {
         let mut heads = Vec::with_capacity(tasks.len());
         for (i, task) in tasks.iter().enumerate() {
             heads.push(match task.strategy {
-                Strategy::Head => Some(cached_or_train(&mut embedder, i, task, opts, &mut memo)?),
+                Strategy::Head => Some(cached_or_train(
+                    &mut embedder,
+                    i,
+                    task,
+                    (model_id, opts),
+                    &mut memo,
+                )?),
                 Strategy::LabelScoring => None,
             });
         }
@@ -871,10 +955,10 @@ pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
     }
 }
 
-/// What a trained head depends on: the model, its prompt format, the task's
-/// prompt, labels and examples (in order), its features and the training
-/// code.
-pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> String {
+/// What a trained head depends on: the model it reads (its sha256, and how
+/// many blocks when cut), its prompt format, the task's prompt, labels and
+/// examples (in order), its features and the training code.
+pub fn head_key(model_id: &str, format: PromptFormat, task: &TaskSpec) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let mut field = |b: &[u8]| {
@@ -882,7 +966,7 @@ pub fn head_key(model_sha256: &str, format: PromptFormat, task: &TaskSpec) -> St
         h.update(b);
     };
     field(b"head-v2");
-    field(model_sha256.as_bytes());
+    field(model_id.as_bytes());
     field(format!("{format:?}").as_bytes());
     field(task.instruction.as_bytes());
     field(task.cue.as_bytes());
@@ -901,16 +985,13 @@ fn cached_or_train(
     embedder: &mut Embedder<'_>,
     index: usize,
     task: &TaskSpec,
-    opts: &EngineOptions,
+    (model_id, opts): (&str, &EngineOptions),
     memo: &mut HashMap<(String, String, String), Vec<f32>>,
 ) -> Result<Head, EngineError> {
     let Some(dir) = &opts.head_cache else {
         return train(embedder, index, task, memo);
     };
-    let path = dir.join(format!(
-        "{}.json",
-        head_key(&opts.model.sha256, opts.format, task)
-    ));
+    let path = dir.join(format!("{}.json", head_key(model_id, opts.format, task)));
     if let Ok(bytes) = std::fs::read(&path) {
         match serde_json::from_slice::<Head>(&bytes) {
             Ok(head) if head.labels == task.labels => {

@@ -25,6 +25,7 @@
 //! staged.
 
 mod fetch;
+pub mod gguf;
 mod manifest;
 
 #[cfg(test)]
