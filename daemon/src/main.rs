@@ -1,7 +1,7 @@
 //! The `slmd` command: parse arguments, load and check config, dispatch, and
 //! map every error to an exit code (78 for bad configuration).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -453,10 +453,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         EvalKind::Classify | EvalKind::Anomaly => None,
         EvalKind::Extract => Some(eval::ExtractSettings {
             instruction: a.slot_instruction.clone(),
-            known: match &a.slot_values {
-                Some(path) => eval::slots::read_known(path)?,
-                None => Default::default(),
-            },
+            known: known_values(a.slot_values.as_deref())?,
             intent_slots: extra.intent_slots,
         }),
     };
@@ -587,9 +584,22 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--slot-values`: the known values of slots, none when not given.
+fn known_values(path: Option<&Path>) -> anyhow::Result<slmd::eval::slots::Known> {
+    Ok(match path {
+        Some(path) => slmd::eval::slots::read_known(path)?,
+        None => Default::default(),
+    })
+}
+
 /// Engine options for `eval` and `bench`: the model by name or path; no
 /// head cache, so what is measured includes training.
 fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions> {
+    anyhow::ensure!(
+        a.head_depth > 0.0 && a.head_depth <= 1.0,
+        "--head-depth {}: must be above 0 and at most 1",
+        a.head_depth
+    );
     let (state, manifests) = dirs(DirArgs {
         config: None,
         state_dir: a.dirs.state_dir.clone(),
@@ -634,10 +644,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             BenchKind::Classify => None,
             BenchKind::Extract => Some(slmd::eval::ExtractSettings {
                 instruction: slmd::engine::extract::DEFAULT_INSTRUCTION.into(),
-                known: match &a.slot_values {
-                    Some(path) => slmd::eval::slots::read_known(path)?,
-                    None => Default::default(),
-                },
+                known: known_values(a.slot_values.as_deref())?,
                 intent_slots: Default::default(),
             }),
         },

@@ -30,7 +30,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
-use super::number_slots::NumberCues;
+use super::number_slots::{overlap, NumberCues};
 use super::schema::{add_value, find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
 use crate::examples::{slot_text, Example};
 
@@ -238,7 +238,7 @@ impl Grounding {
         }
         let mentions = mentions(slots, input);
         let names: Vec<Range<usize>> = mentions.iter().map(|m| m.start..m.end).collect();
-        let placed = self.numbers.place(slots, input, &names);
+        let placed = self.numbers.place(slots, input, &said, &names);
         for p in &placed {
             let slot = Slot {
                 name: p.slot.clone(),
@@ -253,9 +253,10 @@ impl Grounding {
         // A placed number is no other slot's value.
         found.retain(|s| {
             let Some(span) = &s.span else { return true };
+            let span = span.start..span.end;
             !placed
                 .iter()
-                .any(|p| p.slot != s.name && span.start < p.range.end && p.range.start < span.end)
+                .any(|p| p.slot != s.name && overlap(&p.range, &span))
         });
         let mut claimed: Vec<&Mention> = Vec::new();
         for (i, spec) in slots.iter().enumerate() {

@@ -546,16 +546,20 @@ fn load_model_file(path: &Path, name: &str, tuning: &Tuning) -> Result<LlamaMode
     let started = Instant::now();
     let params = LlamaModelParams::default().with_use_mlock(tuning.mlock);
     let model =
-        LlamaModel::load_from_file(backend, path, &params).map_err(|e| EngineError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        LlamaModel::load_from_file(backend, path, &params).map_err(|e| load_err(path, e))?;
     log::info!(
         "model {name} loaded from {} in {} ms",
         path.display(),
         started.elapsed().as_millis()
     );
     Ok(model)
+}
+
+fn load_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Cut models in the head cache other than `keep` (of a model updated
@@ -585,12 +589,8 @@ fn head_model(
     if !tasks.iter().any(|t| t.strategy == Strategy::Head) {
         return Ok(None);
     }
-    let load_err = |path: &Path, e: &dyn std::fmt::Display| EngineError::Load {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
     let all = crate::models::gguf::block_count(&opts.model_path)
-        .map_err(|e| load_err(&opts.model_path, &e))?;
+        .map_err(|e| load_err(&opts.model_path, e))?;
     let blocks = ((opts.head_depth * all as f32).round() as u32).clamp(1, all);
     if blocks == all {
         return Ok(None);
@@ -599,9 +599,9 @@ fn head_model(
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("{id}.gguf"));
     if !path.is_file() {
-        std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, &e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, e))?;
         crate::models::gguf::keep_blocks(&opts.model_path, &path, blocks)
-            .map_err(|e| load_err(&path, &e))?;
+            .map_err(|e| load_err(&path, e))?;
         log::info!(
             "heads read the first {blocks} of {all} blocks: {}",
             path.display()
@@ -667,7 +667,8 @@ impl<'m> Worker<'m> {
                     &mut embedder,
                     i,
                     task,
-                    (model_id, opts),
+                    model_id,
+                    opts,
                     &mut memo,
                 )?),
                 Strategy::LabelScoring => None,
@@ -985,7 +986,8 @@ fn cached_or_train(
     embedder: &mut Embedder<'_>,
     index: usize,
     task: &TaskSpec,
-    (model_id, opts): (&str, &EngineOptions),
+    model_id: &str,
+    opts: &EngineOptions,
     memo: &mut HashMap<(String, String, String), Vec<f32>>,
 ) -> Result<Head, EngineError> {
     let Some(dir) = &opts.head_cache else {

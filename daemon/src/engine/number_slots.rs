@@ -48,9 +48,15 @@ struct Around {
     after: Option<String>,
 }
 
-/// Words seen around a number slot's values in the examples.
+/// Per number slot: the units its name gives, and the words seen around
+/// its values in the examples.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Seen {
+    /// The slot's name and its parts, as units (`start_hours`: "start",
+    /// "hour").
+    named: BTreeSet<String>,
+    /// The whole name as a unit (`hours`: "hour").
+    exact: Option<String>,
     units: BTreeSet<String>,
     before: BTreeSet<String>,
     after: BTreeSet<String>,
@@ -90,14 +96,13 @@ fn normal(word: &str) -> Option<String> {
 
 /// The words around the number said at `range` of `text`.
 fn around(text: &str, range: &Range<usize>) -> Around {
-    let word = |w: &str| normal(w);
-    let before = text[..range.start].split(separates).rev().find_map(word);
+    let before = text[..range.start].split(separates).rev().find_map(normal);
     // A sign written onto the number ("50%", "20.5°c") is its unit.
     let said = &text[range.clone()];
     let sign: String = said
         .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
         .to_string();
-    let mut rest = text[range.end..].split(separates).filter_map(word);
+    let mut rest = text[range.end..].split(separates).filter_map(normal);
     let (unit, after) = if sign.is_empty() || sign.len() == said.len() {
         (rest.next(), rest.next())
     } else {
@@ -110,6 +115,11 @@ fn around(text: &str, range: &Range<usize>) -> Around {
     }
 }
 
+/// Whether two byte ranges share a byte.
+pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
 fn number_slots(slots: &[SlotSpec]) -> impl Iterator<Item = &SlotSpec> {
     slots.iter().filter(|s| matches!(s.kind, SlotKind::Number))
 }
@@ -117,7 +127,16 @@ fn number_slots(slots: &[SlotSpec]) -> impl Iterator<Item = &SlotSpec> {
 impl NumberCues {
     /// Learns the words around each number slot's values in `examples`.
     pub fn learn(slots: &[SlotSpec], examples: &[Example]) -> NumberCues {
-        let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+        let mut seen: BTreeMap<String, Seen> = number_slots(slots)
+            .map(|spec| {
+                let s = Seen {
+                    named: spec.name.split('_').filter_map(normal).collect(),
+                    exact: normal(&spec.name),
+                    ..Default::default()
+                };
+                (spec.name.clone(), s)
+            })
+            .collect();
         for ex in examples {
             let Some(given) = &ex.slots else { continue };
             let said = said_numbers(&ex.text);
@@ -143,33 +162,39 @@ impl NumberCues {
     }
 
     fn score(&self, slot: &str, a: &Around) -> u32 {
-        let Some(unit) = &a.unit else { return 0 };
-        let seen = self.seen.get(slot);
-        let named = slot.split('_').filter_map(normal).any(|part| &part == unit);
-        if !named && !seen.is_some_and(|s| s.units.contains(unit)) {
+        let (Some(unit), Some(seen)) = (&a.unit, self.seen.get(slot)) else {
+            return 0;
+        };
+        if !seen.named.contains(unit) && !seen.units.contains(unit) {
             return 0;
         }
-        let shown = |words: Option<&BTreeSet<String>>, w: &Option<String>| match (words, w) {
-            (Some(words), Some(w)) if words.contains(w) => NEIGHBOUR,
+        let shown = |words: &BTreeSet<String>, w: &Option<String>| match w {
+            Some(w) if words.contains(w) => NEIGHBOUR,
             _ => 0,
         };
-        UNIT + shown(seen.map(|s| &s.before), &a.before)
-            + shown(seen.map(|s| &s.after), &a.after)
-            + if normal(slot).as_ref() == Some(unit) {
-                EXACT_NAME
-            } else {
-                0
-            }
+        let exact = if seen.exact.as_ref() == Some(unit) {
+            EXACT_NAME
+        } else {
+            0
+        };
+        UNIT + shown(&seen.before, &a.before) + shown(&seen.after, &a.after) + exact
     }
 
-    /// The numbers of `input` placed in the number slots of `slots`, each
-    /// number and slot at most once, in input order. Numbers inside a range
-    /// of `names` are not placed.
-    pub fn place(&self, slots: &[SlotSpec], input: &str, names: &[Range<usize>]) -> Vec<Placed> {
-        let candidates: Vec<SlotSpec> = number_slots(slots).cloned().collect();
-        let numbers: Vec<(f64, Range<usize>)> = said_numbers(input)
-            .into_iter()
-            .filter(|(_, r)| !names.iter().any(|n| n.start < r.end && r.start < n.end))
+    /// The numbers `said` in `input` (as [`said_numbers`] finds them)
+    /// placed in the number slots of `slots`, each number and slot at most
+    /// once, in input order. Numbers inside a range of `names` are not
+    /// placed.
+    pub fn place(
+        &self,
+        slots: &[SlotSpec],
+        input: &str,
+        said: &[(f64, Range<usize>)],
+        names: &[Range<usize>],
+    ) -> Vec<Placed> {
+        let candidates: Vec<&SlotSpec> = number_slots(slots).collect();
+        let numbers: Vec<&(f64, Range<usize>)> = said
+            .iter()
+            .filter(|(_, r)| !names.iter().any(|n| overlap(n, r)))
             .collect();
         if let ([slot], [(value, range)]) = (&candidates[..], &numbers[..]) {
             return vec![Placed {
@@ -242,7 +267,7 @@ mod tests {
     }
 
     fn placed(cues: &NumberCues, slots: &[SlotSpec], input: &str) -> Vec<(String, f64, String)> {
-        cues.place(slots, input, &[])
+        cues.place(slots, input, &said_numbers(input), &[])
             .into_iter()
             .map(|p| (p.slot, p.value, input[p.range].to_string()))
             .collect()
@@ -329,6 +354,7 @@ mod tests {
             cues.place(
                 &slots,
                 "open bedroom 2 blinds",
+                &said_numbers("open bedroom 2 blinds"),
                 &[Range { start: 5, end: 14 }]
             ),
             [],

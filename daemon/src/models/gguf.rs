@@ -106,9 +106,9 @@ struct TensorInfo {
 
 /// What the header says, with where its parts lie.
 struct Header {
-    /// Bytes of the file up to the end of the metadata.
-    metadata: Vec<u8>,
-    /// Where in `metadata` the block count's `u32` value is.
+    /// Where the metadata ends: the file up to here is copied as it is.
+    metadata_end: u64,
+    /// Where in the file the block count's `u32` value is.
     block_count_at: usize,
     block_count: u32,
     alignment: u64,
@@ -123,7 +123,7 @@ fn align(n: u64, to: u64) -> u64 {
 
 fn read_header(file: &mut File) -> Result<Header, GgufError> {
     let mut r = Reader {
-        inner: BufReader::new(&mut *file),
+        inner: BufReader::new(file),
         pos: 0,
     };
     if r.bytes(4)? != b"GGUF" {
@@ -134,7 +134,6 @@ fn read_header(file: &mut File) -> Result<Header, GgufError> {
         return Err(bad(format!("version {version}")));
     }
     let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
-    let mut metadata: Vec<u8> = Vec::new();
     let (mut block_count_at, mut block_count) = (None, 0);
     let mut alignment = DEFAULT_ALIGNMENT;
     for _ in 0..n_kv {
@@ -164,11 +163,8 @@ fn read_header(file: &mut File) -> Result<Header, GgufError> {
         });
     }
     let data_start = align(r.pos, alignment);
-    drop(r);
-    file.seek(SeekFrom::Start(0))?;
-    file.take(metadata_end).read_to_end(&mut metadata)?;
     Ok(Header {
-        metadata,
+        metadata_end,
         block_count_at: block_count_at.ok_or_else(|| bad("no block count"))?,
         block_count,
         alignment,
@@ -212,7 +208,9 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError>
         .filter(|t| block_of(&t.name).map_or(true, |b| b < blocks))
         .collect();
 
-    let mut header = h.metadata.clone();
+    let mut header = Vec::new();
+    input.seek(SeekFrom::Start(0))?;
+    (&mut input).take(h.metadata_end).read_to_end(&mut header)?;
     header[8..16].copy_from_slice(&(kept.len() as u64).to_le_bytes());
     header[h.block_count_at..h.block_count_at + 4].copy_from_slice(&blocks.to_le_bytes());
     let mut offset = 0u64;
@@ -351,8 +349,8 @@ mod tests {
         let values: Vec<u32> = h.tensors.iter().map(data).collect();
         assert_eq!(values, [0, 1, 2, 5], "each tensor keeps its own bytes");
         assert_eq!(
-            bytes[..h.metadata.len()],
-            model(2)[..h.metadata.len()],
+            bytes[..h.metadata_end as usize],
+            model(2)[..h.metadata_end as usize],
             "the metadata is a 2-block model's"
         );
     }
