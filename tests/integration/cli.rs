@@ -50,6 +50,7 @@ fn every_problem_is_reported_with_its_key_path() {
         "broker.port",
         "model",
         "model.context_size",
+        "model.head_depth",
         "log.level",
         "tasks[0].topics[0]",
         "tasks[0].output_topic",
