@@ -36,10 +36,16 @@ state=${state:-$work/state}
 rm -rf "$state/store"
 sed -e "s|^dir = .*|dir = \"$state\"|" -e "s|\"\\.\\./|\"$repo/|" \
     -e "s|\"examples/|\"$repo/configs/examples/|" configs/demo.toml >"$work/slmd.toml"
-# Keep the trained heads between runs.
-mkdir -p "$state" && [ -d "$repo/state/heads" ] && cp -r "$repo/state/heads" "$state/" 2>/dev/null || true
+# The model fetched above (into the demo's state dir), linked, not copied;
+# and the trained heads kept between runs.
+mkdir -p "$state/models"
+cp -al "$repo/state/models/." "$state/models/" 2>/dev/null || true
+[ -d "$repo/state/heads" ] && cp -r "$repo/state/heads" "$state/" 2>/dev/null || true
 target/release/slmd run --config "$work/slmd.toml" --broker "mqtt://127.0.0.1:$port" "${extra[@]}" 2>"$work/slmd.log" &
 pid=$!
-until grep -q "subscribed to" "$work/slmd.log"; do sleep 0.2; done
+until grep -q "subscribed to" "$work/slmd.log"; do
+    kill -0 "$pid" 2>/dev/null || { echo "slmd exited:" >&2; cat "$work/slmd.log" >&2; exit 1; }
+    sleep 0.2
+done
 target/release/examples/e2e_latency "$port" "$n" home/bench/command 'slmd/home/#' "$mode"
 echo "peak_rss_kib=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)"
