@@ -1,5 +1,6 @@
 //! Labelled examples: the rows a task learns from and `slmd eval` reads.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -15,6 +16,22 @@ pub struct Row {
     /// Slot name to value, for extraction; absent when not annotated.
     #[serde(default)]
     pub slots: Option<Slots>,
+    /// The speaker's situation (Home Assistant's test `context`, such as
+    /// the satellite's `area`), given to the engine with the text.
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+}
+
+impl Row {
+    /// A row without slots or context.
+    pub fn new(text: impl Into<String>, intent: impl Into<String>) -> Row {
+        Row {
+            text: text.into(),
+            intent: intent.into(),
+            slots: None,
+            context: BTreeMap::new(),
+        }
+    }
 }
 
 /// Slot values as annotated: strings, numbers, or a list of acceptable

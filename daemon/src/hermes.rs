@@ -79,6 +79,13 @@ impl Session {
         }
     }
 
+    /// The area the query's site is in: its `siteId`, unless Hermes'
+    /// placeholder "default". It fills an `area` slot only when it is one
+    /// of the task's areas ([`crate::engine::context`]).
+    pub fn area(&self) -> Option<String> {
+        (self.site_id != "default").then(|| self.site_id.clone())
+    }
+
     /// Best effort for a payload that may not even be JSON (error answers).
     pub fn of_payload(payload: &[u8]) -> Session {
         Session::echoed(&serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null))

@@ -1,7 +1,8 @@
 //! What goes over the wire: input payloads in, result and error JSON out.
 //!
-//! Input is either JSON `{"id": "...", "text": "..."}` or plain UTF-8 text;
-//! for a Hermes task, a query `{"input": "...", ...}` ([`crate::hermes`]).
+//! Input is either JSON `{"id": "...", "text": "...", "context": {...}}` or
+//! plain UTF-8 text; for a Hermes task, a query `{"input": "...", ...}`
+//! ([`crate::hermes`]), whose `siteId` is the context's `area`.
 //! Anything else gets an [`InputError`] with a machine-readable `reason`,
 //! published as an error result; the daemon never stops on bad input.
 
@@ -12,7 +13,7 @@ use crate::config::{Limits, Protocol};
 use std::collections::BTreeMap;
 
 use crate::engine::schema::{SlotValue, Span};
-use crate::engine::{ModelInfo, Scores};
+use crate::engine::{ModelInfo, Query, Scores};
 
 /// A message ready for inference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,12 +22,19 @@ pub struct Request {
     pub text: String,
     /// A Hermes query's session (site, session id, intent filter).
     pub session: Option<crate::hermes::Session>,
+    /// Slot values the sender's situation gives (see [`crate::engine::context`]).
+    pub context: BTreeMap<String, String>,
 }
 
 impl Request {
-    /// The intents a Hermes query allows, if it restricts them.
-    pub fn intent_filter(&self) -> Option<Vec<String>> {
-        self.session.as_ref()?.intent_filter.clone()
+    /// What the engine is asked: the text, the intents a Hermes query
+    /// allows, and the context.
+    pub fn query(&self) -> Query {
+        Query {
+            text: self.text.clone(),
+            among: self.session.as_ref().and_then(|s| s.intent_filter.clone()),
+            context: self.context.clone(),
+        }
     }
 }
 
@@ -44,6 +52,8 @@ pub enum InputError {
     EmptyText,
     #[error("intentFilter must be null or a list of intent names")]
     BadIntentFilter,
+    #[error("context must be an object of strings (slot name to value)")]
+    BadContext,
     #[error("text is {chars} characters; the limit is {limit}")]
     TextTooLong { chars: usize, limit: usize },
 }
@@ -58,6 +68,7 @@ impl InputError {
             InputError::MissingText(_) => "missing_text",
             InputError::EmptyText => "empty_text",
             InputError::BadIntentFilter => "bad_intent_filter",
+            InputError::BadContext => "bad_context",
             InputError::TextTooLong { .. } => "text_too_long",
         }
     }
@@ -109,7 +120,7 @@ pub fn parse(
         offset: e.valid_up_to(),
     })?;
     let json = body.trim_start().starts_with('{');
-    let (id, text, session) = if json || protocol == Protocol::Hermes {
+    let (id, text, session, context) = if json || protocol == Protocol::Hermes {
         let v: serde_json::Value =
             serde_json::from_str(body).map_err(|e| InputError::InvalidJson(e.to_string()))?;
         let field = match protocol {
@@ -121,15 +132,22 @@ pub fn parse(
             .and_then(|t| t.as_str())
             .ok_or(InputError::MissingText(field))?;
         let id = json_id(&v).unwrap_or_else(|| derived_id(topic, payload));
-        let session = match protocol {
-            Protocol::Slmd => None,
+        let (session, context) = match protocol {
+            Protocol::Slmd => (None, context_of(&v)?),
             Protocol::Hermes => {
-                Some(crate::hermes::Session::of(&v).ok_or(InputError::BadIntentFilter)?)
+                let session = crate::hermes::Session::of(&v).ok_or(InputError::BadIntentFilter)?;
+                let context = session.area().map(|a| ("area".to_owned(), a));
+                (Some(session), context.into_iter().collect())
             }
         };
-        (id, text.to_owned(), session)
+        (id, text.to_owned(), session, context)
     } else {
-        (derived_id(topic, payload), body.to_owned(), None)
+        (
+            derived_id(topic, payload),
+            body.to_owned(),
+            None,
+            BTreeMap::new(),
+        )
     };
     let text = text.trim();
     if text.is_empty() {
@@ -146,7 +164,21 @@ pub fn parse(
         id,
         text: text.to_owned(),
         session,
+        context,
     })
+}
+
+/// A JSON request's `context`: absent or an object of strings.
+fn context_of(v: &serde_json::Value) -> Result<BTreeMap<String, String>, InputError> {
+    match v.get("context") {
+        None | Some(serde_json::Value::Null) => Ok(BTreeMap::new()),
+        Some(serde_json::Value::Object(members)) => members
+            .iter()
+            .map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect::<Option<_>>()
+            .ok_or(InputError::BadContext),
+        Some(_) => Err(InputError::BadContext),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -323,6 +355,29 @@ mod tests {
     const SLMD: Protocol = Protocol::Slmd;
 
     #[test]
+    fn a_json_context_is_an_object_of_strings() {
+        let p = br#"{"text": "skip", "context": {"area": "Living Room"}}"#;
+        let q = parse(SLMD, "t", p, &limits()).unwrap().query();
+        assert_eq!((q.text.as_str(), q.among), ("skip", None));
+        assert_eq!(
+            q.context.get("area").map(String::as_str),
+            Some("Living Room")
+        );
+        for bad in [
+            &br#"{"text": "skip", "context": "Living Room"}"#[..],
+            br#"{"text": "skip", "context": {"area": 3}}"#,
+        ] {
+            assert_eq!(
+                parse(SLMD, "t", bad, &limits()).unwrap_err().reason(),
+                "bad_context"
+            );
+        }
+        let default_site = br#"{"input": "skip", "siteId": "default"}"#;
+        let r = parse(Protocol::Hermes, "t", default_site, &limits()).unwrap();
+        assert!(r.context.is_empty(), "Hermes' placeholder site is no area");
+    }
+
+    #[test]
     fn a_hermes_query_is_json_with_its_input_and_session() {
         let q = br#"{"input": " lights on ", "id": "q1", "siteId": "hall", "intentFilter": ["A"]}"#;
         let roomy = Limits {
@@ -331,6 +386,8 @@ mod tests {
         };
         let r = parse(Protocol::Hermes, "hermes/nlu/query", q, &roomy).unwrap();
         assert_eq!((r.id.as_str(), r.text.as_str()), ("q1", "lights on"));
+        assert_eq!(r.query().among, Some(vec!["A".into()]));
+        assert_eq!(r.context.get("area").map(String::as_str), Some("hall"));
         let s = r.session.unwrap();
         assert_eq!(
             (s.site_id.as_str(), s.intent_filter),
@@ -383,6 +440,7 @@ mod tests {
                 id: "a1".into(),
                 text: "lights off".into(),
                 session: None,
+                context: BTreeMap::new(),
             }
         );
         let r = parse(SLMD, "t", br#"{"id": 7, "text": "x"}"#, &limits()).unwrap();

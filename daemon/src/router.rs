@@ -486,11 +486,7 @@ impl Router {
         ) {
             (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
             (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
-            (Ok(_), Ok(req)) => match routing
-                .engine
-                .infer_among(&task.name, req.text.clone(), req.intent_filter())
-                .await
-            {
+            (Ok(_), Ok(req)) => match routing.engine.infer(&task.name, req.query()).await {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
                     let mut result = TaskResult::new(

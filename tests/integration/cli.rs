@@ -350,7 +350,18 @@ fn extract_gives_the_intent_and_slots_of_the_schema_for_any_input() {
 fn eval_extract_reports_slot_scores() {
     let rows = repo_root().join("tests/fixtures/ha-lights.jsonl");
     let rows = rows.to_str().unwrap();
-    let v = eval_json(&["--kind", "extract", "--train", rows, "--test", rows]);
+    let dir = tempfile::tempdir().unwrap();
+    let predictions = dir.path().join("predictions.jsonl");
+    let v = eval_json(&[
+        "--kind",
+        "extract",
+        "--train",
+        rows,
+        "--test",
+        rows,
+        "--predictions",
+        predictions.to_str().unwrap(),
+    ]);
     // Tested on its own examples: this checks the plumbing (schema from
     // the rows, slots compared value by value), not generalisation, which
     // docs/EVAL.md measures by cross-validation.
@@ -359,4 +370,18 @@ fn eval_extract_reports_slot_scores() {
         assert!((0.0..=1.0).contains(&x), "{key}: {v}");
     }
     assert!(v["slot_f1"].as_f64().unwrap() > 0.5, "{v}");
+
+    // A row's context reaches the engine: "pause the music" said in the
+    // living room pauses the living room's player.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let p = rows
+        .iter()
+        .find(|p| p["text"] == "pause the music")
+        .expect("the context row's prediction");
+    assert_eq!(p["top"], "HassMediaPause", "{p}");
+    assert_eq!(p["predicted_slots"]["area"], "Living Room", "{p}");
 }

@@ -14,6 +14,7 @@
 //! one more batch, under the grammar of the intent's slot schema
 //! ([`extract`], [`schema`]).
 
+pub mod context;
 pub mod embed;
 pub mod extract;
 pub mod ground;
@@ -24,7 +25,7 @@ pub mod numbers;
 pub mod schema;
 pub mod scorer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -282,12 +283,32 @@ pub struct Scores {
     pub tokens: usize,
 }
 
-struct Job {
-    task: usize,
-    text: String,
+/// One message for the engine: its text and what its sender knows
+/// around it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    pub text: String,
     /// Only these labels may be chosen (Hermes' `intentFilter`); `None`
     /// allows all.
-    among: Option<Vec<String>>,
+    pub among: Option<Vec<String>>,
+    /// Slot values the speaker's situation gives, such as the area a voice
+    /// satellite is in; they fill slots the message leaves empty
+    /// ([`context::fill`]).
+    pub context: BTreeMap<String, String>,
+}
+
+impl From<String> for Query {
+    fn from(text: String) -> Query {
+        Query {
+            text,
+            ..Query::default()
+        }
+    }
+}
+
+struct Job {
+    task: usize,
+    query: Query,
     reply: oneshot::Sender<Result<Scores, EngineError>>,
 }
 
@@ -396,17 +417,11 @@ impl Engine {
     fn job(
         &self,
         task: &str,
-        text: String,
-        among: Option<Vec<String>>,
+        query: Query,
     ) -> Result<(Command, oneshot::Receiver<Result<Scores, EngineError>>), EngineError> {
         let task = self.task_index(task)?;
         let (reply, rx) = oneshot::channel();
-        let job = Job {
-            task,
-            text,
-            among,
-            reply,
-        };
+        let job = Job { task, query, reply };
         Ok((Command::Infer(job), rx))
     }
 
@@ -433,28 +448,23 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
-    pub async fn infer(&self, task: &str, text: String) -> Result<Scores, EngineError> {
-        self.infer_among(task, text, None).await
-    }
-
-    /// [`Engine::infer`] choosing only among `labels` (a dialogue that
-    /// expects one of a few intents); the probabilities are renormalised
-    /// over them, and the task's reject label always stays in. Names that
-    /// are not labels of the task are ignored.
-    pub async fn infer_among(
-        &self,
-        task: &str,
-        text: String,
-        labels: Option<Vec<String>>,
-    ) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, text, labels)?;
+    /// Task `task`'s answer to `query`. When the query restricts the
+    /// labels (`among`: a dialogue that expects one of a few intents), the
+    /// probabilities are renormalised over them, and the task's reject label
+    /// always stays in; names that are not labels of the task are ignored.
+    pub async fn infer(&self, task: &str, query: impl Into<Query>) -> Result<Scores, EngineError> {
+        let (job, rx) = self.job(task, query.into())?;
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// For callers outside the async runtime (the CLI, eval).
-    pub fn infer_blocking(&self, task: &str, text: String) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, text, None)?;
+    pub fn infer_blocking(
+        &self,
+        task: &str,
+        query: impl Into<Query>,
+    ) -> Result<Scores, EngineError> {
+        let (job, rx) = self.job(task, query.into())?;
         self.tx
             .blocking_send(job)
             .map_err(|_| EngineError::Stopped)?;
@@ -746,7 +756,7 @@ impl<'m> Worker<'m> {
         for command in commands {
             match command {
                 Command::Infer(job) => {
-                    stall_if_asked(&job.text);
+                    stall_if_asked(&job.query.text);
                     jobs.push(job)
                 }
                 Command::Warm { task, reply } => {
@@ -763,14 +773,17 @@ impl<'m> Worker<'m> {
         for job in scored_jobs {
             let t0 = Instant::now();
             let scorer = self.scorer.as_mut().expect("a scorer for scored tasks");
-            let result = scorer.score(job.task, &job.text).map(|(logp, tokens)| {
-                let task = &self.tasks[job.task];
-                let probs = restrict(task, head::softmax(&logp, 1.0), job.among.as_deref());
-                Scores {
-                    tokens,
-                    ..decide(task, probs, ms_since(t0))
-                }
-            });
+            let result = scorer
+                .score(job.task, &job.query.text)
+                .map(|(logp, tokens)| {
+                    let task = &self.tasks[job.task];
+                    let probs =
+                        restrict(task, head::softmax(&logp, 1.0), job.query.among.as_deref());
+                    Scores {
+                        tokens,
+                        ..decide(task, probs, ms_since(t0))
+                    }
+                });
             decided.push((job, result));
         }
         if !head_jobs.is_empty() {
@@ -795,7 +808,7 @@ impl<'m> Worker<'m> {
         let mut ok = Vec::with_capacity(jobs.len());
         let mut requests = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let tokens = self.embedder.request_tokens(job.task, &job.text);
+            let tokens = self.embedder.request_tokens(job.task, &job.query.text);
             if tokens.len() > self.embedder.max_tokens() {
                 let limit = self.embedder.max_tokens();
                 out.push((
@@ -817,8 +830,8 @@ impl<'m> Worker<'m> {
                 for ((job, tokens), x) in ok.into_iter().zip(xs) {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
-                    let probs = head.predict(&features(task, x, &job.text));
-                    let probs = restrict(task, probs, job.among.as_deref());
+                    let probs = head.predict(&features(task, x, &job.query.text));
+                    let probs = restrict(task, probs, job.query.among.as_deref());
                     let scores = Scores {
                         tokens,
                         ..decide(task, probs, inference_ms)
@@ -868,7 +881,7 @@ impl<'m> Worker<'m> {
             .map(|&(i, key, prompt)| extract::Request {
                 key,
                 prompt,
-                text: &decided[i].0.text,
+                text: &decided[i].0.query.text,
             })
             .collect();
         let replies = generator.generate(&requests);
@@ -878,13 +891,14 @@ impl<'m> Worker<'m> {
             // Only answered requests generate.
             let Ok(scores) = result else { continue };
             let slots = reply.and_then(|g| {
-                let mut slots =
-                    schema::parse_output(&prompt.slots, &g.text, &job.text).map_err(|e| {
+                let mut slots = schema::parse_output(&prompt.slots, &g.text, &job.query.text)
+                    .map_err(|e| {
                         EngineError::Decode(format!("generated slots {:?}: {e}", g.text))
                     })?;
                 prompt
                     .grounding
-                    .ground(&prompt.slots, &mut slots, &job.text);
+                    .ground(&prompt.slots, &mut slots, &job.query.text);
+                context::fill(&prompt.slots, &mut slots, &job.query.context);
                 Ok((slots, g.tokens))
             });
             match slots {

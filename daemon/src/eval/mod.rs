@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-use crate::engine::{Engine, EngineError, TaskSpec};
+use crate::engine::{Engine, EngineError, Query, TaskSpec};
 use crate::examples::{slot_text, Example, Row};
 use metrics::{Outcome, Report};
 
@@ -155,11 +155,7 @@ pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Ext
                 intent_slots.insert(intent.clone(), slots.keys().cloned().collect());
             }
             if let Some(description) = spec.get("description").and_then(|d| d.as_str()) {
-                rows.push(Row {
-                    text: description.to_owned(),
-                    intent: intent.clone(),
-                    slots: None,
-                });
+                rows.push(Row::new(description.to_owned(), intent.clone()));
             }
             let combos = spec.get("slot_combinations").and_then(|c| c.as_object());
             for combo in combos.into_iter().flat_map(|c| c.values()) {
@@ -171,11 +167,7 @@ pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Ext
                         .collect(),
                     _ => Vec::new(),
                 };
-                rows.extend(texts.into_iter().map(|text| Row {
-                    text,
-                    intent: intent.clone(),
-                    slots: None,
-                }));
+                rows.extend(texts.into_iter().map(|text| Row::new(text, intent.clone())));
             }
         }
         rows
@@ -214,7 +206,12 @@ pub fn run(
         engine.warm_blocking(task)?;
         for row in rows {
             let t0 = Instant::now();
-            let scores = engine.infer_blocking(task, row.text.clone())?;
+            let query = Query {
+                text: row.text.clone(),
+                among: None,
+                context: row.context.clone(),
+            };
+            let scores = engine.infer_blocking(task, query)?;
             let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
             let (top, confidence) = scores.ranked[0].clone();
             outcomes.push(Outcome {
@@ -307,11 +304,7 @@ mod tests {
 
     fn rows() -> Vec<Row> {
         (0..20)
-            .map(|i| Row {
-                text: format!("text {i}"),
-                intent: ["a", "b"][i % 2].into(),
-                slots: None,
-            })
+            .map(|i| Row::new(format!("text {i}"), ["a", "b"][i % 2]))
             .collect()
     }
 
@@ -334,11 +327,7 @@ mod tests {
             "intents.yaml",
             "HassTurnOn:\n  supported: true\n  description: Turns on a device\n  slots:\n    name: {}\n    area: {}\n  slot_combinations:\n    name_only:\n      slots: [name]\n      example: \"turn on the lamp\"\n    area:\n      example: [\"lights on in the kitchen\", \"Nevermind\"]\nHassNevermind:\n  slots: {}\n",
         );
-        let tested = vec![Row {
-            text: "nevermind ".into(),
-            intent: "HassNevermind".into(),
-            slots: None,
-        }];
+        let tested = vec![Row::new("nevermind ", "HassNevermind")];
         let Extra {
             rows: extra,
             dropped,
@@ -363,18 +352,7 @@ mod tests {
 
         // Extra rows join every fold's training, only for known intents.
         let mut s = settings();
-        s.extra = vec![
-            Row {
-                text: "extra a".into(),
-                intent: "a".into(),
-                slots: None,
-            },
-            Row {
-                text: "extra z".into(),
-                intent: "z".into(),
-                slots: None,
-            },
-        ];
+        s.extra = vec![Row::new("extra a", "a"), Row::new("extra z", "z")];
         for t in cross_validation(&rows(), 5, 1, &s) {
             assert!(t.spec.examples.iter().any(|e| e.text == "extra a"));
             assert!(t.spec.examples.iter().all(|e| e.text != "extra z"));

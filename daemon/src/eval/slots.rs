@@ -132,6 +132,7 @@ mod tests {
             text: "x".into(),
             intent: intent.into(),
             slots: slots.as_object().cloned(),
+            context: Default::default(),
         }
     }
 
