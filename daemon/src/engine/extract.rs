@@ -14,6 +14,9 @@
 //!   a request copies its prompt's sequence and decodes only its own text.
 //! - Requests in one batch generate in lockstep: each step is one decode
 //!   with one token per unfinished sequence.
+//! - A reply ends when its JSON object closes: the grammar allows nothing
+//!   after it, so the model is not asked (one decode fewer per reply), and
+//!   drafts stop there too.
 //! - Greedy choice with a grammar check of the best token alone; only when
 //!   the grammar rejects it is the whole vocabulary filtered (most tokens
 //!   of a JSON reply are the model's own first choice).
@@ -169,6 +172,8 @@ struct Live {
     /// Prompt, request and reply tokens so far (where drafts come from).
     history: Vec<LlamaToken>,
     bytes: Vec<u8>,
+    /// Where the reply's JSON stands (has its object closed?).
+    json: JsonEnd,
     generated: usize,
     /// Request tokens fed after the cached prompt.
     fed: usize,
@@ -315,6 +320,7 @@ impl<'m> Generator<'m> {
                 draft: Vec::new(),
                 history,
                 bytes: Vec::new(),
+                json: JsonEnd::default(),
                 generated: 0,
                 fed: tokens.len(),
                 result: None,
@@ -349,7 +355,7 @@ impl<'m> Generator<'m> {
                 let Some(next) = self.verify(l)? else {
                     continue;
                 };
-                l.draft = draft(&l.history);
+                l.draft = self.until_closed(draft(&l.history), l.json);
                 l.logits.clear();
                 for (k, &t) in std::iter::once(&next).chain(&l.draft).enumerate() {
                     l.logits.push(batch.n_tokens());
@@ -381,9 +387,19 @@ impl<'m> Generator<'m> {
                 break;
             }
             l.sampler.accept(token);
-            l.bytes.extend(vocab.token_to_piece(token, false, None));
+            let piece = vocab.token_to_piece(token, false, None);
+            l.json.feed(&piece);
+            l.bytes.extend(piece);
             l.history.push(token);
             l.generated += 1;
+            if l.json.closed() {
+                // The grammar allows only the end of the reply now.
+                l.result = Some(Ok(Generated {
+                    text: String::from_utf8_lossy(&l.bytes).into_owned(),
+                    tokens: l.fed + l.generated,
+                }));
+                break;
+            }
             if l.generated > MAX_NEW_TOKENS {
                 l.result = Some(Err(decode_err(format!(
                     "the reply did not end within {MAX_NEW_TOKENS} tokens"
@@ -402,6 +418,19 @@ impl<'m> Generator<'m> {
             .clear_kv_cache_seq(Some(l.seq as u32), Some(l.pos as u32), None)
             .map_err(decode_err)?;
         Ok(next.filter(|_| l.result.is_none()))
+    }
+
+    /// `draft` up to the token that would close the reply's object: what
+    /// follows it is never needed.
+    fn until_closed(&self, mut draft: Vec<LlamaToken>, mut json: JsonEnd) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        if let Some(k) = draft.iter().position(|&t| {
+            json.feed(&vocab.token_to_piece(t, false, None));
+            json.closed() || vocab.is_eog(t)
+        }) {
+            draft.truncate(k + 1);
+        }
+        draft
     }
 
     /// The most probable token the grammar allows after the logits at `idx`.
@@ -525,6 +554,44 @@ impl<'m> Generator<'m> {
     }
 }
 
+/// Tracks a JSON text byte by byte until its outermost object closes.
+#[derive(Debug, Clone, Copy, Default)]
+struct JsonEnd {
+    depth: u32,
+    opened: bool,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonEnd {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.opened = true;
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.opened && self.depth == 0
+    }
+}
+
 /// Tokens likely to follow `history` (prompt lookup): after the latest
 /// earlier place where its last three tokens occurred, the tokens that came
 /// next there. A reply mostly copies the input's words
@@ -568,6 +635,28 @@ mod tests {
                 kind: SlotKind::Number,
             },
         ]
+    }
+
+    #[test]
+    fn a_reply_ends_when_its_object_closes_whatever_its_strings_hold() {
+        let closes_after = |pieces: &[&str]| {
+            let mut j = JsonEnd::default();
+            pieces.iter().position(|p| {
+                j.feed(p.as_bytes());
+                j.closed()
+            })
+        };
+        assert_eq!(closes_after(&["{}"]), Some(0));
+        assert_eq!(
+            closes_after(&[" {", "\"a\": [1, {\"b\": 2}]", "}", "}"]),
+            Some(2)
+        );
+        assert_eq!(
+            closes_after(&["{\"name\": \"a } b", "\\\" {\"", "}"]),
+            Some(2),
+            "braces and escaped quotes inside strings do not count"
+        );
+        assert_eq!(closes_after(&["{\"a\": ", "\"x\""]), None);
     }
 
     #[test]
