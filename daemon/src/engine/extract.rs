@@ -68,6 +68,9 @@ pub struct IntentPrompt {
     /// What the task's examples teach about its slots (shared by its
     /// intents).
     pub grounding: Arc<Grounding>,
+    /// False when grounding alone reads this intent's slots
+    /// ([`Grounding::reads_all`]): its replies are not generated.
+    pub generate: bool,
 }
 
 impl IntentPrompt {
@@ -98,6 +101,7 @@ impl IntentPrompt {
             text,
             slots,
             grounding,
+            generate: true,
         }
     }
 }

@@ -38,6 +38,11 @@ use crate::examples::{slot_text, Example};
 /// found in their example's text.
 const SAID_SHARE: f64 = 0.75;
 
+/// An intent is read without the model only when at least this many
+/// annotated examples show that grounding gives their slots
+/// ([`Grounding::reads_all`]).
+const READ_EXAMPLES: usize = 2;
+
 /// A carrier word is outside slot values in at least this many examples.
 const CARRIER_EXAMPLES: usize = 2;
 
@@ -222,6 +227,34 @@ fn mentions(slots: &[SlotSpec], input: &str) -> Vec<Mention> {
 }
 
 impl Grounding {
+    /// Whether grounding alone, with no reply from the model, gives every
+    /// one of `examples` exactly its annotated slots (`slots` being the
+    /// intent's slots with only their declared values, so that no example
+    /// is read by knowing its own values). Such an intent is not generated
+    /// for: the model would add nothing its examples show.
+    pub fn reads_all(&self, slots: &[SlotSpec], examples: &[&Example]) -> bool {
+        examples.len() >= READ_EXAMPLES
+            && examples.iter().all(|ex| {
+                let Some(given) = &ex.slots else { return false };
+                let mut found = Vec::new();
+                self.ground(slots, &mut found, &ex.text);
+                let given: Vec<(&String, String)> = given
+                    .iter()
+                    .filter_map(|(k, v)| Some((k, slot_text(v)?)))
+                    .collect();
+                found.len() == given.len()
+                    && given.iter().all(|(name, want)| {
+                        found.iter().any(|s| {
+                            &&s.name == name
+                                && match (&s.value, want.parse::<f64>()) {
+                                    (SlotValue::Number(x), Ok(y)) => *x == y,
+                                    (value, _) => value.to_string().eq_ignore_ascii_case(want),
+                                }
+                        })
+                    })
+            })
+    }
+
     /// Brings `found` (parsed from the reply to `input`, for an intent
     /// that may fill `slots`) in line with the input, as the module
     /// describes. The result is in schema order.
@@ -500,6 +533,58 @@ mod tests {
                     "a said slot's known value must be said",
                 ),
             ],
+        );
+    }
+
+    #[test]
+    fn an_intent_is_read_without_the_model_only_when_its_examples_show_it_can_be() {
+        let slots = vec![
+            spec("area", &["Kitchen", "Living Room"], false),
+            spec("name", &["TV"], true),
+            SlotSpec {
+                name: "volume".into(),
+                kind: SlotKind::Number,
+            },
+        ];
+        let ex = |text: &str, slots: serde_json::Value| Example {
+            text: text.into(),
+            label: "x".into(),
+            slots: slots.as_object().cloned(),
+        };
+        let said = [
+            ex("pause the TV", serde_json::json!({"name": "TV"})),
+            ex(
+                "kitchen volume to 30",
+                serde_json::json!({"area": "Kitchen", "volume": 30}),
+            ),
+        ];
+        let g = Grounding::learn(&slots, &said);
+        let read = |examples: &[&Example]| g.reads_all(&slots, examples);
+        assert!(
+            read(&[&said[0], &said[1]]),
+            "mentions and numbers give every slot"
+        );
+        assert!(!read(&[&said[0]]), "one example is too few to tell");
+        let unknown = ex("pause the radio", serde_json::json!({"name": "radio"}));
+        assert!(
+            !read(&[&said[0], &said[1], &unknown]),
+            "a name no declared value covers needs the model"
+        );
+        let unsaid = ex(
+            "skip this track",
+            serde_json::json!({"area": "Living Room"}),
+        );
+        assert!(
+            !read(&[&said[0], &unsaid]),
+            "a value not in the text needs the model"
+        );
+        let bare = Example {
+            slots: None,
+            ..said[0].clone()
+        };
+        assert!(
+            !read(&[&said[0], &bare]),
+            "unannotated examples show nothing"
         );
     }
 

@@ -154,15 +154,24 @@ impl ExtractSpec {
                     .cloned()
                     .collect();
                 (!slots.is_empty()).then(|| {
-                    let grounding = grounding.clone();
-                    IntentPrompt::new(
-                        format,
-                        &self.instruction,
-                        label,
-                        slots,
-                        grounding,
-                        &annotated,
-                    )
+                    let declared: Vec<SlotSpec> = self
+                        .slots
+                        .iter()
+                        .filter(|s| names.contains(&s.name))
+                        .cloned()
+                        .collect();
+                    let generate = !grounding.reads_all(&declared, &annotated);
+                    IntentPrompt {
+                        generate,
+                        ..IntentPrompt::new(
+                            format,
+                            &self.instruction,
+                            label,
+                            slots,
+                            grounding.clone(),
+                            &annotated,
+                        )
+                    }
                 })
             })
             .collect()
@@ -726,7 +735,13 @@ impl<'m> Worker<'m> {
         };
         // Every intent prompt decoded now, when they all fit at once (eval's
         // folds do not: it warms each fold before testing it).
-        let all: Vec<&IntentPrompt> = worker.prompts.iter().flatten().flatten().collect();
+        let all: Vec<&IntentPrompt> = worker
+            .prompts
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|p| p.generate)
+            .collect();
         if let Some(g) = &worker.generator {
             if g.fits(&all) {
                 for t in 0..worker.tasks.len() {
@@ -746,6 +761,7 @@ impl<'m> Worker<'m> {
             .iter()
             .enumerate()
             .filter_map(|(l, p)| Some((prompt_key(task, l), p.as_ref()?)))
+            .filter(|(_, p)| p.generate)
             .collect();
         generator.warm(&prompts)
     }
@@ -869,8 +885,18 @@ impl<'m> Worker<'m> {
                 .iter()
                 .position(|x| x == label)
                 .expect("a task label");
-            if let Some(prompt) = &prompts[job.task][l] {
-                wanted.push((i, prompt_key(job.task, l), prompt));
+            match &prompts[job.task][l] {
+                Some(prompt) if prompt.generate => {
+                    wanted.push((i, prompt_key(job.task, l), prompt));
+                }
+                Some(prompt) => {
+                    let mut slots = Vec::new();
+                    let text = &job.query.text;
+                    prompt.grounding.ground(&prompt.slots, &mut slots, text);
+                    context::fill(&prompt.slots, &mut slots, &job.query.context);
+                    scores.slots = Some(slots);
+                }
+                None => {}
             }
         }
         if wanted.is_empty() {
