@@ -228,16 +228,47 @@ fn mentions(slots: &[SlotSpec], input: &str) -> Vec<Mention> {
 
 impl Grounding {
     /// Whether grounding alone, with no reply from the model, gives every
-    /// one of `examples` exactly its annotated slots (`slots` being the
-    /// intent's slots with only their declared values, so that no example
-    /// is read by knowing its own values). Such an intent is not generated
-    /// for: the model would add nothing its examples show.
+    /// one of `examples` exactly its annotated slots. Such an intent is not
+    /// generated for: the model would add nothing its examples show.
+    ///
+    /// Each example is read as a new sentence would be: `slots` are the
+    /// intent's slots with their declared values, and an open enum's values
+    /// that only this example gives are left out (an open list is never
+    /// complete, so a new sentence may name something it lacks).
     pub fn reads_all(&self, slots: &[SlotSpec], examples: &[&Example]) -> bool {
         examples.len() >= READ_EXAMPLES
-            && examples.iter().all(|ex| {
+            && examples.iter().enumerate().all(|(i, ex)| {
                 let Some(given) = &ex.slots else { return false };
+                let others: Vec<String> = examples
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .flat_map(|(_, e)| e.slots.iter().flatten().filter_map(|(_, v)| slot_text(v)))
+                    .collect();
+                let own: Vec<String> = given
+                    .values()
+                    .filter_map(slot_text)
+                    .filter(|v| !others.iter().any(|o| o.eq_ignore_ascii_case(v)))
+                    .collect();
+                let unseen: Vec<SlotSpec> = slots
+                    .iter()
+                    .map(|spec| match &spec.kind {
+                        SlotKind::Enum { values, open: true } => SlotSpec {
+                            name: spec.name.clone(),
+                            kind: SlotKind::Enum {
+                                values: values
+                                    .iter()
+                                    .filter(|v| !own.iter().any(|o| o.eq_ignore_ascii_case(v)))
+                                    .cloned()
+                                    .collect(),
+                                open: true,
+                            },
+                        },
+                        _ => spec.clone(),
+                    })
+                    .collect();
                 let mut found = Vec::new();
-                self.ground(slots, &mut found, &ex.text);
+                self.ground(&unseen, &mut found, &ex.text);
                 let given: Vec<(&String, String)> = given
                     .iter()
                     .filter_map(|(k, v)| Some((k, slot_text(v)?)))
@@ -540,7 +571,7 @@ mod tests {
     fn an_intent_is_read_without_the_model_only_when_its_examples_show_it_can_be() {
         let slots = vec![
             spec("area", &["Kitchen", "Living Room"], false),
-            spec("name", &["TV"], true),
+            spec("name", &["TV", "Radio"], true),
             SlotSpec {
                 name: "volume".into(),
                 kind: SlotKind::Number,
@@ -557,18 +588,27 @@ mod tests {
                 "kitchen volume to 30",
                 serde_json::json!({"area": "Kitchen", "volume": 30}),
             ),
+            ex(
+                "TV volume 20",
+                serde_json::json!({"name": "TV", "volume": 20}),
+            ),
         ];
         let g = Grounding::learn(&slots, &said);
         let read = |examples: &[&Example]| g.reads_all(&slots, examples);
         assert!(
-            read(&[&said[0], &said[1]]),
+            read(&[&said[0], &said[1], &said[2]]),
             "mentions and numbers give every slot"
         );
         assert!(!read(&[&said[0]]), "one example is too few to tell");
-        let unknown = ex("pause the radio", serde_json::json!({"name": "radio"}));
+        let radio = ex("pause the radio", serde_json::json!({"name": "Radio"}));
         assert!(
-            !read(&[&said[0], &said[1], &unknown]),
-            "a name no declared value covers needs the model"
+            !read(&[&said[0], &said[1], &radio]),
+            "an open value only one example names may be new to the next sentence"
+        );
+        let free = ex("pause the stereo", serde_json::json!({"name": "stereo"}));
+        assert!(
+            !read(&[&said[0], &free]),
+            "a name no value covers needs the model"
         );
         let unsaid = ex(
             "skip this track",
