@@ -12,7 +12,9 @@
 //!
 //! For `extract` tasks the recognised intent's slots are then generated in
 //! one more batch, under the grammar of the intent's slot schema
-//! ([`extract`], [`schema`]).
+//! ([`extract`], [`schema`]), and grounded in the input ([`ground`]) and
+//! the query's context ([`context`]); an intent whose examples grounding
+//! alone reads is not generated for ([`ground::Grounding::reads_all`]).
 
 pub mod context;
 pub mod embed;
