@@ -71,6 +71,25 @@ pub fn slot_text(v: &serde_json::Value) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Trimmed, lowercased, inner whitespace collapsed to single spaces.
+fn normalise(value: &str) -> String {
+    value
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether two slot values are equal after normalisation (numerically when
+/// both parse as numbers).
+pub fn slot_values_match(a: &str, b: &str) -> bool {
+    let (a, b) = (normalise(a), normalise(b));
+    match (a.parse::<f64>(), b.parse::<f64>()) {
+        (Ok(x), Ok(y)) if x == y => true,
+        _ => a == b,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExamplesError {
     #[error("cannot read {path}: {source}")]

@@ -32,7 +32,7 @@ use std::ops::Range;
 
 use super::number_slots::{overlap, NumberCues};
 use super::schema::{add_value, find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
-use crate::examples::{slot_text, Example};
+use crate::examples::{slot_text, slot_values_match, Example};
 
 /// A slot is said when at least this share of its example values can be
 /// found in their example's text.
@@ -196,6 +196,30 @@ impl Mention {
     }
 }
 
+/// `slots` with `values` taken out of their open enums.
+fn without_open_values(slots: &[SlotSpec], values: &[&str]) -> Vec<SlotSpec> {
+    slots
+        .iter()
+        .map(|spec| match &spec.kind {
+            SlotKind::Enum {
+                values: known,
+                open: true,
+            } => SlotSpec {
+                name: spec.name.clone(),
+                kind: SlotKind::Enum {
+                    values: known
+                        .iter()
+                        .filter(|k| !values.iter().any(|v| v.eq_ignore_ascii_case(k)))
+                        .cloned()
+                        .collect(),
+                    open: true,
+                },
+            },
+            _ => spec.clone(),
+        })
+        .collect()
+}
+
 fn closed(spec: &SlotSpec) -> bool {
     matches!(spec.kind, SlotKind::Enum { open: false, .. })
 }
@@ -238,51 +262,43 @@ impl Grounding {
     pub fn reads_all(&self, slots: &[SlotSpec], examples: &[&Example]) -> bool {
         examples.len() >= READ_EXAMPLES
             && examples.iter().enumerate().all(|(i, ex)| {
-                let Some(given) = &ex.slots else { return false };
-                let others: Vec<String> = examples
+                let others = examples
                     .iter()
                     .enumerate()
                     .filter(|&(j, _)| j != i)
-                    .flat_map(|(_, e)| e.slots.iter().flatten().filter_map(|(_, v)| slot_text(v)))
-                    .collect();
-                let own: Vec<String> = given
-                    .values()
-                    .filter_map(slot_text)
-                    .filter(|v| !others.iter().any(|o| o.eq_ignore_ascii_case(v)))
-                    .collect();
-                let unseen: Vec<SlotSpec> = slots
+                    .map(|(_, e)| *e);
+                self.reads_as_new(slots, ex, others)
+            })
+    }
+
+    /// Whether grounding alone gives `ex` exactly its annotated slots when
+    /// the open enums' values that no example of `others` gives are unknown.
+    fn reads_as_new<'e>(
+        &self,
+        slots: &[SlotSpec],
+        ex: &Example,
+        others: impl Iterator<Item = &'e Example>,
+    ) -> bool {
+        let Some(given) = &ex.slots else { return false };
+        let given: Vec<(&String, String)> = given
+            .iter()
+            .filter_map(|(k, v)| Some((k, slot_text(v)?)))
+            .collect();
+        let others: Vec<String> = others
+            .flat_map(|e| e.slots.iter().flatten().filter_map(|(_, v)| slot_text(v)))
+            .collect();
+        let own: Vec<&str> = given
+            .iter()
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !others.iter().any(|o| o.eq_ignore_ascii_case(v)))
+            .collect();
+        let mut found = Vec::new();
+        self.ground(&without_open_values(slots, &own), &mut found, &ex.text);
+        found.len() == given.len()
+            && given.iter().all(|(name, want)| {
+                found
                     .iter()
-                    .map(|spec| match &spec.kind {
-                        SlotKind::Enum { values, open: true } => SlotSpec {
-                            name: spec.name.clone(),
-                            kind: SlotKind::Enum {
-                                values: values
-                                    .iter()
-                                    .filter(|v| !own.iter().any(|o| o.eq_ignore_ascii_case(v)))
-                                    .cloned()
-                                    .collect(),
-                                open: true,
-                            },
-                        },
-                        _ => spec.clone(),
-                    })
-                    .collect();
-                let mut found = Vec::new();
-                self.ground(&unseen, &mut found, &ex.text);
-                let given: Vec<(&String, String)> = given
-                    .iter()
-                    .filter_map(|(k, v)| Some((k, slot_text(v)?)))
-                    .collect();
-                found.len() == given.len()
-                    && given.iter().all(|(name, want)| {
-                        found.iter().any(|s| {
-                            &&s.name == name
-                                && match (&s.value, want.parse::<f64>()) {
-                                    (SlotValue::Number(x), Ok(y)) => *x == y,
-                                    (value, _) => value.to_string().eq_ignore_ascii_case(want),
-                                }
-                        })
-                    })
+                    .any(|s| &&s.name == name && slot_values_match(&s.value.to_string(), want))
             })
     }
 

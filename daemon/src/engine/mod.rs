@@ -893,9 +893,7 @@ impl<'m> Worker<'m> {
                 }
                 Some(prompt) => {
                     let mut slots = Vec::new();
-                    let text = &job.query.text;
-                    prompt.grounding.ground(&prompt.slots, &mut slots, text);
-                    context::fill(&prompt.slots, &mut slots, &job.query.context);
+                    settle(prompt, &mut slots, &job.query);
                     scores.slots = Some(slots);
                 }
                 None => {}
@@ -923,10 +921,7 @@ impl<'m> Worker<'m> {
                     .map_err(|e| {
                         EngineError::Decode(format!("generated slots {:?}: {e}", g.text))
                     })?;
-                prompt
-                    .grounding
-                    .ground(&prompt.slots, &mut slots, &job.query.text);
-                context::fill(&prompt.slots, &mut slots, &job.query.context);
+                settle(prompt, &mut slots, &job.query);
                 Ok((slots, g.tokens))
             });
             match slots {
@@ -939,6 +934,13 @@ impl<'m> Worker<'m> {
             }
         }
     }
+}
+
+/// Brings an intent's slots (generated, or none when the intent is read
+/// without the model) in line with the query's text and context.
+fn settle(prompt: &IntentPrompt, slots: &mut Vec<Slot>, query: &Query) {
+    prompt.grounding.ground(&prompt.slots, slots, &query.text);
+    context::fill(&prompt.slots, slots, &query.context);
 }
 
 /// The generator's cache key of task `task`'s label `label`.

@@ -17,6 +17,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::examples::slot_values_match;
+
 /// Name of the confusion-matrix column counting abstentions.
 pub const ABSTAIN_COLUMN: &str = "(abstain)";
 
@@ -316,25 +318,6 @@ fn ece(outcomes: &[Outcome]) -> f64 {
         .sum()
 }
 
-/// Trimmed, lowercased, inner whitespace collapsed to single spaces.
-fn normalise(value: &str) -> String {
-    value
-        .split_whitespace()
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Whether two slot values are equal after normalisation (numerically when
-/// both parse as numbers).
-pub fn slot_values_match(a: &str, b: &str) -> bool {
-    let (a, b) = (normalise(a), normalise(b));
-    match (a.parse::<f64>(), b.parse::<f64>()) {
-        (Ok(x), Ok(y)) if x == y => true,
-        _ => a == b,
-    }
-}
-
 /// Micro-averaged slot precision, recall and F1; all `None` when no row has
 /// truth or predicted slots.
 fn slot_scores(outcomes: &[Outcome]) -> (Option<f64>, Option<f64>, Option<f64>) {
@@ -543,6 +526,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::examples::slot_values_match;
 
     fn row(truth: &str, top: &str, abstained: bool) -> Outcome {
         Outcome {
