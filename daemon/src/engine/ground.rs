@@ -11,14 +11,18 @@
 //!   office thermostat", entity "Office Thermostat" is meant, not area
 //!   "Office".
 //! - A slot with exactly one mention takes it when the reply left the slot
-//!   out, gave a value that is nowhere in the input, or gave a part of the
-//!   mention. Open enums do so only when their values are *said* (see
-//!   [`Grounding::inferred`]): a `domain` such as `light` is inferred, and the word
-//!   "light" in the input does not make it one.
+//!   out, gave a value that is nowhere in the input, gave a part of the
+//!   mention, or gave the mention wrapped in *command words* ("activate
+//!   stealth mode" is "Stealth Mode"; see [`Grounding::command_words`]).
+//!   Open enums do so only when their values are *said* (see
+//!   [`Grounding::inferred`]): a `domain` such as `light` is inferred, and
+//!   the word "light" in the input does not make it one.
 //! - A text value is dropped when it lies inside another slot's mention
 //!   (longer, or a closed enum's: "kitchen" in "pause the kitchen timer" is
 //!   the area, not the timer's name), and when it is nowhere in the input,
 //!   unless its slot is inferred and the value is one of its known values.
+//!   An inferred open enum keeps only its known values: a value it lacks is
+//!   the model copying input words into a category ("stealth_mode").
 //! - Said text values lose *carrier words* at either end ("timer" in
 //!   "pizza timer"; see [`Grounding::carriers`]).
 //! - A number is kept when the input says it, in digits or words ("one
@@ -58,6 +62,9 @@ pub struct Grounding {
     /// of a slot value and are outside one in at least two examples ("timer"
     /// in "pause the pizza timer"). A value does not begin or end with one.
     pub carriers: BTreeSet<String>,
+    /// Words of the examples that are never part of a slot value, nor of a
+    /// known value: what commands are made of ("activate", "brightness").
+    pub command_words: BTreeSet<String>,
     /// Which words around a said number point to which number slot.
     pub numbers: NumberCues,
 }
@@ -120,9 +127,24 @@ impl Grounding {
             .filter(|(w, n)| *n >= CARRIER_EXAMPLES && !inside.contains(w))
             .map(|(w, _)| w)
             .collect();
+        let valued: BTreeSet<String> = slots
+            .iter()
+            .filter_map(|spec| match &spec.kind {
+                SlotKind::Enum { values, .. } => Some(values),
+                _ => None,
+            })
+            .flatten()
+            .flat_map(|v| words(v))
+            .collect();
+        let command_words = examples
+            .iter()
+            .flat_map(|ex| words(&ex.text))
+            .filter(|w| !inside.contains(w) && !valued.contains(w))
+            .collect();
         Grounding {
             inferred,
             carriers,
+            command_words,
             numbers: NumberCues::learn(slots, examples),
         }
     }
@@ -218,6 +240,16 @@ fn without_open_values(slots: &[SlotSpec], values: &[&str]) -> Vec<SlotSpec> {
             _ => spec.clone(),
         })
         .collect()
+}
+
+/// Whether `value` is one of `spec`'s enum values, ignoring ASCII case.
+fn known_value(spec: &SlotSpec, value: &SlotValue) -> bool {
+    match (&spec.kind, value) {
+        (SlotKind::Enum { values, .. }, SlotValue::Text(v)) => {
+            values.iter().any(|x| x.eq_ignore_ascii_case(v))
+        }
+        _ => false,
+    }
 }
 
 fn closed(spec: &SlotSpec) -> bool {
@@ -352,8 +384,20 @@ impl Grounding {
                 value: SlotValue::Text(m.value.clone()),
                 span: Some(Span::of(input, m.start, m.end)),
             };
+            // A reply that wraps the mention in command words ("activate
+            // stealth mode") meant the known value.
+            let widened = |s: &Slot| {
+                !known_value(spec, &s.value)
+                    && s.span.as_ref().is_some_and(|span| {
+                        span.start <= m.start
+                            && m.end <= span.end
+                            && words(&input[span.start..m.start])
+                                .chain(words(&input[m.end..span.end]))
+                                .all(|w| self.command_words.contains(&w))
+                    })
+            };
             match found.iter_mut().find(|s| s.name == spec.name) {
-                Some(s) if s.span.as_ref().map_or(true, |span| m.covers(span)) => {
+                Some(s) if s.span.as_ref().map_or(true, |span| m.covers(span)) || widened(s) => {
                     *s = slot;
                     claimed.push(m);
                 }
@@ -372,18 +416,21 @@ impl Grounding {
             let Some(i) = slots.iter().position(|s| s.name == slot.name) else {
                 return false;
             };
-            match (&slot.value, &slot.span) {
-                (_, Some(span)) => !claimed.iter().any(|m| {
+            // An inferred slot names a category, and only a known one: a
+            // value its open list lacks is the model copying words of the
+            // input ("stealth_mode"). A category need not be said.
+            let category = !self.said(&slot.name)
+                && matches!(&slots[i].kind, SlotKind::Enum { open: true, .. });
+            if category && !known_value(&slots[i], &slot.value) {
+                return false;
+            }
+            match &slot.span {
+                Some(span) => !claimed.iter().any(|m| {
                     m.slot != i
                         && m.covers(span)
                         && (m.len() > span.end - span.start || closed(&slots[m.slot]))
                 }),
-                (SlotValue::Number(_), None) => false,
-                (SlotValue::Text(value), None) => {
-                    !self.said(&slot.name)
-                        && matches!(&slots[i].kind, SlotKind::Enum { values, open: true }
-                            if values.iter().any(|x| x.eq_ignore_ascii_case(value)))
-                }
+                None => category,
             }
         });
         found.sort_by_key(|s| slots.iter().position(|spec| spec.name == s.name));
@@ -579,6 +626,49 @@ mod tests {
                     vec![],
                     "a said slot's known value must be said",
                 ),
+                (
+                    "stealth mode on",
+                    r#"{"domain": "stealth_mode"}"#,
+                    vec![],
+                    "a category the list lacks is dropped, though the input says it",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_known_name_wrapped_in_command_words_is_the_name() {
+        let slots = vec![spec(
+            "name",
+            &["Stealth Mode", "Bedroom Lamp", "Light"],
+            true,
+        )];
+        let g = Grounding {
+            command_words: ["activate".to_string(), "brightness".to_string()].into(),
+            ..Default::default()
+        };
+        check(
+            &slots,
+            &g,
+            vec![
+                (
+                    "activate stealth mode",
+                    r#"{"name": "Activate Stealth Mode"}"#,
+                    vec![slot("name", "Stealth Mode", Some("stealth mode"))],
+                    "a command word before the name",
+                ),
+                (
+                    "brightness bedroom lamp 50%",
+                    r#"{"name": "Brightness Bedroom Lamp"}"#,
+                    vec![slot("name", "Bedroom Lamp", Some("bedroom lamp"))],
+                    "a command word before the name",
+                ),
+                (
+                    "set overhead light to red",
+                    r#"{"name": "Overhead Light"}"#,
+                    vec![slot("name", "Overhead Light", Some("overhead light"))],
+                    "a word that is not a command word may be part of a new name",
+                ),
             ],
         );
     }
@@ -668,6 +758,11 @@ mod tests {
             g.carriers,
             ["open".to_string(), "the".to_string()].into(),
             "outside values in two examples and never inside one"
+        );
+        assert_eq!(
+            g.command_words,
+            ["is", "on", "open", "the", "turn"].map(String::from).into(),
+            "outside every value, given or known"
         );
         let widened = with_example_values(&slots, &examples);
         assert_eq!(
