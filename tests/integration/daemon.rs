@@ -118,6 +118,10 @@ async fn bad_input_gets_an_error_result_and_the_daemon_keeps_serving() {
         ("too_large", vec![b'a'; 4096]),
         ("empty_text", br#"{"id": "e3", "text": "   "}"#.to_vec()),
         ("text_too_long", "word ".repeat(100).into_bytes()),
+        (
+            "bad_context",
+            br#"{"id": "e4", "text": "lights off", "context": {"area": 3}}"#.to_vec(),
+        ),
     ];
     for (_, payload) in &cases {
         sub.publish("test/home/bad", payload.clone()).await;
