@@ -742,6 +742,16 @@ pub fn pack_config(dir: &Path, broker_port: u16, pack: &str) -> PathBuf {
         };
         task.insert("examples_file".into(), toml::Value::Array(files));
     }
+    // Tests run beside each other on two cores, where one inference has
+    // taken 12 s: longer than a car's state stays fresh (10 s), which
+    // turned "moving" into "speed_unknown". Staleness has its own unit
+    // tests (policy); here a state stays fresh for the whole test.
+    for task in doc["tasks"].as_array_mut().unwrap() {
+        let policy = task.get_mut("policy").and_then(toml::Value::as_table_mut);
+        if let Some(policy) = policy.filter(|p| p.contains_key("state_max_age_secs")) {
+            policy.insert("state_max_age_secs".into(), 3600.into());
+        }
+    }
     let path = dir.join(format!("{pack}.toml"));
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
     path
