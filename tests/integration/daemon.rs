@@ -44,6 +44,18 @@ async fn every_message_gets_exactly_one_well_formed_result() {
     let mut run = Running::start().await;
     let (sub, daemon) = (&mut run.sub, &mut run.daemon);
 
+    // A classify-only task whose head reads a cut of the model loads that
+    // cut alone, not the whole model beside it.
+    let log = daemon.log_text();
+    let loads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("loaded from") && !l.contains("head loaded from"))
+        .collect();
+    assert!(
+        loads.len() == 1 && loads[0].contains("blocks)"),
+        "{loads:?}"
+    );
+
     // The clear commands five times over, JSON and plain text.
     let mut expected = HashMap::new();
     for round in 0..5 {

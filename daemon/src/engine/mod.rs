@@ -519,13 +519,6 @@ fn inference_thread(
         let _ = ready.send(Err(e));
         return;
     }
-    let model = match load_model(&opts) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
     let head_model = match head_model(&opts, &tasks) {
         Ok(m) => m,
         Err(e) => {
@@ -533,7 +526,21 @@ fn inference_thread(
             return;
         }
     };
-    let mut worker = match Worker::new(&opts, &model, head_model.as_ref(), tasks) {
+    // The whole model is loaded only when something reads it: heads that
+    // read every block, label scoring or generation. A classify-only
+    // configuration with cut heads keeps one model in memory, not two.
+    let whole_needed = head_model.is_none()
+        || tasks
+            .iter()
+            .any(|t| t.strategy == Strategy::LabelScoring || t.extract.is_some());
+    let model = match whole_needed.then(|| load_model(&opts)).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut worker = match Worker::new(&opts, model.as_ref(), head_model.as_ref(), tasks) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -656,19 +663,23 @@ fn threads(configured: u32) -> i32 {
 }
 
 impl<'m> Worker<'m> {
+    /// `model` is the whole model, `None` when nothing but cut heads read
+    /// it (see [`inference_thread`]).
     fn new(
         opts: &EngineOptions,
-        model: &'m LlamaModel,
+        model: Option<&'m LlamaModel>,
         head_model: Option<&'m (LlamaModel, String)>,
         tasks: Vec<TaskSpec>,
     ) -> Result<Self, EngineError> {
+        let whole =
+            || model.ok_or_else(|| load_err(&opts.model_path, "the whole model was not loaded"));
         let templates: Vec<Template> = tasks
             .iter()
             .map(|t| Template::new(opts.format, &t.instruction, &t.cue))
             .collect();
         let (embedding_model, model_id) = match head_model {
             Some((m, id)) => (m, id.as_str()),
-            None => (model, opts.model.sha256.as_str()),
+            None => (whole()?, opts.model.sha256.as_str()),
         };
         let mut embedder = Embedder::new(
             backend()?,
@@ -699,7 +710,7 @@ impl<'m> Worker<'m> {
         let scorer = if scored.contains(&true) {
             Some(scorer::Scorer::new(
                 backend()?,
-                model,
+                whole()?,
                 opts.format,
                 &tasks,
                 &scored,
@@ -719,7 +730,7 @@ impl<'m> Worker<'m> {
         let generator = if tasks.iter().any(|t| t.extract.is_some()) {
             Some(Generator::new(
                 backend()?,
-                model,
+                whole()?,
                 opts.format,
                 opts.extract_context,
                 threads(opts.threads),
