@@ -135,9 +135,11 @@ struct EvalArgs {
     /// slots, latency) to this file, one JSON object per line.
     #[arg(long)]
     predictions: Option<PathBuf>,
-    /// Fold assignment seed.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Fold assignment seed. Several (`--seed 1,2,3,4`) repeat the
+    /// cross-validation once per seed: the report pools every seed's rows
+    /// (accuracy is then the seeds' mean) and lists each seed's scores.
+    #[arg(long, value_delimiter = ',', default_value = "1", num_args = 1..)]
+    seed: Vec<u64>,
     /// How labels are chosen.
     #[arg(long, value_enum, default_value = "head")]
     strategy: slmd::engine::Strategy,
@@ -467,6 +469,11 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         abstain_below: a.abstain_below,
         reject_label: a.reject_label.clone(),
     };
+    if a.seed.len() > 1 && a.cv.is_none() {
+        anyhow::bail!("several --seed values need --cv K");
+    }
+    // Rows per seed and the seeds of a cross-validation.
+    let mut repeated = (0, Vec::new());
     let (engine, trials, reject) = if let Some(task) = &a.task {
         let config_path = a
             .engine
@@ -487,7 +494,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
         let trials = match (a.cv, &a.test) {
             (Some(k), None) if k >= 2 && k <= train.len() => {
-                eval::cross_validation(&train, k, a.seed, &settings)
+                repeated = (train.len(), a.seed.clone());
+                eval::cross_validation(&train, k, &a.seed, &settings)
             }
             (Some(k), None) => anyhow::bail!("--cv {k}: needs 2 <= K <= the number of rows"),
             (None, Some(test)) => eval::holdout(&train, read_jsonl(test)?, &settings),
@@ -508,7 +516,11 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             slmd::engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
         (engine, names, a.reject_label.clone())
     };
-    let (report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
+    let (mut report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
+    let (rows, seeds) = repeated;
+    if seeds.len() > 1 {
+        report.per_seed = eval::metrics::per_seed(&outcomes, rows, &seeds, reject.as_deref());
+    }
     if let Some(path) = &a.predictions {
         let mut lines = String::new();
         for o in &outcomes {

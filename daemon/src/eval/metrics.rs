@@ -123,6 +123,35 @@ pub struct Report {
     /// Per-label scores, sorted by label.
     pub per_label: Vec<LabelScore>,
     pub confusion: Confusion,
+    /// With several fold seeds (`slmd eval --cv K --seed 1,2,3`): the scores
+    /// of each seed's cross-validation alone. The fields above pool every
+    /// seed's rows, so `accuracy` is the mean of the seeds' accuracies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_seed: Vec<SeedScore>,
+}
+
+/// One fold seed's share of a repeated cross-validation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedScore {
+    pub seed: u64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub in_scope_accuracy: Option<f64>,
+    pub oos_rejection: Option<f64>,
+    pub slot_f1: Option<f64>,
+}
+
+impl SeedScore {
+    pub fn new(seed: u64, r: &Report) -> SeedScore {
+        SeedScore {
+            seed,
+            accuracy: r.accuracy,
+            macro_f1: r.macro_f1,
+            in_scope_accuracy: r.in_scope_accuracy.filter(|_| r.oos_rejection.is_some()),
+            oos_rejection: r.oos_rejection,
+            slot_f1: r.slot_f1,
+        }
+    }
 }
 
 /// `num / den`, or 0 when `den` is 0.
@@ -222,7 +251,23 @@ pub fn report(outcomes: &[Outcome], wall_secs: f64, reject_label: Option<&str>) 
         },
         per_label,
         confusion: confusion(outcomes),
+        per_seed: Vec::new(),
     }
+}
+
+/// Each seed's scores in a repeated cross-validation: the outcomes of
+/// [`super::cross_validation`]'s trials, `rows` per seed in seed order.
+pub fn per_seed(
+    outcomes: &[Outcome],
+    rows: usize,
+    seeds: &[u64],
+    reject_label: Option<&str>,
+) -> Vec<SeedScore> {
+    seeds
+        .iter()
+        .zip(outcomes.chunks(rows.max(1)))
+        .map(|(&seed, chunk)| SeedScore::new(seed, &report(chunk, 0.0, reject_label)))
+        .collect()
 }
 
 /// Per-label precision/recall/F1 over all truths and predicted labels,
@@ -405,6 +450,14 @@ impl Report {
             ),
         );
         line("throughput", format!("{:.1} msgs/s", self.throughput_per_s));
+        if !self.per_seed.is_empty() {
+            let seeds: Vec<String> = self
+                .per_seed
+                .iter()
+                .map(|s| format!("{}: {:.3}", s.seed, s.accuracy))
+                .collect();
+            line("accuracy by seed", seeds.join("  "));
+        }
 
         if !self.per_label.is_empty() {
             self.write_label_table(&mut out);
@@ -539,6 +592,22 @@ mod tests {
             predicted_slots: BTreeMap::new(),
             latency_ms: 1.0,
         }
+    }
+
+    #[test]
+    fn each_seed_is_scored_on_its_own_rows_and_the_pool_is_their_mean() {
+        // Seed 1 gets all four rows right, seed 2 half of them.
+        let outcomes: Vec<Outcome> = ["a", "b", "a", "b", "a", "a", "b", "b"]
+            .iter()
+            .zip(["a", "b", "a", "b", "a", "b", "a", "b"])
+            .map(|(top, truth)| row(truth, top, false))
+            .collect();
+        let seeds = per_seed(&outcomes, 4, &[1, 2], None);
+        assert_eq!(seeds.iter().map(|s| s.seed).collect::<Vec<_>>(), [1, 2]);
+        assert!(close(seeds[0].accuracy, 1.0));
+        assert!(close(seeds[1].accuracy, 0.5));
+        assert!(close(report(&outcomes, 1.0, None).accuracy, 0.75));
+        assert_eq!(seeds[0].oos_rejection, None);
     }
 
     fn close(a: f64, b: f64) -> bool {

@@ -65,12 +65,18 @@ pub fn holdout(train: &[Row], test: Vec<Row>, s: &TaskSettings) -> Vec<Trial> {
     }]
 }
 
-/// `k` tasks, one per stratified fold of `rows`.
-pub fn cross_validation(rows: &[Row], k: usize, seed: u64, s: &TaskSettings) -> Vec<Trial> {
+/// `k` tasks per seed, one per stratified fold of `rows` under that seed's
+/// fold assignment; each seed's trials test every row once, in order.
+pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings) -> Vec<Trial> {
     let labels: Vec<String> = rows.iter().map(|r| r.intent.clone()).collect();
-    let fold_of = folds::stratified_folds(&labels, k, seed);
-    (0..k)
-        .map(|f| {
+    let several = seeds.len() > 1;
+    seeds
+        .iter()
+        .flat_map(|&seed| {
+            let fold_of = folds::stratified_folds(&labels, k, seed);
+            (0..k).map(move |f| (seed, f, fold_of.clone()))
+        })
+        .map(|(seed, f, fold_of)| {
             let in_fold = |want: bool| -> Vec<Row> {
                 rows.iter()
                     .zip(&fold_of)
@@ -78,8 +84,12 @@ pub fn cross_validation(rows: &[Row], k: usize, seed: u64, s: &TaskSettings) -> 
                     .map(|(r, _)| r.clone())
                     .collect()
             };
+            let name = match several {
+                true => format!("seed{seed}-fold{f}"),
+                false => format!("fold{f}"),
+            };
             Trial {
-                spec: spec(&format!("fold{f}"), &in_fold(false), s),
+                spec: spec(&name, &in_fold(false), s),
                 test: in_fold(true),
             }
         })
@@ -353,7 +363,7 @@ mod tests {
         // Extra rows join every fold's training, only for known intents.
         let mut s = settings();
         s.extra = vec![Row::new("extra a", "a"), Row::new("extra z", "z")];
-        for t in cross_validation(&rows(), 5, 1, &s) {
+        for t in cross_validation(&rows(), 5, &[1], &s) {
             assert!(t.spec.examples.iter().any(|e| e.text == "extra a"));
             assert!(t.spec.examples.iter().all(|e| e.text != "extra z"));
             assert!(t.test.iter().all(|r| !r.text.starts_with("extra")));
@@ -361,9 +371,39 @@ mod tests {
     }
 
     #[test]
+    fn several_seeds_repeat_the_folds_each_testing_every_row_once() {
+        let rows = rows();
+        let trials = cross_validation(&rows, 5, &[1, 2], &settings());
+        assert_eq!(trials.len(), 10);
+        assert_eq!(trials[0].spec.name, "seed1-fold0");
+        assert_eq!(trials[9].spec.name, "seed2-fold4");
+        for seed in trials.chunks(5) {
+            let mut tested: Vec<&str> = seed
+                .iter()
+                .flat_map(|t| t.test.iter().map(|r| r.text.as_str()))
+                .collect();
+            tested.sort();
+            let mut all: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+            all.sort();
+            assert_eq!(tested, all);
+        }
+        let folds = |trials: &[Trial]| -> Vec<Vec<String>> {
+            trials
+                .iter()
+                .map(|t| t.test.iter().map(|r| r.text.clone()).collect())
+                .collect()
+        };
+        assert_ne!(
+            folds(&trials[..5]),
+            folds(&trials[5..]),
+            "another seed deals other folds"
+        );
+    }
+
+    #[test]
     fn every_row_is_tested_once_by_a_head_that_never_saw_it() {
         let rows = rows();
-        let trials = cross_validation(&rows, 5, 1, &settings());
+        let trials = cross_validation(&rows, 5, &[1], &settings());
         assert_eq!(trials.len(), 5);
         let tested: usize = trials.iter().map(|t| t.test.len()).sum();
         assert_eq!(tested, rows.len());
