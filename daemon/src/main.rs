@@ -469,11 +469,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         abstain_below: a.abstain_below,
         reject_label: a.reject_label.clone(),
     };
-    if a.seed.len() > 1 && a.cv.is_none() {
-        anyhow::bail!("several --seed values need --cv K");
+    if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
+        anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
     }
-    // Rows per seed and the seeds of a cross-validation.
-    let mut repeated = (0, Vec::new());
     let (engine, trials, reject) = if let Some(task) = &a.task {
         let config_path = a
             .engine
@@ -494,7 +492,6 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
         let trials = match (a.cv, &a.test) {
             (Some(k), None) if k >= 2 && k <= train.len() => {
-                repeated = (train.len(), a.seed.clone());
                 eval::cross_validation(&train, k, &a.seed, &settings)
             }
             (Some(k), None) => anyhow::bail!("--cv {k}: needs 2 <= K <= the number of rows"),
@@ -517,9 +514,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         (engine, names, a.reject_label.clone())
     };
     let (mut report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
-    let (rows, seeds) = repeated;
-    if seeds.len() > 1 {
-        report.per_seed = eval::metrics::per_seed(&outcomes, rows, &seeds, reject.as_deref());
+    if a.seed.len() > 1 {
+        report.per_seed = eval::metrics::per_seed(&outcomes, &a.seed, reject.as_deref());
     }
     if let Some(path) = &a.predictions {
         let mut lines = String::new();

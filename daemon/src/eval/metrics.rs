@@ -256,13 +256,10 @@ pub fn report(outcomes: &[Outcome], wall_secs: f64, reject_label: Option<&str>) 
 }
 
 /// Each seed's scores in a repeated cross-validation: the outcomes of
-/// [`super::cross_validation`]'s trials, `rows` per seed in seed order.
-pub fn per_seed(
-    outcomes: &[Outcome],
-    rows: usize,
-    seeds: &[u64],
-    reject_label: Option<&str>,
-) -> Vec<SeedScore> {
+/// [`super::cross_validation`]'s trials, an equal share per seed, in seed
+/// order.
+pub fn per_seed(outcomes: &[Outcome], seeds: &[u64], reject_label: Option<&str>) -> Vec<SeedScore> {
+    let rows = outcomes.len() / seeds.len().max(1);
     seeds
         .iter()
         .zip(outcomes.chunks(rows.max(1)))
@@ -602,7 +599,7 @@ mod tests {
             .zip(["a", "b", "a", "b", "a", "b", "a", "b"])
             .map(|(top, truth)| row(truth, top, false))
             .collect();
-        let seeds = per_seed(&outcomes, 4, &[1, 2], None);
+        let seeds = per_seed(&outcomes, &[1, 2], None);
         assert_eq!(seeds.iter().map(|s| s.seed).collect::<Vec<_>>(), [1, 2]);
         assert!(close(seeds[0].accuracy, 1.0));
         assert!(close(seeds[1].accuracy, 0.5));
