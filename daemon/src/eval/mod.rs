@@ -70,13 +70,10 @@ pub fn holdout(train: &[Row], test: Vec<Row>, s: &TaskSettings) -> Vec<Trial> {
 pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings) -> Vec<Trial> {
     let labels: Vec<String> = rows.iter().map(|r| r.intent.clone()).collect();
     let several = seeds.len() > 1;
-    seeds
-        .iter()
-        .flat_map(|&seed| {
-            let fold_of = folds::stratified_folds(&labels, k, seed);
-            (0..k).map(move |f| (seed, f, fold_of.clone()))
-        })
-        .map(|(seed, f, fold_of)| {
+    let mut trials = Vec::with_capacity(k * seeds.len());
+    for &seed in seeds {
+        let fold_of = folds::stratified_folds(&labels, k, seed);
+        for f in 0..k {
             let in_fold = |want: bool| -> Vec<Row> {
                 rows.iter()
                     .zip(&fold_of)
@@ -88,12 +85,13 @@ pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings)
                 true => format!("seed{seed}-fold{f}"),
                 false => format!("fold{f}"),
             };
-            Trial {
+            trials.push(Trial {
                 spec: spec(&name, &in_fold(false), s),
                 test: in_fold(true),
-            }
-        })
-        .collect()
+            });
+        }
+    }
+    trials
 }
 
 fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
