@@ -23,7 +23,7 @@ run hwu64-head-seeds --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --se
 run automotive-head-seeds --train "$DATA/ms_automotive_poi.jsonl" --cv 5 --seed 1,2,3,4
 run hwu64-head-cue --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --cue "The intent of this command is:"
 run hwu64-head-no-lexical --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --lexical-weight 0
-run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --strategy label_scoring --context-size 4096
+run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --strategy label_scoring
 run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"

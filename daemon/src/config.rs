@@ -149,6 +149,8 @@ pub struct ModelConfig {
     /// Inference threads; 0 means one per CPU.
     #[serde(default)]
     pub threads: u32,
+    /// Context cells for inputs decoded together (one batch); the tasks'
+    /// fixed prompts are held beside them.
     #[serde(default = "default_context")]
     pub context_size: u32,
     /// Context of the slot generator of extract tasks: its intents' prompts

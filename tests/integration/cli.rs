@@ -253,6 +253,27 @@ fn label_scoring_strategy_answers_from_the_label_set() {
     }
 }
 
+#[test]
+fn label_scoring_eval_fits_every_folds_prompt_beside_a_small_working_context() {
+    // Each fold is a task with its own few-shot prompt, all decoded in the
+    // scorer's one context; together they are longer than the 128 working
+    // cells asked for, which once failed with llama.cpp's "no KV slot".
+    let rows = repo_root().join("tests/fixtures/ha-lights.jsonl");
+    let v = eval_json(&[
+        "--train",
+        rows.to_str().unwrap(),
+        "--cv",
+        "4",
+        "--strategy",
+        "label_scoring",
+        "--context-size",
+        "128",
+    ]);
+    assert_eq!(v["n"].as_u64(), Some(16), "every row is tested once: {v}");
+    // Four labels: chance is 0.25.
+    assert!(v["accuracy"].as_f64().unwrap() > 0.25, "{v}");
+}
+
 /// An extract task over four Home Assistant intents: the head picks the
 /// intent, the model fills its slots under the schema's grammar.
 fn extract_config(dir: &std::path::Path) -> std::path::PathBuf {

@@ -93,14 +93,14 @@ pub struct Embedder<'m> {
     ctx: LlamaContext<'m>,
     prefixes: Vec<Prefix>,
     opts: DecodeOptions,
-    n_ctx: usize,
-    /// Context cells left for requests once every prefix is cached.
+    /// Context cells for requests (beside the cached prefixes).
     room: usize,
 }
 
 impl<'m> Embedder<'m> {
     /// Creates the context and decodes each template's prefix into its own
-    /// sequence (sequence `i` for `templates[i]`).
+    /// sequence (sequence `i` for `templates[i]`). The context holds the
+    /// cached prefixes plus `n_ctx` cells for requests.
     pub fn new(
         backend: &LlamaBackend,
         model: &'m LlamaModel,
@@ -109,12 +109,6 @@ impl<'m> Embedder<'m> {
         threads: i32,
         opts: DecodeOptions,
     ) -> Result<Self, EngineError> {
-        let params = super::context_params(n_ctx, templates.len() + MAX_SEQUENCES, threads)
-            .with_embeddings(true)
-            .with_pooling_type(LlamaPoolingType::None);
-        let ctx = model
-            .new_context(backend, params)
-            .map_err(|e| EngineError::Context(e.to_string()))?;
         let vocab = model.vocab();
         let prefixes: Vec<Prefix> = templates
             .iter()
@@ -135,19 +129,21 @@ impl<'m> Embedder<'m> {
         } else {
             0
         };
-        let n_ctx = n_ctx as usize;
-        if cached >= n_ctx {
-            return Err(EngineError::Context(format!(
-                "the task prompts take {cached} tokens; context_size {n_ctx} leaves no room"
-            )));
-        }
+        let size = u32::try_from(cached)
+            .unwrap_or(u32::MAX)
+            .saturating_add(n_ctx);
+        let params = super::context_params(size, templates.len() + MAX_SEQUENCES, threads)
+            .with_embeddings(true)
+            .with_pooling_type(LlamaPoolingType::None);
+        let ctx = model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Context(e.to_string()))?;
         let mut embedder = Embedder {
             model,
             ctx,
             prefixes,
             opts,
-            n_ctx,
-            room: n_ctx - cached,
+            room: n_ctx as usize,
         };
         if opts.prefix_cache {
             embedder.cache_prefixes()?;
@@ -300,10 +296,6 @@ impl<'m> Embedder<'m> {
         super::head::l2_normalise(&mut last);
         mean.extend(last);
         Ok(mean)
-    }
-
-    pub fn context_size(&self) -> usize {
-        self.n_ctx
     }
 }
 

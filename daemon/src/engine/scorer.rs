@@ -96,6 +96,9 @@ fn prefix_text(format: PromptFormat, task: &TaskSpec) -> String {
 
 impl<'m> Scorer<'m> {
     /// Decodes the prefix of every task in `scored` (indices into `tasks`).
+    /// The context holds those prefixes, which stay decoded, plus `n_ctx`
+    /// working cells for requests: a config with several scored tasks, or
+    /// eval's folds, fits without sizing the context by hand.
     pub fn new(
         backend: &LlamaBackend,
         model: &'m LlamaModel,
@@ -105,16 +108,11 @@ impl<'m> Scorer<'m> {
         n_ctx: u32,
         threads: i32,
     ) -> Result<Self, EngineError> {
-        let params = super::context_params(n_ctx, tasks.len() + 1 + MAX_LABELS, threads);
-        let mut ctx = model
-            .new_context(backend, params)
-            .map_err(|e| EngineError::Context(e.to_string()))?;
         let vocab = model.vocab();
-        let (_, _, reply, end) = turns(format);
-        let mut prompts = Vec::with_capacity(tasks.len());
-        for (i, task) in tasks.iter().enumerate() {
-            if !scored[i] {
-                prompts.push(None);
+        let mut prefixes = Vec::with_capacity(tasks.len());
+        for (task, &is_scored) in tasks.iter().zip(scored) {
+            if !is_scored {
+                prefixes.push(None);
                 continue;
             }
             if task.labels.len() > MAX_LABELS {
@@ -128,6 +126,23 @@ impl<'m> Scorer<'m> {
                 prefix.push(vocab.bos());
             }
             prefix.extend(vocab.tokenize(prefix_text(format, task).as_bytes(), false, true));
+            prefixes.push(Some(prefix));
+        }
+        let cached: usize = prefixes.iter().flatten().map(Vec::len).sum();
+        let n_ctx = u32::try_from(cached)
+            .unwrap_or(u32::MAX)
+            .saturating_add(n_ctx);
+        let params = super::context_params(n_ctx, tasks.len() + 1 + MAX_LABELS, threads);
+        let mut ctx = model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Context(e.to_string()))?;
+        let (_, _, reply, end) = turns(format);
+        let mut prompts = Vec::with_capacity(tasks.len());
+        for (i, (task, prefix)) in tasks.iter().zip(prefixes).enumerate() {
+            let Some(prefix) = prefix else {
+                prompts.push(None);
+                continue;
+            };
             let mut batch = LlamaBatch::new(prefix.len(), 1);
             for (pos, &t) in prefix.iter().enumerate() {
                 batch
