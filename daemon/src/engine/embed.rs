@@ -5,9 +5,10 @@
 //! of its own (sequence `t` for task `t`). A request copies that sequence
 //! into a working sequence (the cache is unified, so the copy shares cells
 //! rather than duplicating them) and decodes only its own text, the end of
-//! the user turn and the task's cue. The hidden state of the last token is
-//! the embedding: after the cue the model has gathered what it would say
-//! next, which separates intents better than averaging the tokens.
+//! the user turn and the task's cue. Its features ([`pool`]) are the mean of
+//! its tokens' states around the task's token centre, and the state of the
+//! last token: after the end of the turn (and the cue) the model has
+//! gathered what it would say next.
 //!
 //! Template tokens are parsed with special tokens; the user's text never is,
 //! so text such as `<|im_end|>` in a payload stays plain text and cannot
@@ -95,6 +96,73 @@ pub struct Embedder<'m> {
     opts: DecodeOptions,
     /// Context cells for requests (beside the cached prefixes).
     room: usize,
+    /// Each task's token centre (see [`pool`]); empty until its head is
+    /// trained or loaded.
+    centres: Vec<Vec<f32>>,
+}
+
+/// The hidden states of one request's tokens, one row per token.
+pub struct States {
+    dim: usize,
+    data: Vec<f32>,
+}
+
+impl States {
+    fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.data.chunks_exact(self.dim.max(1))
+    }
+
+    /// Every row but the last (the end of the user turn, pooled apart).
+    fn words(&self) -> impl Iterator<Item = &[f32]> {
+        let n = self.rows().len();
+        self.rows().take(n.saturating_sub(1))
+    }
+}
+
+/// The mean hidden state of the examples' tokens (their last ones left
+/// out): what every token of this task shares, whatever it says.
+pub fn centre_of<'s>(states: impl IntoIterator<Item = &'s States>) -> Vec<f32> {
+    let mut sum: Vec<f64> = Vec::new();
+    let mut n = 0usize;
+    for s in states {
+        for row in s.words() {
+            if sum.is_empty() {
+                sum = vec![0.0; row.len()];
+            }
+            sum.iter_mut()
+                .zip(row)
+                .for_each(|(m, &v)| *m += f64::from(v));
+            n += 1;
+        }
+    }
+    sum.iter().map(|m| (m / n.max(1) as f64) as f32).collect()
+}
+
+/// The features of one request: the mean of its tokens' hidden states, each
+/// taken relative to `centre` and L2-normalised first, then the last
+/// token's hidden state; each half L2-normalised, concatenated.
+///
+/// A small model's token states share one large component (their mean
+/// points the same way whatever the word); a plain mean is dominated by it
+/// and by frequent words. Subtracting the task's centre and normalising
+/// each token lets every word count alike ("off" as much as "the lights").
+/// The last state (after the end of the user turn) keeps what the model
+/// made of the whole input. An empty `centre` subtracts nothing.
+pub fn pool(states: &States, centre: &[f32]) -> Vec<f32> {
+    let mut mean = vec![0.0f32; states.dim];
+    let mut token = vec![0.0f32; states.dim];
+    for row in states.words() {
+        token.copy_from_slice(row);
+        token.iter_mut().zip(centre).for_each(|(t, c)| *t -= c);
+        super::head::l2_normalise(&mut token);
+        mean.iter_mut().zip(&token).for_each(|(m, t)| *m += t);
+    }
+    let mut last = states.rows().last().map_or_else(Vec::new, <[f32]>::to_vec);
+    last.resize(states.dim, 0.0);
+    super::head::l2_normalise(&mut mean);
+    super::head::l2_normalise(&mut last);
+    mean.extend(last);
+    mean
 }
 
 impl<'m> Embedder<'m> {
@@ -144,6 +212,7 @@ impl<'m> Embedder<'m> {
             prefixes,
             opts,
             room: n_ctx as usize,
+            centres: vec![Vec::new(); templates.len()],
         };
         if opts.prefix_cache {
             embedder.cache_prefixes()?;
@@ -185,12 +254,30 @@ impl<'m> Embedder<'m> {
         }
     }
 
-    /// One L2-normalised embedding per `(task, request tokens)`, in order.
-    /// Requests are packed into as few decodes as the context allows.
+    /// Sets the token centre task `task`'s features are pooled around.
+    pub fn set_centre(&mut self, task: usize, centre: Vec<f32>) {
+        self.centres[task] = centre;
+    }
+
+    /// The features ([`pool`]) of each `(task, request tokens)`, in order.
     pub fn embed(
         &mut self,
         requests: &[(usize, Vec<LlamaToken>)],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let states = self.embed_states(requests)?;
+        Ok(states
+            .iter()
+            .zip(requests)
+            .map(|(s, (task, _))| pool(s, &self.centres[*task]))
+            .collect())
+    }
+
+    /// The hidden states of each request's tokens, in order. Requests are
+    /// packed into as few decodes as the context allows.
+    pub fn embed_states(
+        &mut self,
+        requests: &[(usize, Vec<LlamaToken>)],
+    ) -> Result<Vec<States>, EngineError> {
         let mut out = Vec::with_capacity(requests.len());
         let mut start = 0;
         while start < requests.len() {
@@ -229,7 +316,7 @@ impl<'m> Embedder<'m> {
         &mut self,
         requests: &[(usize, Vec<LlamaToken>)],
         total: usize,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    ) -> Result<Vec<States>, EngineError> {
         let first_work_seq = self.prefixes.len() as i32;
         let mut batch = LlamaBatch::new(total.max(1), requests.len() as i32);
         for (i, (task, tokens)) in requests.iter().enumerate() {
@@ -260,7 +347,7 @@ impl<'m> Embedder<'m> {
             end += self.decoded_len(r);
             let own = (end - r.1.len())..end;
             out.push(
-                self.pool(own)
+                self.states(own)
                     .map_err(|e| EngineError::Decode(e.to_string())),
             );
         }
@@ -273,29 +360,19 @@ impl<'m> Embedder<'m> {
         out
     }
 
-    /// The features of one request: the mean of its tokens' hidden states
-    /// and the last token's hidden state, each L2-normalised, concatenated.
-    /// The mean keeps what the words say; the last state (after the end of
-    /// the user turn) what the model made of the whole input.
-    fn pool(
+    /// The hidden states of the batch's outputs `batch_indices`.
+    fn states(
         &self,
         batch_indices: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>, llama_cpp_2::EmbeddingsError> {
-        let n = batch_indices.len().max(1) as f32;
-        let last = batch_indices.end - 1;
-        let mut mean: Vec<f32> = Vec::new();
+    ) -> Result<States, llama_cpp_2::EmbeddingsError> {
+        let mut data = Vec::new();
+        let mut dim = 0;
         for i in batch_indices {
             let e = self.ctx.embeddings_ith(i as i32)?;
-            if mean.is_empty() {
-                mean = vec![0.0; e.len()];
-            }
-            mean.iter_mut().zip(e).for_each(|(m, v)| *m += v / n);
+            dim = e.len();
+            data.extend_from_slice(e);
         }
-        let mut last = self.ctx.embeddings_ith(last as i32)?.to_vec();
-        super::head::l2_normalise(&mut mean);
-        super::head::l2_normalise(&mut last);
-        mean.extend(last);
-        Ok(mean)
+        Ok(States { dim, data })
     }
 }
 
@@ -313,4 +390,55 @@ fn add_seq(
             .map_err(|e| EngineError::Decode(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states(rows: &[[f32; 3]]) -> States {
+        States {
+            dim: 3,
+            data: rows.iter().flatten().copied().collect(),
+        }
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    }
+
+    #[test]
+    fn the_centre_averages_every_token_but_each_requests_last() {
+        let a = states(&[[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [100.0, 100.0, 100.0]]);
+        let b = states(&[[2.0, 6.0, 0.0], [-50.0, 0.0, 0.0]]);
+        assert_eq!(centre_of([&a, &b]), vec![2.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn centring_separates_words_that_a_shared_component_hides() {
+        // Two inputs that differ in one word, on top of a large component
+        // every token shares.
+        let last = [0.0, 1.0, 1.0];
+        let on = states(&[[10.0, 1.0, 0.0], [10.0, 0.0, 0.0], last]);
+        let off = states(&[[10.0, 0.0, 1.0], [10.0, 0.0, 0.0], last]);
+        let half = |v: Vec<f32>| v[..3].to_vec();
+        let plain = cosine(&half(pool(&on, &[])), &half(pool(&off, &[])));
+        assert!(plain > 0.99, "the shared component dominates: {plain}");
+        let centre = centre_of([&on, &off]);
+        let centred = cosine(&half(pool(&on, &centre)), &half(pool(&off, &centre)));
+        assert!(centred < 0.5, "the differing word decides: {centred}");
+        // The second half is the last token's state, normalised.
+        let x = pool(&on, &centre);
+        let s = 2f32.sqrt().recip();
+        assert_eq!(x.len(), 6);
+        assert!((x[4] - s).abs() < 1e-6 && (x[5] - s).abs() < 1e-6, "{x:?}");
+    }
+
+    #[test]
+    fn an_input_of_no_words_pools_to_zeros_not_nan() {
+        let x = pool(&states(&[[0.0, 3.0, 4.0]]), &[1.0, 1.0, 1.0]);
+        assert_eq!(x, vec![0.0, 0.0, 0.0, 0.0, 0.6, 0.8]);
+    }
 }

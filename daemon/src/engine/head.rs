@@ -19,6 +19,10 @@ pub struct Head {
     bias: Vec<f32>,
     /// Softmax temperature; 1.0 until calibrated.
     pub temperature: f32,
+    /// The token centre its features were pooled around
+    /// ([`super::embed::pool`]); requests are pooled the same way.
+    #[serde(default)]
+    pub token_centre: Vec<f32>,
 }
 
 /// Training settings.
@@ -69,6 +73,7 @@ impl Head {
             weights: vec![0.0; k * dim],
             bias: vec![0.0; k],
             temperature: 1.0,
+            token_centre: Vec::new(),
         };
         let mut adam_w = Adam::new(k * dim);
         let mut adam_b = Adam::new(k);

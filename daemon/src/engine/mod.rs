@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::examples::Example;
 use crate::models::PromptFormat;
-use embed::{DecodeOptions, Embedder, Template};
+use embed::{DecodeOptions, Embedder, States, Template};
 use extract::{Generator, IntentPrompt};
 use head::{Head, TrainOptions};
 use schema::{Slot, SlotSpec};
@@ -695,14 +695,11 @@ impl<'m> Worker<'m> {
         let mut heads = Vec::with_capacity(tasks.len());
         for (i, task) in tasks.iter().enumerate() {
             heads.push(match task.strategy {
-                Strategy::Head => Some(cached_or_train(
-                    &mut embedder,
-                    i,
-                    task,
-                    model_id,
-                    opts,
-                    &mut memo,
-                )?),
+                Strategy::Head => {
+                    let head = cached_or_train(&mut embedder, i, task, model_id, opts, &mut memo)?;
+                    embedder.set_centre(i, head.token_centre.clone());
+                    Some(head)
+                }
                 Strategy::LabelScoring => None,
             });
         }
@@ -1021,7 +1018,7 @@ pub fn head_key(model_id: &str, format: PromptFormat, task: &TaskSpec) -> String
         h.update((b.len() as u64).to_le_bytes());
         h.update(b);
     };
-    field(b"head-v2");
+    field(b"head-v3");
     field(model_id.as_bytes());
     field(format!("{format:?}").as_bytes());
     field(task.instruction.as_bytes());
@@ -1043,7 +1040,7 @@ fn cached_or_train(
     task: &TaskSpec,
     model_id: &str,
     opts: &EngineOptions,
-    memo: &mut HashMap<(String, String, String), Vec<f32>>,
+    memo: &mut HashMap<(String, String, String), States>,
 ) -> Result<Head, EngineError> {
     let Some(dir) = &opts.head_cache else {
         return train(embedder, index, task, memo);
@@ -1083,7 +1080,7 @@ fn train(
     embedder: &mut Embedder<'_>,
     index: usize,
     task: &TaskSpec,
-    memo: &mut HashMap<(String, String, String), Vec<f32>>,
+    memo: &mut HashMap<(String, String, String), States>,
 ) -> Result<Head, EngineError> {
     let started = Instant::now();
     let fail = |message: String| EngineError::Training {
@@ -1109,21 +1106,23 @@ fn train(
         .iter()
         .map(|e| (index, embedder.request_tokens(index, &e.text)))
         .collect();
-    for (e, x) in missing.iter().zip(embedder.embed(&requests)?) {
+    for (e, x) in missing.iter().zip(embedder.embed_states(&requests)?) {
         memo.insert(key(&e.text), x);
     }
+    let centre = embed::centre_of(task.examples.iter().map(|e| &memo[&key(&e.text)]));
     let xs: Vec<Vec<f32>> = task
         .examples
         .iter()
-        .map(|e| features(task, memo[&key(&e.text)].clone(), &e.text))
+        .map(|e| features(task, embed::pool(&memo[&key(&e.text)], &centre), &e.text))
         .collect();
-    let head = Head::train_calibrated(
+    let mut head = Head::train_calibrated(
         task.labels.clone(),
         &xs,
         &ys,
         TrainOptions::default(),
         CALIBRATION_FOLDS,
     );
+    head.token_centre = centre;
     log::info!(
         "task {}: head trained on {} examples ({} embedded), {} labels, temperature {:.2}, in {} ms",
         task.name,
