@@ -96,9 +96,6 @@ pub struct Embedder<'m> {
     opts: DecodeOptions,
     /// Context cells for requests (beside the cached prefixes).
     room: usize,
-    /// Each task's token centre (see [`pool`]); empty until its head is
-    /// trained or loaded.
-    centres: Vec<Vec<f32>>,
 }
 
 /// The hidden states of one request's tokens, one row per token.
@@ -197,12 +194,13 @@ impl<'m> Embedder<'m> {
         } else {
             0
         };
-        let size = u32::try_from(cached)
-            .unwrap_or(u32::MAX)
-            .saturating_add(n_ctx);
-        let params = super::context_params(size, templates.len() + MAX_SEQUENCES, threads)
-            .with_embeddings(true)
-            .with_pooling_type(LlamaPoolingType::None);
+        let params = super::context_params(
+            super::beside(cached, n_ctx),
+            templates.len() + MAX_SEQUENCES,
+            threads,
+        )
+        .with_embeddings(true)
+        .with_pooling_type(LlamaPoolingType::None);
         let ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
@@ -212,7 +210,6 @@ impl<'m> Embedder<'m> {
             prefixes,
             opts,
             room: n_ctx as usize,
-            centres: vec![Vec::new(); templates.len()],
         };
         if opts.prefix_cache {
             embedder.cache_prefixes()?;
@@ -254,27 +251,10 @@ impl<'m> Embedder<'m> {
         }
     }
 
-    /// Sets the token centre task `task`'s features are pooled around.
-    pub fn set_centre(&mut self, task: usize, centre: Vec<f32>) {
-        self.centres[task] = centre;
-    }
-
-    /// The features ([`pool`]) of each `(task, request tokens)`, in order.
+    /// The hidden states of each `(task, request tokens)`, in order, to be
+    /// [`pool`]ed. Requests are packed into as few decodes as the context
+    /// allows.
     pub fn embed(
-        &mut self,
-        requests: &[(usize, Vec<LlamaToken>)],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let states = self.embed_states(requests)?;
-        Ok(states
-            .iter()
-            .zip(requests)
-            .map(|(s, (task, _))| pool(s, &self.centres[*task]))
-            .collect())
-    }
-
-    /// The hidden states of each request's tokens, in order. Requests are
-    /// packed into as few decodes as the context allows.
-    pub fn embed_states(
         &mut self,
         requests: &[(usize, Vec<LlamaToken>)],
     ) -> Result<Vec<States>, EngineError> {

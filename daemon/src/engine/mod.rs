@@ -642,6 +642,14 @@ fn head_model(
     Ok(Some((load_model_file(&path, &name, &opts.tuning)?, id)))
 }
 
+/// Context cells for `cached` prompt tokens that stay decoded plus `room`
+/// cells for requests.
+fn beside(cached: usize, room: u32) -> u32 {
+    u32::try_from(cached)
+        .unwrap_or(u32::MAX)
+        .saturating_add(room)
+}
+
 /// A context whose whole window can be decoded in one batch, with a unified
 /// KV cache so that copying a sequence shares its cells.
 fn context_params(n_ctx: u32, sequences: usize, threads: i32) -> LlamaContextParams {
@@ -695,11 +703,14 @@ impl<'m> Worker<'m> {
         let mut heads = Vec::with_capacity(tasks.len());
         for (i, task) in tasks.iter().enumerate() {
             heads.push(match task.strategy {
-                Strategy::Head => {
-                    let head = cached_or_train(&mut embedder, i, task, model_id, opts, &mut memo)?;
-                    embedder.set_centre(i, head.token_centre.clone());
-                    Some(head)
-                }
+                Strategy::Head => Some(cached_or_train(
+                    &mut embedder,
+                    i,
+                    task,
+                    model_id,
+                    opts,
+                    &mut memo,
+                )?),
                 Strategy::LabelScoring => None,
             });
         }
@@ -856,7 +867,8 @@ impl<'m> Worker<'m> {
                 for ((job, tokens), x) in ok.into_iter().zip(xs) {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
-                    let probs = head.predict(&features(task, x, &job.query.text));
+                    let pooled = embed::pool(&x, &head.token_centre);
+                    let probs = head.predict(&features(task, pooled, &job.query.text));
                     let probs = restrict(task, probs, job.query.among.as_deref());
                     let scores = Scores {
                         tokens,
@@ -1106,7 +1118,7 @@ fn train(
         .iter()
         .map(|e| (index, embedder.request_tokens(index, &e.text)))
         .collect();
-    for (e, x) in missing.iter().zip(embedder.embed_states(&requests)?) {
+    for (e, x) in missing.iter().zip(embedder.embed(&requests)?) {
         memo.insert(key(&e.text), x);
     }
     let centre = embed::centre_of(task.examples.iter().map(|e| &memo[&key(&e.text)]));

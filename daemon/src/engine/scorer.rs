@@ -129,10 +129,11 @@ impl<'m> Scorer<'m> {
             prefixes.push(Some(prefix));
         }
         let cached: usize = prefixes.iter().flatten().map(Vec::len).sum();
-        let n_ctx = u32::try_from(cached)
-            .unwrap_or(u32::MAX)
-            .saturating_add(n_ctx);
-        let params = super::context_params(n_ctx, tasks.len() + 1 + MAX_LABELS, threads);
+        let params = super::context_params(
+            super::beside(cached, n_ctx),
+            tasks.len() + 1 + MAX_LABELS,
+            threads,
+        );
         let mut ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
