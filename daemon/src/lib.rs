@@ -204,6 +204,7 @@ pub fn start_engine_with(
         decode: Default::default(),
         extract_context: config.model.extract_context_size,
         head_depth: config.model.head_depth,
+        head_requantize: config.model.head_requantize,
         tuning: engine::Tuning {
             mlock: config.model.mlock,
             nice: config.model.nice,

@@ -191,6 +191,10 @@ struct EngineArgs {
     /// `model.head_depth` setting).
     #[arg(long, default_value_t = slmd::engine::HEAD_DEPTH)]
     head_depth: f32,
+    /// Requantise a Q4_1 model's cut for heads to Q4_0 (see the
+    /// `model.head_requantize` setting); `--head-requantize false` keeps Q4_1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    head_requantize: bool,
     #[command(flatten)]
     dirs: DirArgs,
 }
@@ -634,6 +638,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions>
         decode: Default::default(),
         extract_context: a.extract_context_size,
         head_depth: a.head_depth,
+        head_requantize: a.head_requantize,
         tuning: Default::default(),
     })
 }

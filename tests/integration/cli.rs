@@ -122,6 +122,31 @@ fn classify(config: &std::path::Path, task: &str, text: &str) -> (serde_json::Va
     (serde_json::from_slice(&out.stdout).unwrap(), log)
 }
 
+/// The one cut model in the head cache of the state under `dir`.
+fn cut_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let cut: Vec<_> = std::fs::read_dir(dir.join("state/heads"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("24of30blocks.gguf"))
+        .collect();
+    assert_eq!(cut.len(), 1, "one cut model in the head cache: {cut:?}");
+    cut.into_iter().next().unwrap()
+}
+
+/// The GGML types of the transformer blocks' matrices in the model at `path`.
+fn block_matrix_types(path: &std::path::Path) -> Vec<u32> {
+    let mut kinds: Vec<u32> = slmd::models::gguf::tensor_types(path)
+        .unwrap()
+        .into_iter()
+        .filter(|(name, dims, _)| name.starts_with("blk.") && *dims >= 2)
+        .map(|(_, _, kind)| kind)
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    kinds
+}
+
 #[test]
 fn classify_prints_one_result_from_the_label_set() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,16 +160,15 @@ fn classify_prints_one_result_from_the_label_set() {
         log.contains("heads read the first 24 of 30 blocks"),
         "{log}"
     );
-    let cut: Vec<_> = std::fs::read_dir(dir.path().join("state/heads"))
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .ends_with("24of30blocks.gguf")
-        })
-        .collect();
-    assert_eq!(cut.len(), 1, "one cut model in the head cache");
+    // SmolLM2's Q4_1 block weights are requantised to Q4_0 for the heads.
+    let cut = cut_model(dir.path());
+    assert!(cut.to_string_lossy().ends_with("-q4_0-24of30blocks.gguf"));
+    assert_eq!(
+        block_matrix_types(&cut),
+        [2],
+        "Q4_0 only: {}",
+        cut.display()
+    );
 
     // The second start loads the trained head instead of re-embedding.
     let (v, log) = classify(&config, "home", "make me a coffee");
@@ -160,6 +184,27 @@ fn classify_prints_one_result_from_the_label_set() {
     .unwrap();
     let (_, log) = classify(&config, "home", "make me a coffee");
     assert!(log.contains("head trained on"), "{log}");
+
+    // Without requantising, the heads read a Q4_1 cut (which replaces the
+    // Q4_0 one) and are trained again, since they read other weights.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[model]\n", "[model]\nhead_requantize = false\n"),
+    )
+    .unwrap();
+    let (v, log) = classify(&config, "home", "make me a coffee");
+    assert_eq!(v["label"], "make_coffee", "{v}");
+    assert!(log.contains("head trained on"), "{log}");
+    assert!(!log.contains("requantised"), "{log}");
+    let cut = cut_model(dir.path());
+    assert!(!cut.to_string_lossy().contains("q4_0"), "{}", cut.display());
+    assert_eq!(
+        block_matrix_types(&cut),
+        [3],
+        "Q4_1 only: {}",
+        cut.display()
+    );
 
     let out = slmd(&[
         "classify",

@@ -41,7 +41,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::examples::Example;
-use crate::models::PromptFormat;
+use crate::models::{requant, PromptFormat};
 use embed::{DecodeOptions, Embedder, States, Template};
 use extract::{Generator, IntentPrompt};
 use head::{Head, TrainOptions};
@@ -201,6 +201,10 @@ pub struct EngineOptions {
     /// (1.0: all). Below 1, heads read the model cut to its first blocks
     /// ([`crate::models::gguf`]), derived once next to the head cache.
     pub head_depth: f32,
+    /// When the model's block weights are Q4_1, heads read their cut model
+    /// requantised to Q4_0, which llama.cpp multiplies faster
+    /// ([`crate::models::requant`]).
+    pub head_requantize: bool,
     pub tuning: Tuning,
 }
 
@@ -623,15 +627,34 @@ fn head_model(
     if blocks == all {
         return Ok(None);
     }
-    let id = format!("{}-{blocks}of{all}blocks", opts.model.sha256);
+    let q4_0 = opts.head_requantize
+        && requant::has_q4_1_blocks(&opts.model_path).map_err(|e| load_err(&opts.model_path, e))?;
+    let kind = if q4_0 { "-q4_0" } else { "" };
+    let id = format!("{}{kind}-{blocks}of{all}blocks", opts.model.sha256);
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("{id}.gguf"));
     if !path.is_file() {
         std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, e))?;
-        crate::models::gguf::keep_blocks(&opts.model_path, &path, blocks)
-            .map_err(|e| load_err(&path, e))?;
+        let cut = if q4_0 {
+            path.with_extension("q4_1")
+        } else {
+            path.clone()
+        };
+        crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks)
+            .map_err(|e| load_err(&cut, e))?;
+        if q4_0 {
+            backend()?;
+            let written = requant::to_q4_0(&cut, &path, threads(opts.threads).unsigned_abs());
+            let _ = std::fs::remove_file(&cut);
+            written.map_err(|e| load_err(&path, e))?;
+        }
         log::info!(
-            "heads read the first {blocks} of {all} blocks: {}",
+            "heads read the first {blocks} of {all} blocks{}: {}",
+            if q4_0 {
+                ", requantised from Q4_1 to Q4_0"
+            } else {
+                ""
+            },
             path.display()
         );
         if opts.head_cache.is_some() {

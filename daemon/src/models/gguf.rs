@@ -178,6 +178,22 @@ pub fn block_count(path: &Path) -> Result<u32, GgufError> {
     Ok(read_header(&mut File::open(path)?)?.block_count)
 }
 
+/// Every tensor of the model at `path`: its name, number of dimensions and
+/// GGML type id.
+pub fn tensor_types(path: &Path) -> Result<Vec<(String, usize, u32)>, GgufError> {
+    let h = read_header(&mut File::open(path)?)?;
+    Ok(h.tensors
+        .into_iter()
+        .map(|t| {
+            (
+                String::from_utf8_lossy(&t.name).into_owned(),
+                t.dims.len(),
+                t.kind,
+            )
+        })
+        .collect())
+}
+
 /// The block a tensor belongs to (`blk.<i>.…`), if any.
 fn block_of(name: &[u8]) -> Option<u32> {
     let rest = name.strip_prefix(b"blk.")?;
@@ -268,60 +284,68 @@ fn write_cut(
     Ok(())
 }
 
+/// A GGUF file with `blocks` blocks of one 2-D tensor of GGML type
+/// `kind` each, plus a 1-D token table and norm; every tensor's bytes are
+/// its index (4 bytes, padded).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+pub(crate) fn test_model(blocks: u32, kind: u32) -> Vec<u8> {
     fn string(s: &[u8]) -> Vec<u8> {
         let mut v = (s.len() as u64).to_le_bytes().to_vec();
         v.extend(s);
         v
     }
-
-    /// A GGUF file with `blocks` blocks of one 4-byte tensor each, plus a
-    /// token table; the tensors' bytes are their index.
-    fn model(blocks: u32) -> Vec<u8> {
-        let mut names: Vec<Vec<u8>> = vec![b"token_embd.weight".to_vec()];
-        names.extend((0..blocks).map(|i| format!("blk.{i}.attn_q.weight").into_bytes()));
-        names.push(b"output_norm.weight".to_vec());
-        let mut f = b"GGUF".to_vec();
-        f.extend(3u32.to_le_bytes());
-        f.extend((names.len() as u64).to_le_bytes());
-        f.extend(3u64.to_le_bytes());
-        f.extend(string(b"general.architecture"));
-        f.extend(STRING.to_le_bytes());
-        f.extend(string(b"llama"));
-        f.extend(string(b"tokenizer.ggml.tokens"));
-        f.extend(ARRAY.to_le_bytes());
-        f.extend(STRING.to_le_bytes());
-        f.extend(2u64.to_le_bytes());
-        f.extend(string(b"a"));
-        f.extend(string(b"bc"));
-        f.extend(string(b"llama.block_count"));
-        f.extend(UINT32.to_le_bytes());
-        f.extend(blocks.to_le_bytes());
-        for (i, name) in names.iter().enumerate() {
-            f.extend(string(name));
-            f.extend(1u32.to_le_bytes());
+    let mut names: Vec<Vec<u8>> = vec![b"token_embd.weight".to_vec()];
+    names.extend((0..blocks).map(|i| format!("blk.{i}.attn_q.weight").into_bytes()));
+    names.push(b"output_norm.weight".to_vec());
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend((names.len() as u64).to_le_bytes());
+    f.extend(3u64.to_le_bytes());
+    f.extend(string(b"general.architecture"));
+    f.extend(STRING.to_le_bytes());
+    f.extend(string(b"llama"));
+    f.extend(string(b"tokenizer.ggml.tokens"));
+    f.extend(ARRAY.to_le_bytes());
+    f.extend(STRING.to_le_bytes());
+    f.extend(2u64.to_le_bytes());
+    f.extend(string(b"a"));
+    f.extend(string(b"bc"));
+    f.extend(string(b"llama.block_count"));
+    f.extend(UINT32.to_le_bytes());
+    f.extend(blocks.to_le_bytes());
+    for (i, name) in names.iter().enumerate() {
+        let block = name.starts_with(b"blk.");
+        f.extend(string(name));
+        f.extend(if block { 2u32 } else { 1 }.to_le_bytes());
+        f.extend(1u64.to_le_bytes());
+        if block {
             f.extend(1u64.to_le_bytes());
-            f.extend(0u32.to_le_bytes());
-            f.extend((i as u64 * 32).to_le_bytes());
         }
-        f.resize(align(f.len() as u64, 32) as usize, 0);
-        for i in 0..names.len() {
-            let mut t = (i as u32).to_le_bytes().to_vec();
-            t.resize(if i + 1 == names.len() { 4 } else { 32 }, 0);
-            f.extend(t);
-        }
-        f
+        f.extend(if block { kind } else { 0 }.to_le_bytes());
+        f.extend((i as u64 * 32).to_le_bytes());
     }
+    f.resize(align(f.len() as u64, 32) as usize, 0);
+    for i in 0..names.len() {
+        let mut t = (i as u32).to_le_bytes().to_vec();
+        t.resize(if i + 1 == names.len() { 4 } else { 32 }, 0);
+        f.extend(t);
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn a_cut_model_keeps_its_metadata_and_the_first_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let (src, dst) = (dir.path().join("m.gguf"), dir.path().join("cut.gguf"));
-        std::fs::write(&src, model(4)).unwrap();
+        std::fs::write(&src, test_model(4, 0)).unwrap();
         assert_eq!(block_count(&src).unwrap(), 4);
+        let types = tensor_types(&src).unwrap();
+        assert_eq!(types.len(), 6);
+        assert_eq!(types[1], ("blk.0.attn_q.weight".to_string(), 2, 0));
         keep_blocks(&src, &dst, 2).unwrap();
 
         let mut f = File::open(&dst).unwrap();
@@ -350,7 +374,7 @@ mod tests {
         assert_eq!(values, [0, 1, 2, 5], "each tensor keeps its own bytes");
         assert_eq!(
             bytes[..h.metadata_end as usize],
-            model(2)[..h.metadata_end as usize],
+            test_model(2, 0)[..h.metadata_end as usize],
             "the metadata is a 2-block model's"
         );
     }
@@ -361,7 +385,7 @@ mod tests {
         let src = dir.path().join("m.gguf");
         std::fs::write(&src, b"not a model").unwrap();
         assert!(matches!(block_count(&src), Err(GgufError::Format(_))));
-        let mut cut = model(2);
+        let mut cut = test_model(2, 0);
         cut.truncate(60);
         std::fs::write(&src, cut).unwrap();
         assert!(block_count(&src).is_err(), "a cut header");

@@ -27,6 +27,7 @@
 mod fetch;
 pub mod gguf;
 mod manifest;
+pub mod requant;
 
 #[cfg(test)]
 mod tests;
