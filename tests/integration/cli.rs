@@ -186,7 +186,12 @@ fn classify_prints_one_result_from_the_label_set() {
     assert!(log.contains("head trained on"), "{log}");
 
     // Without requantising, the heads read a Q4_1 cut (which replaces the
-    // Q4_0 one) and are trained again, since they read other weights.
+    // Q4_0 one) and are trained again, since they read other weights. What
+    // a crash left of a cut being written goes too.
+    let stale = dir
+        .path()
+        .join("state/heads/x-24of30blocks.gguf.q4_1.99.part");
+    std::fs::write(&stale, b"half a model").unwrap();
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
@@ -205,6 +210,7 @@ fn classify_prints_one_result_from_the_label_set() {
         "Q4_1 only: {}",
         cut.display()
     );
+    assert!(!stale.exists(), "the part of an interrupted cut is removed");
 
     let out = slmd(&[
         "classify",

@@ -570,13 +570,23 @@ fn inference_thread(
 }
 
 fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
-    load_model_file(&opts.model_path, &opts.model.name, &opts.tuning)
+    load_model_file(&opts.model_path, &opts.model.name, &opts.tuning, true)
 }
 
-fn load_model_file(path: &Path, name: &str, tuning: &Tuning) -> Result<LlamaModel, EngineError> {
+/// Loads a model, mapping its file when `mmap`. A file whose weights
+/// llama.cpp repacks is better read: mapped, its pages stay resident beside
+/// the repacked copy (40 MB more peak RSS for the Q4_0 cut).
+fn load_model_file(
+    path: &Path,
+    name: &str,
+    tuning: &Tuning,
+    mmap: bool,
+) -> Result<LlamaModel, EngineError> {
     let backend = backend()?;
     let started = Instant::now();
-    let params = LlamaModelParams::default().with_use_mlock(tuning.mlock);
+    let params = LlamaModelParams::default()
+        .with_use_mmap(mmap)
+        .with_use_mlock(tuning.mlock);
     let model =
         LlamaModel::load_from_file(backend, path, &params).map_err(|e| load_err(path, e))?;
     log::info!(
@@ -595,14 +605,15 @@ fn load_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
 }
 
 /// Cut models in the head cache other than `keep` (of a model updated
-/// away, or another depth) are removed; an engine still reading one keeps
-/// its mapping, and a rollback derives its file again.
+/// away, another depth or quantisation), and the parts of one whose writing
+/// a crash interrupted, are removed; an engine still reading one keeps its
+/// mapping, and a rollback derives its file again.
 fn remove_other_cut_models(dir: &Path, keep: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for path in entries.flatten().map(|e| e.path()) {
-        let cut = path.to_str().is_some_and(|p| p.ends_with("blocks.gguf"));
+        let cut = path.to_str().is_some_and(|p| p.contains("blocks.gguf"));
         if cut && path != keep {
             if let Err(e) = std::fs::remove_file(&path) {
                 log::warn!("cannot remove {}: {e}", path.display());
@@ -636,7 +647,7 @@ fn head_model(
     if !path.is_file() {
         std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, e))?;
         let cut = if q4_0 {
-            path.with_extension("q4_1")
+            path.with_extension("gguf.q4_1")
         } else {
             path.clone()
         };
@@ -662,7 +673,10 @@ fn head_model(
         }
     }
     let name = format!("{} ({blocks} of {all} blocks)", opts.model.name);
-    Ok(Some((load_model_file(&path, &name, &opts.tuning)?, id)))
+    Ok(Some((
+        load_model_file(&path, &name, &opts.tuning, !q4_0)?,
+        id,
+    )))
 }
 
 /// Context cells for `cached` prompt tokens that stay decoded plus `room`
