@@ -646,26 +646,10 @@ fn head_model(
     let path = dir.join(format!("{id}.gguf"));
     if !path.is_file() {
         std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, e))?;
-        let cut = if q4_0 {
-            path.with_extension("gguf.q4_1")
-        } else {
-            path.clone()
-        };
-        crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks)
-            .map_err(|e| load_err(&cut, e))?;
-        if q4_0 {
-            backend()?;
-            let written = requant::to_q4_0(&cut, &path, threads(opts.threads).unsigned_abs());
-            let _ = std::fs::remove_file(&cut);
-            written.map_err(|e| load_err(&path, e))?;
-        }
+        derive_cut(opts, &path, blocks, q4_0)?;
         log::info!(
             "heads read the first {blocks} of {all} blocks{}: {}",
-            if q4_0 {
-                ", requantised from Q4_1 to Q4_0"
-            } else {
-                ""
-            },
+            if q4_0 { " as Q4_0" } else { "" },
             path.display()
         );
         if opts.head_cache.is_some() {
@@ -677,6 +661,30 @@ fn head_model(
         load_model_file(&path, &name, &opts.tuning, !q4_0)?,
         id,
     )))
+}
+
+/// Writes to `path` the model cut to its first `blocks` blocks, then, when
+/// `q4_0`, requantised from Q4_1 (the cut is written beside it first).
+fn derive_cut(
+    opts: &EngineOptions,
+    path: &Path,
+    blocks: u32,
+    q4_0: bool,
+) -> Result<(), EngineError> {
+    let cut = if q4_0 {
+        path.with_extension("gguf.q4_1")
+    } else {
+        path.to_path_buf()
+    };
+    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks)
+        .map_err(|e| load_err(&cut, e))?;
+    if q4_0 {
+        backend()?;
+        let written = requant::to_q4_0(&cut, path, threads(opts.threads).unsigned_abs());
+        let _ = std::fs::remove_file(&cut);
+        written.map_err(|e| load_err(path, e))?;
+    }
+    Ok(())
 }
 
 /// Context cells for `cached` prompt tokens that stay decoded plus `room`

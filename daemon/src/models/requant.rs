@@ -37,12 +37,13 @@ pub fn has_q4_1_blocks(path: &Path) -> Result<bool, GgufError> {
 /// using `threads` threads. The file is written beside `dst` and renamed
 /// into place, so a file at `dst` is always whole.
 pub fn to_q4_0(src: &Path, dst: &Path, threads: u32) -> Result<(), GgufError> {
+    let types = tensor_types(src)?;
+    // The type a tensor has, so that llama.cpp copies it unchanged.
     let keep = |tensor: &str| {
-        tensor_types(src).map(|t| {
-            t.into_iter()
-                .find(|(name, _, _)| name == tensor)
-                .map_or(sys::GGML_TYPE_COUNT, |(_, _, kind)| kind)
-        })
+        types
+            .iter()
+            .find(|(name, _, _)| name == tensor)
+            .map_or(sys::GGML_TYPE_COUNT, |&(_, _, kind)| kind)
     };
     let mut params = unsafe { sys::llama_model_quantize_default_params() };
     params.ftype = sys::LLAMA_FTYPE_MOSTLY_Q4_0;
@@ -50,8 +51,8 @@ pub fn to_q4_0(src: &Path, dst: &Path, threads: u32) -> Result<(), GgufError> {
     params.allow_requantize = true;
     // Every quantisable tensor to Q4_0, except these two kept as they are.
     params.pure_ = true;
-    params.token_embedding_type = keep("token_embd.weight")?;
-    params.output_tensor_type = keep("output.weight")?;
+    params.token_embedding_type = keep("token_embd.weight");
+    params.output_tensor_type = keep("output.weight");
 
     let mut tmp = dst.as_os_str().to_owned();
     tmp.push(format!(".{}.part", std::process::id()));
@@ -95,7 +96,9 @@ mod tests {
         assert!(!is_q4_1(test_model(3, 14)), "Q6_K");
         assert!(!is_q4_1(test_model(0, Q4_1)), "no blocks");
         let mut mixed = test_model(3, Q4_1);
-        let at = find(&mixed, b"blk.2.attn_q.weight") + 19 + 4 + 16;
+        // Its header entry: the name, the dimension count (u32), two u64
+        // dimensions, then the type (u32).
+        let at = find(&mixed, b"blk.2.attn_q.weight") + 19 + 4 + 2 * 8;
         mixed[at..at + 4].copy_from_slice(&14u32.to_le_bytes());
         assert!(!is_q4_1(mixed), "one Q6_K matrix among Q4_1 ones");
     }
