@@ -136,11 +136,12 @@ fn cut_model(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// The GGML types of the transformer blocks' matrices in the model at `path`.
 fn block_matrix_types(path: &std::path::Path) -> Vec<u32> {
-    let mut kinds: Vec<u32> = slmd::models::gguf::tensor_types(path)
+    let mut kinds: Vec<u32> = slmd::models::gguf::describe(path)
         .unwrap()
+        .tensors
         .into_iter()
-        .filter(|(name, dims, _)| name.starts_with("blk.") && *dims >= 2)
-        .map(|(_, _, kind)| kind)
+        .filter(|t| t.name.starts_with("blk.") && t.dims >= 2)
+        .map(|t| t.kind)
         .collect();
     kinds.sort_unstable();
     kinds.dedup();

@@ -632,14 +632,14 @@ fn head_model(
     if !tasks.iter().any(|t| t.strategy == Strategy::Head) {
         return Ok(None);
     }
-    let all = crate::models::gguf::block_count(&opts.model_path)
+    let header = crate::models::gguf::describe(&opts.model_path)
         .map_err(|e| load_err(&opts.model_path, e))?;
+    let all = header.block_count;
     let blocks = ((opts.head_depth * all as f32).round() as u32).clamp(1, all);
     if blocks == all {
         return Ok(None);
     }
-    let q4_0 = opts.head_requantize
-        && requant::has_q4_1_blocks(&opts.model_path).map_err(|e| load_err(&opts.model_path, e))?;
+    let q4_0 = opts.head_requantize && requant::has_q4_1_blocks(&header.tensors);
     let kind = if q4_0 { "-q4_0" } else { "" };
     let id = format!("{}{kind}-{blocks}of{all}blocks", opts.model.sha256);
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
@@ -679,8 +679,8 @@ fn derive_cut(
     crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks)
         .map_err(|e| load_err(&cut, e))?;
     if q4_0 {
-        backend()?;
-        let written = requant::to_q4_0(&cut, path, threads(opts.threads).unsigned_abs());
+        backend()?; // so that llama.cpp's quantiser logs through ours
+        let written = requant::to_q4_0(&cut, path, threads(opts.threads));
         let _ = std::fs::remove_file(&cut);
         written.map_err(|e| load_err(path, e))?;
     }

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -173,25 +173,37 @@ fn read_header(file: &mut File) -> Result<Header, GgufError> {
     })
 }
 
-/// How many transformer blocks the model at `path` has.
-pub fn block_count(path: &Path) -> Result<u32, GgufError> {
-    Ok(read_header(&mut File::open(path)?)?.block_count)
+/// What the engine asks of a model's header, read once.
+pub struct Description {
+    /// Its transformer blocks.
+    pub block_count: u32,
+    pub tensors: Vec<Tensor>,
 }
 
-/// Every tensor of the model at `path`: its name, number of dimensions and
-/// GGML type id.
-pub fn tensor_types(path: &Path) -> Result<Vec<(String, usize, u32)>, GgufError> {
+/// One tensor as the header lists it.
+pub struct Tensor {
+    pub name: String,
+    /// Number of dimensions.
+    pub dims: usize,
+    /// GGML type id.
+    pub kind: u32,
+}
+
+/// The block count and tensors of the model at `path`.
+pub fn describe(path: &Path) -> Result<Description, GgufError> {
     let h = read_header(&mut File::open(path)?)?;
-    Ok(h.tensors
-        .into_iter()
-        .map(|t| {
-            (
-                String::from_utf8_lossy(&t.name).into_owned(),
-                t.dims.len(),
-                t.kind,
-            )
-        })
-        .collect())
+    Ok(Description {
+        block_count: h.block_count,
+        tensors: h
+            .tensors
+            .into_iter()
+            .map(|t| Tensor {
+                name: String::from_utf8_lossy(&t.name).into_owned(),
+                dims: t.dims.len(),
+                kind: t.kind,
+            })
+            .collect(),
+    })
 }
 
 /// The block a tensor belongs to (`blk.<i>.…`), if any.
@@ -243,9 +255,7 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError>
     }
     header.resize(align(header.len() as u64, h.alignment) as usize, 0);
 
-    let mut tmp = dst.as_os_str().to_owned();
-    tmp.push(format!(".{}.part", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = part_path(dst);
     let written = write_cut(&mut input, &h, &kept, &header, size, &tmp);
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -253,6 +263,14 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError>
     written?;
     std::fs::rename(&tmp, dst)?;
     Ok(())
+}
+
+/// Where a file for `dst` is written before it is renamed into place:
+/// beside it, named with the process id.
+pub(super) fn part_path(dst: &Path) -> PathBuf {
+    let mut tmp = dst.as_os_str().to_owned();
+    tmp.push(format!(".{}.part", std::process::id()));
+    PathBuf::from(tmp)
 }
 
 /// Writes `header` and the `kept` tensors' bytes to a new file at `path`.
@@ -342,10 +360,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, dst) = (dir.path().join("m.gguf"), dir.path().join("cut.gguf"));
         std::fs::write(&src, test_model(4, 0)).unwrap();
-        assert_eq!(block_count(&src).unwrap(), 4);
-        let types = tensor_types(&src).unwrap();
-        assert_eq!(types.len(), 6);
-        assert_eq!(types[1], ("blk.0.attn_q.weight".to_string(), 2, 0));
+        let d = describe(&src).unwrap();
+        assert_eq!(d.block_count, 4);
+        assert_eq!(d.tensors.len(), 6);
+        let t = &d.tensors[1];
+        assert_eq!(
+            (t.name.as_str(), t.dims, t.kind),
+            ("blk.0.attn_q.weight", 2, 0)
+        );
         keep_blocks(&src, &dst, 2).unwrap();
 
         let mut f = File::open(&dst).unwrap();
@@ -384,10 +406,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("m.gguf");
         std::fs::write(&src, b"not a model").unwrap();
-        assert!(matches!(block_count(&src), Err(GgufError::Format(_))));
+        assert!(matches!(describe(&src), Err(GgufError::Format(_))));
         let mut cut = test_model(2, 0);
         cut.truncate(60);
         std::fs::write(&src, cut).unwrap();
-        assert!(block_count(&src).is_err(), "a cut header");
+        assert!(describe(&src).is_err(), "a cut header");
     }
 }

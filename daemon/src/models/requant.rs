@@ -19,44 +19,43 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::gguf::{tensor_types, GgufError};
+use super::gguf::{describe, part_path, GgufError, Tensor};
 use llama_cpp_sys_2 as sys;
 
 const Q4_1: u32 = 3;
 
-/// Whether every matrix of the model's transformer blocks is Q4_1.
-pub fn has_q4_1_blocks(path: &Path) -> Result<bool, GgufError> {
-    let mut matrices = tensor_types(path)?
-        .into_iter()
-        .filter(|(name, dims, _)| name.starts_with("blk.") && *dims >= 2)
+/// Whether every matrix of a model's transformer blocks (`tensors`, as
+/// [`describe`] lists them) is Q4_1.
+pub fn has_q4_1_blocks(tensors: &[Tensor]) -> bool {
+    let mut matrices = tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.dims >= 2)
         .peekable();
-    Ok(matrices.peek().is_some() && matrices.all(|(_, _, kind)| kind == Q4_1))
+    matrices.peek().is_some() && matrices.all(|t| t.kind == Q4_1)
 }
 
 /// Writes to `dst` the model at `src` with its block matrices as Q4_0,
 /// using `threads` threads. The file is written beside `dst` and renamed
 /// into place, so a file at `dst` is always whole.
-pub fn to_q4_0(src: &Path, dst: &Path, threads: u32) -> Result<(), GgufError> {
-    let types = tensor_types(src)?;
+pub fn to_q4_0(src: &Path, dst: &Path, threads: i32) -> Result<(), GgufError> {
+    let tensors = describe(src)?.tensors;
     // The type a tensor has, so that llama.cpp copies it unchanged.
-    let keep = |tensor: &str| {
-        types
+    let keep = |name: &str| {
+        tensors
             .iter()
-            .find(|(name, _, _)| name == tensor)
-            .map_or(sys::GGML_TYPE_COUNT, |&(_, _, kind)| kind)
+            .find(|t| t.name == name)
+            .map_or(sys::GGML_TYPE_COUNT, |t| t.kind)
     };
     let mut params = unsafe { sys::llama_model_quantize_default_params() };
     params.ftype = sys::LLAMA_FTYPE_MOSTLY_Q4_0;
-    params.nthread = threads.max(1) as i32;
+    params.nthread = threads.max(1);
     params.allow_requantize = true;
     // Every quantisable tensor to Q4_0, except these two kept as they are.
     params.pure_ = true;
     params.token_embedding_type = keep("token_embd.weight");
     params.output_tensor_type = keep("output.weight");
 
-    let mut tmp = dst.as_os_str().to_owned();
-    tmp.push(format!(".{}.part", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = part_path(dst);
     let c = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
             .map_err(|_| GgufError::Format(format!("a NUL byte in {}", p.display())))
@@ -89,7 +88,7 @@ mod tests {
         let is_q4_1 = |bytes: Vec<u8>| {
             let path = dir.path().join("m.gguf");
             std::fs::write(&path, bytes).unwrap();
-            has_q4_1_blocks(&path).unwrap()
+            has_q4_1_blocks(&describe(&path).unwrap().tensors)
         };
         assert!(is_q4_1(test_model(3, Q4_1)));
         assert!(!is_q4_1(test_model(3, 2)), "Q4_0 already");
