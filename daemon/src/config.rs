@@ -380,6 +380,14 @@ pub struct TaskConfig {
     /// model's hidden state in the head (0 turns them off).
     #[serde(default = "default_lexical_weight")]
     pub lexical_weight: f32,
+    /// Weight of the command concepts (groups of words that say the same
+    /// thing to a device, [`crate::engine::concepts`]) in the head (0 turns
+    /// them off).
+    #[serde(default = "default_concept_weight")]
+    pub concept_weight: f32,
+    /// The task's own concept groups, name -> words, replacing the built-in
+    /// English ones (for another language or domain).
+    pub concepts: Option<std::collections::BTreeMap<String, Vec<String>>>,
     /// Below this confidence the result says "not recognised" (and still
     /// lists the best labels). 0 never abstains.
     #[serde(default)]
@@ -528,6 +536,9 @@ pub fn default_cue() -> String {
     String::new()
 }
 fn default_lexical_weight() -> f32 {
+    1.0
+}
+pub fn default_concept_weight() -> f32 {
     1.0
 }
 
@@ -747,8 +758,22 @@ impl Config {
         if !(0.0..=1.0).contains(&task.abstain_below) {
             p.add(format!("{key}.abstain_below"), "must be between 0 and 1");
         }
-        if !(0.0..=100.0).contains(&task.lexical_weight) {
-            p.add(format!("{key}.lexical_weight"), "must be between 0 and 100");
+        for (name, weight) in [
+            ("lexical_weight", task.lexical_weight),
+            ("concept_weight", task.concept_weight),
+        ] {
+            if !(0.0..=100.0).contains(&weight) {
+                p.add(format!("{key}.{name}"), "must be between 0 and 100");
+            }
+        }
+        for (name, words) in task.concepts.iter().flatten() {
+            let single = |w: &String| !w.is_empty() && w.chars().all(char::is_alphanumeric);
+            if words.is_empty() || !words.iter().all(single) {
+                p.add(
+                    format!("{key}.concepts.{name}"),
+                    "must list single words (letters and digits only)",
+                );
+            }
         }
         if let Some(r) = &task.reject_label {
             if !task.labels.iter().any(|l| &l.name == r) {
@@ -930,6 +955,24 @@ mod tests {
             [
                 "tasks[0].monitor.min_samples",
                 "tasks[0].monitor.detectors[0].max_per_sec"
+            ]
+        );
+    }
+
+    #[test]
+    fn concept_groups_must_list_single_words_and_weights_stay_in_range() {
+        let c = config("kind = \"classify\"\nconcepts = { aus = [\"aus\", \"ausschalten\"] }");
+        assert!(keys(&c).is_empty(), "{:?}", c.validate());
+        assert_eq!(c.tasks[0].concept_weight, default_concept_weight());
+        let c = config(
+            "kind = \"classify\"\nconcept_weight = -1.0\nconcepts = { aus = [\"mach aus\"], an = [] }",
+        );
+        assert_eq!(
+            keys(&c),
+            [
+                "tasks[0].concept_weight",
+                "tasks[0].concepts.an",
+                "tasks[0].concepts.aus"
             ]
         );
     }

@@ -246,6 +246,8 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
         labels: t.labels.iter().map(|l| l.name.clone()).collect(),
         examples: examples::for_task(config, t)?,
         lexical_weight: t.lexical_weight,
+        concept_weight: t.concept_weight,
+        concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
         abstain_below: t.abstain_below,
         reject_label: t.reject_label.clone(),
         extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
@@ -517,5 +519,43 @@ mod tests {
         let err = refused.expect_err("the limit is below the model's size");
         assert!(err.to_string().contains("LimitMEMLOCK"), "{err}");
         assert!(check_memlock(Path::new("/dev/null")).is_ok());
+    }
+
+    #[test]
+    fn a_configured_task_counts_its_own_concepts_or_the_built_in_ones() {
+        let config = |extra: &str| -> Config {
+            toml::from_str(&format!(
+                r#"
+                [broker]
+                client_id = "t"
+                [state]
+                dir = "/tmp/x"
+                [model]
+                path = "/tmp/m.gguf"
+                [[tasks]]
+                name = "licht"
+                kind = "classify"
+                topics = ["t/in"]
+                output_topic = "t/out"
+                labels = [{{ name = "an", examples = ["licht an"] }}, {{ name = "aus", examples = ["licht aus"] }}]
+                {extra}
+                "#
+            ))
+            .unwrap()
+        };
+        let own = config(r#"concepts = { aus = ["aus", "ausschalten"], an = ["an"] }"#);
+        let spec = task_spec(&own, &own.tasks[0]).unwrap();
+        let names: Vec<&str> = spec
+            .concepts
+            .groups()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["an", "aus"]);
+        assert_eq!(spec.concept_weight, config::default_concept_weight());
+        let built_in = config("concept_weight = 0.5");
+        let spec = task_spec(&built_in, &built_in.tasks[0]).unwrap();
+        assert_eq!(spec.concepts, engine::concepts::Concepts::default());
+        assert_eq!(spec.concept_weight, 0.5);
     }
 }

@@ -153,6 +153,10 @@ struct EvalArgs {
     cue: String,
     #[arg(long, default_value_t = 1.0)]
     lexical_weight: f32,
+    /// Weight of the built-in command concepts (see the task option
+    /// `concept_weight`; 0 turns them off).
+    #[arg(long, default_value_t = slmd::config::default_concept_weight())]
+    concept_weight: f32,
     #[arg(long, default_value_t = 0.0)]
     abstain_below: f32,
     /// A label that means out of scope (e.g. `oos`): predicting it rejects.
@@ -470,6 +474,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         instruction: a.instruction.clone(),
         cue: a.cue.clone(),
         lexical_weight: a.lexical_weight,
+        concept_weight: a.concept_weight,
         abstain_below: a.abstain_below,
         reject_label: a.reject_label.clone(),
     };
@@ -651,6 +656,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         instruction: slmd::config::default_instruction(),
         cue: slmd::config::default_cue(),
         lexical_weight: 1.0,
+        concept_weight: slmd::config::default_concept_weight(),
         abstain_below: 0.0,
         reject_label: None,
         extract: match a.kind {

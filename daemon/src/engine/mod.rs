@@ -16,6 +16,7 @@
 //! the query's context ([`context`]); an intent whose examples grounding
 //! alone reads is not generated for ([`ground::Grounding::reads_all`]).
 
+pub mod concepts;
 pub mod context;
 pub mod embed;
 pub mod extract;
@@ -105,6 +106,10 @@ pub struct TaskSpec {
     /// Weight of the text's own n-gram features beside the hidden state
     /// (0 turns them off).
     pub lexical_weight: f32,
+    /// Weight of the command-concept features ([`concepts`]; 0 turns them
+    /// off) and the groups they count.
+    pub concept_weight: f32,
+    pub concepts: concepts::Concepts,
     /// Below this confidence the answer is "not recognised".
     pub abstain_below: f32,
     /// A label that means "none of the others" (out of scope): predicting
@@ -1018,13 +1023,21 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 /// The head's input: the hidden state, then the text's n-gram features
-/// scaled by the task's lexical weight.
+/// and its command concepts, each scaled by the task's weight for them.
 fn features(task: &TaskSpec, mut hidden: Vec<f32>, text: &str) -> Vec<f32> {
     if task.lexical_weight > 0.0 {
         hidden.extend(
             lexical::features(text)
                 .into_iter()
                 .map(|v| v * task.lexical_weight),
+        );
+    }
+    if task.concept_weight > 0.0 {
+        hidden.extend(
+            task.concepts
+                .features(text)
+                .into_iter()
+                .map(|v| v * task.concept_weight),
         );
     }
     hidden
@@ -1075,12 +1088,17 @@ pub fn head_key(model_id: &str, format: PromptFormat, task: &TaskSpec) -> String
         h.update((b.len() as u64).to_le_bytes());
         h.update(b);
     };
-    field(b"head-v3");
+    field(b"head-v4");
     field(model_id.as_bytes());
     field(format!("{format:?}").as_bytes());
     field(task.instruction.as_bytes());
     field(task.cue.as_bytes());
     field(&task.lexical_weight.to_le_bytes());
+    field(&task.concept_weight.to_le_bytes());
+    for (name, words) in task.concepts.groups() {
+        field(name.as_bytes());
+        field(words.join(" ").as_bytes());
+    }
     for l in &task.labels {
         field(l.as_bytes());
     }
@@ -1229,6 +1247,8 @@ mod tests {
             instruction: "Classify the command.".into(),
             cue: "The intent is:".into(),
             lexical_weight: 1.0,
+            concept_weight: 2.0,
+            concepts: Default::default(),
             abstain_below: 0.5,
             reject_label: Some("oos".into()),
             extract: None,
@@ -1277,6 +1297,17 @@ mod tests {
         let mut t = task();
         t.lexical_weight = 0.5;
         assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
+        t.concept_weight = 0.0;
+        assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));
+        let mut t = task();
+        let table = [("on".to_string(), vec!["on".to_string()])].into();
+        t.concepts = concepts::Concepts::from(&table);
+        assert_ne!(
+            base,
+            head_key("sha", PromptFormat::Chatml, &t),
+            "other concept groups retrain"
+        );
         let mut t = task();
         t.labels.swap(0, 1);
         assert_ne!(base, head_key("sha", PromptFormat::Chatml, &t));

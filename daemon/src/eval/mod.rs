@@ -35,6 +35,8 @@ pub struct TaskSettings {
     pub instruction: String,
     pub cue: String,
     pub lexical_weight: f32,
+    /// Weight of the built-in command concepts.
+    pub concept_weight: f32,
     pub abstain_below: f32,
     pub reject_label: Option<String>,
     /// Set for `--kind extract`.
@@ -109,6 +111,8 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
             .map(|r| Example::from(r.clone()))
             .collect(),
         lexical_weight: s.lexical_weight,
+        concept_weight: s.concept_weight,
+        concepts: Default::default(),
         abstain_below: s.abstain_below,
         reject_label: s.reject_label.clone(),
         extract: s.extract.as_ref().map(|x| crate::engine::ExtractSpec {
@@ -322,6 +326,7 @@ mod tests {
             instruction: "i".into(),
             cue: "c".into(),
             lexical_weight: 1.0,
+            concept_weight: 0.0,
             abstain_below: 0.0,
             reject_label: None,
             extract: None,
