@@ -902,10 +902,11 @@ impl Problems {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn config(task: &str) -> Config {
+    /// A config with one task of two labels; `task` adds lines to it.
+    pub(crate) fn config(task: &str) -> Config {
         toml::from_str(&format!(
             r#"
             [broker]

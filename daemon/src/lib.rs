@@ -523,27 +523,8 @@ mod tests {
 
     #[test]
     fn a_configured_task_counts_its_own_concepts_or_the_built_in_ones() {
-        let config = |extra: &str| -> Config {
-            toml::from_str(&format!(
-                r#"
-                [broker]
-                client_id = "t"
-                [state]
-                dir = "/tmp/x"
-                [model]
-                path = "/tmp/m.gguf"
-                [[tasks]]
-                name = "licht"
-                kind = "classify"
-                topics = ["t/in"]
-                output_topic = "t/out"
-                labels = [{{ name = "an", examples = ["licht an"] }}, {{ name = "aus", examples = ["licht aus"] }}]
-                {extra}
-                "#
-            ))
-            .unwrap()
-        };
-        let own = config(r#"concepts = { aus = ["aus", "ausschalten"], an = ["an"] }"#);
+        use config::tests::config;
+        let own = config("kind = \"classify\"\nconcepts = { aus = [\"aus\"], an = [\"an\"] }");
         let spec = task_spec(&own, &own.tasks[0]).unwrap();
         let names: Vec<&str> = spec
             .concepts
@@ -553,7 +534,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["an", "aus"]);
         assert_eq!(spec.concept_weight, config::default_concept_weight());
-        let built_in = config("concept_weight = 0.5");
+        let built_in = config("kind = \"classify\"\nconcept_weight = 0.5");
         let spec = task_spec(&built_in, &built_in.tasks[0]).unwrap();
         assert_eq!(spec.concepts, engine::concepts::Concepts::default());
         assert_eq!(spec.concept_weight, 0.5);

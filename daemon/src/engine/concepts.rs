@@ -19,104 +19,22 @@ pub struct Concepts {
     groups: Vec<(String, Vec<String>)>,
 }
 
-const ENGLISH: &[(&str, &[&str])] = &[
-    (
-        "up",
-        &[
-            "up", "increase", "raise", "higher", "more", "brighter", "brighten", "louder", "boost",
-            "maximum", "max", "stronger", "faster", "warmer", "hotter",
-        ],
-    ),
-    (
-        "down",
-        &[
-            "down", "decrease", "reduce", "lower", "less", "dim", "dimmer", "darker", "quieter",
-            "softer", "minimum", "min", "weaker", "slower", "cooler", "colder",
-        ],
-    ),
-    (
-        "on",
-        &[
-            "on", "start", "activate", "enable", "begin", "launch", "resume", "boot",
-        ],
-    ),
-    (
-        "off",
-        &[
-            "off",
-            "stop",
-            "deactivate",
-            "disable",
-            "shut",
-            "kill",
-            "halt",
-            "cancel",
-        ],
-    ),
-    (
-        "ask",
-        &[
-            "what", "whats", "which", "how", "is", "are", "does", "do", "did", "was", "were",
-            "whether", "status", "check",
-        ],
-    ),
-    ("open", &["open", "unlock"]),
-    ("close", &["close", "lock"]),
-    (
-        "light",
-        &[
-            "light",
-            "lights",
-            "lamp",
-            "lamps",
-            "bulb",
-            "bulbs",
-            "lighting",
-            "brightness",
-        ],
-    ),
-    (
-        "plug",
-        &["plug", "plugs", "socket", "sockets", "outlet", "outlets"],
-    ),
-    (
-        "cleaner",
-        &[
-            "vacuum", "roomba", "hoover", "mop", "clean", "cleaning", "sweep", "sweeper",
-        ],
-    ),
-    (
-        "colour",
-        &[
-            "color", "colour", "colors", "colours", "red", "blue", "green", "yellow", "purple",
-            "orange", "pink", "white", "scene", "mode",
-        ],
-    ),
-    (
-        "climate",
-        &[
-            "temperature",
-            "heat",
-            "heating",
-            "heater",
-            "thermostat",
-            "degrees",
-            "ac",
-            "conditioning",
-            "fan",
-        ],
-    ),
-    (
-        "sound",
-        &["volume", "sound", "loud", "quiet", "mute", "unmute"],
-    ),
-    (
-        "cover",
-        &[
-            "window", "windows", "blind", "blinds", "shade", "shades", "curtain", "curtains",
-            "garage", "door", "doors",
-        ],
-    ),
+/// The built-in groups: a name and its words, separated by spaces.
+const ENGLISH: &[(&str, &str)] = &[
+    ("up", "up increase raise higher more brighter brighten louder boost maximum max stronger faster warmer hotter"),
+    ("down", "down decrease reduce lower less dim dimmer darker quieter softer minimum min weaker slower cooler colder"),
+    ("on", "on start activate enable begin launch resume boot"),
+    ("off", "off stop deactivate disable shut kill halt cancel"),
+    ("ask", "what whats which how is are does do did was were whether status check"),
+    ("open", "open unlock"),
+    ("close", "close lock"),
+    ("light", "light lights lamp lamps bulb bulbs lighting brightness"),
+    ("plug", "plug plugs socket sockets outlet outlets"),
+    ("cleaner", "vacuum roomba hoover mop clean cleaning sweep sweeper"),
+    ("colour", "color colour colors colours red blue green yellow purple orange pink white scene mode"),
+    ("climate", "temperature heat heating heater thermostat degrees ac conditioning fan"),
+    ("sound", "volume sound loud quiet mute unmute"),
+    ("cover", "window windows blind blinds shade shades curtain curtains garage door doors"),
 ];
 
 impl Default for Concepts {
@@ -126,10 +44,8 @@ impl Default for Concepts {
             groups: ENGLISH
                 .iter()
                 .map(|(name, words)| {
-                    (
-                        name.to_string(),
-                        words.iter().map(|w| w.to_string()).collect(),
-                    )
+                    let words = words.split_whitespace().map(String::from).collect();
+                    (name.to_string(), words)
                 })
                 .collect(),
         }
@@ -179,10 +95,7 @@ impl Concepts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
+    use crate::engine::head::dot;
 
     #[test]
     fn synonyms_share_a_feature_and_antonyms_do_not() {

@@ -59,10 +59,7 @@ fn fnv(parts: &[&str]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
+    use crate::engine::head::dot;
 
     #[test]
     fn unit_length_and_case_insensitive() {
