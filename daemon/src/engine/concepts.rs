@@ -74,7 +74,7 @@ impl Concepts {
     /// per group, L2-normalised (all zero when none occurs).
     pub fn features(&self, text: &str) -> Vec<f32> {
         let mut v = vec![0.0f32; self.groups.len()];
-        for word in text.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
+        for word in super::lexical::words(&text.to_lowercase()) {
             for (count, (_, words)) in v.iter_mut().zip(&self.groups) {
                 if words.iter().any(|w| w == word) {
                     *count += 1.0;

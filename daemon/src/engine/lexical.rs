@@ -15,10 +15,7 @@ pub const DIM: usize = 2048;
 /// text without letters or digits).
 pub fn features(text: &str) -> Vec<f32> {
     let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = words(&lower).collect();
     let mut counts = std::collections::HashMap::<u64, f32>::new();
     let mut add = |parts: &[&str]| {
         *counts.entry(fnv(parts)).or_default() += 1.0;
@@ -43,6 +40,13 @@ pub fn features(text: &str) -> Vec<f32> {
     }
     super::head::l2_normalise(&mut v);
     v
+}
+
+/// The words of `text`: its runs of letters and digits (the caller
+/// lower-cases it first).
+pub fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
 }
 
 fn fnv(parts: &[&str]) -> u64 {
