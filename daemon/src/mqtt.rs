@@ -43,9 +43,9 @@
 //! the entry on its PUBACK. When the connection drops, rumqttc's own copies
 //! (retransmits and requests it drained from its channel) are removed and
 //! those entries become unsent again, to be published anew after reconnect:
-//! at-least-once, never lost, and one place that decides. The store is
-//! flushed before each batch is published, so no published result can be
-//! undone by a crash.
+//! at-least-once, never lost, and one place that decides. Each batch is
+//! read from the outbox and then the store is flushed before it is
+//! published, so no published result can be undone by a crash.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -442,16 +442,28 @@ impl Link {
     }
 
     async fn publish_some(&self) -> Result<(), crate::store::StoreError> {
-        // Results become durable before anyone can see them.
-        self.store.flush().await?;
-        let mut t = self.tracker.lock().unwrap();
-        if !t.connected || t.inflight.len() >= self.max_inflight {
+        let batch = {
+            let t = self.tracker.lock().unwrap();
+            if !t.connected || t.inflight.len() >= self.max_inflight {
+                return Ok(());
+            }
+            let room = self.max_inflight - t.inflight.len();
+            self.store
+                .outbox_pending(room, |k| t.inflight.contains(&k))?
+        };
+        if batch.is_empty() {
             return Ok(());
         }
-        let room = self.max_inflight - t.inflight.len();
-        let batch = self
-            .store
-            .outbox_pending(room, |k| t.inflight.contains(&k))?;
+        // Read, then flush: every entry read was written before the flush
+        // began, so it is durable when the flush returns. (Flushing first
+        // would let results completed during the flush out undurable, and a
+        // crash then would have them processed again.) Only this task adds
+        // to `inflight`, so the batch is still unsent.
+        self.store.flush().await?;
+        let mut t = self.tracker.lock().unwrap();
+        if !t.connected {
+            return Ok(());
+        }
         for (key, entry) in batch {
             // Under the tracker lock, so send order is `unassigned` order.
             let properties = PublishProperties {

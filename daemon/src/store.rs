@@ -11,9 +11,10 @@
 //!   result in one sled transaction ([`Store::complete`]), under the same key:
 //!   it is either unprocessed or processed-with-its-result, never both, never
 //!   neither. The same transaction records its id in `seen`, with the result.
-//! - A result is published only after the store is flushed, so a published
-//!   result never belongs to a completion a crash could undo; it is removed
-//!   from the outbox only when the broker acknowledged it.
+//! - A result is published only after a flush that began after it was
+//!   written (the publisher reads a batch, then flushes, then sends), so a
+//!   published result never belongs to a completion a crash could undo; it
+//!   is removed from the outbox only when the broker acknowledged it.
 //! - A tally (entries and value bytes of inbox and outbox) is counted once
 //!   at open and kept with every write, so status and the quota check never
 //!   scan a tree; the receiver stops taking messages while the bytes are
@@ -80,6 +81,8 @@ pub enum StoreError {
     Format { path: PathBuf, found: Option<u32> },
     #[error("store I/O: {0}")]
     Io(#[from] sled::Error),
+    #[error("store flush did not finish: {0}")]
+    Flush(String),
     #[error("store transaction: {0}")]
     Transaction(String),
     #[error("corrupt entry {key} in tree {tree}")]
@@ -273,9 +276,18 @@ impl Store {
         Ok(key)
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written before the call durable (not what other
+    /// tasks write while it runs).
+    ///
+    /// A blocking flush on tokio's blocking pool, not sled's `flush_async`:
+    /// in sled 0.34 two overlapping `flush_async` calls can miss their
+    /// wake-up and hang (spacejam/sled#1308), and the receiver and the
+    /// publisher flush concurrently.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Flush(e.to_string()))??;
         Ok(())
     }
 
