@@ -271,10 +271,25 @@ fn main() -> ExitCode {
                 eprintln!("slmd: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            eprintln!("slmd: {e:#}");
+            eprintln!("slmd: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most of our errors already
+/// end with their cause's text, which anyhow's `{:#}` would repeat.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !out.ends_with(&cause) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
@@ -721,5 +736,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use anyhow::Context;
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read x.jsonl: {source}")]
+        struct Read {
+            source: std::io::Error,
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow::Error::new(Read { source: io });
+        assert_eq!(describe(&e), "cannot read x.jsonl: gone");
+        let e = Err::<(), _>(e).context("eval").unwrap_err();
+        assert_eq!(describe(&e), "eval: cannot read x.jsonl: gone");
     }
 }
