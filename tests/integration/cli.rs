@@ -134,6 +134,16 @@ fn cut_model(dir: &std::path::Path) -> std::path::PathBuf {
     cut.into_iter().next().unwrap()
 }
 
+/// The GGML type of tensor `name` in the model at `path`.
+fn tensor_type(path: &std::path::Path, name: &str) -> Option<u32> {
+    slmd::models::gguf::describe(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .find(|t| t.name == name)
+        .map(|t| t.kind)
+}
+
 /// The GGML types of the transformer blocks' matrices in the model at `path`.
 fn block_matrix_types(path: &std::path::Path) -> Vec<u32> {
     let mut kinds: Vec<u32> = slmd::models::gguf::describe(path)
@@ -163,13 +173,19 @@ fn classify_prints_one_result_from_the_label_set() {
         "{log}"
     );
     let cut = cut_model(dir.path());
-    assert!(cut.to_string_lossy().ends_with("-q4_0-24of30blocks.gguf"));
+    assert!(cut
+        .to_string_lossy()
+        .ends_with("-q4_0-untied-24of30blocks.gguf"));
     assert_eq!(
         block_matrix_types(&cut),
         [2],
         "Q4_0 only: {}",
         cut.display()
     );
+    // Its output layer (never read by a head) is a Q4_0 matrix of its own;
+    // the token table that embeds the input stays SmolLM2's Q8_0.
+    assert_eq!(tensor_type(&cut, "output.weight"), Some(2));
+    assert_eq!(tensor_type(&cut, "token_embd.weight"), Some(8));
 
     // The second start loads the trained head instead of re-embedding.
     let (v, log) = classify(&config, "home", "make me a coffee");

@@ -645,7 +645,8 @@ fn head_model(
         return Ok(None);
     }
     let q4_0 = opts.head_requantize && requant::has_q4_1_blocks(&header.tensors);
-    let kind = if q4_0 { "-q4_0" } else { "" };
+    // "untied": the Q4_0 cut has an output matrix of its own (requant.rs).
+    let kind = if q4_0 { "-q4_0-untied" } else { "" };
     let id = format!("{}{kind}-{blocks}of{all}blocks", opts.model.sha256);
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("{id}.gguf"));
@@ -669,7 +670,8 @@ fn head_model(
 }
 
 /// Writes to `path` the model cut to its first `blocks` blocks, then, when
-/// `q4_0`, requantised from Q4_1 (the cut is written beside it first).
+/// `q4_0`, requantised from Q4_1 with an output matrix of its own (the cut
+/// is written beside it first).
 fn derive_cut(
     opts: &EngineOptions,
     path: &Path,
@@ -681,7 +683,7 @@ fn derive_cut(
     } else {
         path.to_path_buf()
     };
-    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks)
+    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks, q4_0)
         .map_err(|e| load_err(&cut, e))?;
     if q4_0 {
         backend()?; // so that llama.cpp's quantiser logs through ours

@@ -215,7 +215,12 @@ fn block_of(name: &[u8]) -> Option<u32> {
 
 /// Writes to `dst` the model at `src` with only its first `blocks`
 /// transformer blocks (all of them when `blocks` is not fewer).
-pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError> {
+///
+/// With `own_output`, a model whose output layer is its token table (tied:
+/// no `output.weight`) gets an `output.weight` of its own, a copy of the
+/// table, so that the two can then be stored in different types (see
+/// [`super::requant`]).
+pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32, own_output: bool) -> Result<(), GgufError> {
     let mut input = File::open(src)?;
     let h = read_header(&mut input)?;
     let file_len = input.metadata()?.len();
@@ -230,10 +235,12 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError>
         let i = starts.partition_point(|&s| s <= offset);
         starts.get(i).copied().unwrap_or(data_len) - offset
     };
+    let output = own_output.then(|| untied_output(&h.tensors)).flatten();
     let kept: Vec<&TensorInfo> = h
         .tensors
         .iter()
         .filter(|t| block_of(&t.name).map_or(true, |b| b < blocks))
+        .chain(&output)
         .collect();
 
     let mut header = Vec::new();
@@ -263,6 +270,21 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32) -> Result<(), GgufError>
     written?;
     std::fs::rename(&tmp, dst)?;
     Ok(())
+}
+
+/// An `output.weight` entry that reads the token table's bytes, when the
+/// model has a token table and no output matrix of its own.
+fn untied_output(tensors: &[TensorInfo]) -> Option<TensorInfo> {
+    if tensors.iter().any(|t| t.name == b"output.weight") {
+        return None;
+    }
+    let table = tensors.iter().find(|t| t.name == b"token_embd.weight")?;
+    Some(TensorInfo {
+        name: b"output.weight".to_vec(),
+        dims: table.dims.clone(),
+        kind: table.kind,
+        offset: table.offset,
+    })
 }
 
 /// Where a file for `dst` is written before it is renamed into place:
@@ -368,7 +390,7 @@ mod tests {
             (t.name.as_str(), t.dims, t.kind),
             ("blk.0.attn_q.weight", 2, 0)
         );
-        keep_blocks(&src, &dst, 2).unwrap();
+        keep_blocks(&src, &dst, 2, false).unwrap();
 
         let mut f = File::open(&dst).unwrap();
         let h = read_header(&mut f).unwrap();
@@ -399,6 +421,45 @@ mod tests {
             test_model(2, 0)[..h.metadata_end as usize],
             "the metadata is a 2-block model's"
         );
+    }
+
+    #[test]
+    fn a_tied_output_layer_can_be_given_a_matrix_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.gguf");
+        std::fs::write(&src, test_model(2, 0)).unwrap();
+        let names_and_data = |path: &Path| {
+            let mut f = File::open(path).unwrap();
+            let h = read_header(&mut f).unwrap();
+            let bytes = std::fs::read(path).unwrap();
+            h.tensors
+                .iter()
+                .map(|t| {
+                    let at = (h.data_start + t.offset) as usize;
+                    let value = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+                    (
+                        String::from_utf8(t.name.clone()).unwrap(),
+                        t.dims.clone(),
+                        value,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let untied = dir.path().join("untied.gguf");
+        keep_blocks(&src, &untied, 2, true).unwrap();
+        let tensors = names_and_data(&untied);
+        let table = tensors[0].clone();
+        assert_eq!(table.0, "token_embd.weight");
+        assert_eq!(
+            tensors.last().unwrap(),
+            &("output.weight".to_string(), table.1, table.2),
+            "the output matrix is a copy of the token table"
+        );
+        assert_eq!(tensors.len(), 5);
+        // A model with an output matrix of its own keeps just that one.
+        let again = dir.path().join("again.gguf");
+        keep_blocks(&untied, &again, 2, true).unwrap();
+        assert_eq!(names_and_data(&again), tensors);
     }
 
     #[test]

@@ -11,9 +11,18 @@
 //! The weights are rounded a second time, which is why it is a setting
 //! (`model.head_requantize`) and why only a file whose block matrices are
 //! all Q4_1 is rewritten: Q4_1 and Q4_0 hold 4 bits per weight alike, so
-//! nothing finer is lost. The token table (and a separate output matrix)
-//! are copied as they are. The work is llama.cpp's own quantiser, so the
-//! result is what its `llama-quantize` tool would write.
+//! nothing finer is lost. The token table is copied as it is.
+//!
+//! The output matrix becomes Q4_0 too. A head reads hidden states, never
+//! logits, but llama.cpp computes the logits of every token it outputs,
+//! and a head outputs every token: the output layer (49152 x 576 on
+//! SmolLM2, a quarter of a token's multiplications) runs on every request
+//! token. SmolLM2 ties it to its Q8_0 token table, which llama.cpp does
+//! not repack; the cut is therefore given an output matrix of its own
+//! ([`super::gguf::keep_blocks`]) for this step to make Q4_0. The hidden
+//! states are unchanged, bit for bit: the token table that embeds the input
+//! is not touched. The work is llama.cpp's own quantiser, so the result is
+//! what its `llama-quantize` tool would write.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -34,8 +43,9 @@ pub fn has_q4_1_blocks(tensors: &[Tensor]) -> bool {
     matrices.peek().is_some() && matrices.all(|t| t.kind == Q4_1)
 }
 
-/// Writes to `dst` the model at `src` with its block matrices as Q4_0,
-/// using `threads` threads. The file is written beside `dst` and renamed
+/// Writes to `dst` the model at `src` with its block matrices and its
+/// output matrix (if it has one of its own) as Q4_0, using `threads`
+/// threads. The file is written beside `dst` and renamed
 /// into place, so a file at `dst` is always whole.
 pub fn to_q4_0(src: &Path, dst: &Path, threads: i32) -> Result<(), GgufError> {
     let tensors = describe(src)?.tensors;
@@ -50,10 +60,11 @@ pub fn to_q4_0(src: &Path, dst: &Path, threads: i32) -> Result<(), GgufError> {
     params.ftype = sys::LLAMA_FTYPE_MOSTLY_Q4_0;
     params.nthread = threads.max(1);
     params.allow_requantize = true;
-    // Every quantisable tensor to Q4_0, except these two kept as they are.
+    // Every quantisable tensor to Q4_0, except the token table, kept as it
+    // is (the output matrix's type otherwise defaults to Q6_K).
     params.pure_ = true;
     params.token_embedding_type = keep("token_embd.weight");
-    params.output_tensor_type = keep("output.weight");
+    params.output_tensor_type = sys::GGML_TYPE_Q4_0;
 
     let tmp = part_path(dst);
     let c = |p: &Path| {
