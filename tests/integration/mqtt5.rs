@@ -189,3 +189,61 @@ fn login_config(dir: &std::path::Path, port: u16, password: &str) -> std::path::
     std::fs::write(&config, text).unwrap();
     config
 }
+
+/// A broker that grants at most QoS 0 (mosquitto `max_qos 0`): slmd
+/// connects once with a will it takes, answers QoS 0 input at QoS 0, and
+/// does not reconnect in a loop. Input and output through mosquitto's own
+/// clients, as a user would check it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_grants_only_qos_0_is_served_at_qos_0_on_one_connection() {
+    use std::process::{Command, Stdio};
+    // max_qos is a listener setting: a second listener has it.
+    let (plain, port) = (crate::util::free_port(), crate::util::free_port());
+    let listener = format!("listener {port} 127.0.0.1\nmax_qos 0\n");
+    let _broker = Broker::start_in(Broker::dir(), plain, &listener);
+    crate::util::wait_for_port(port, Duration::from_secs(10));
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path(), port, "");
+    let mut daemon = Daemon::start(&config, &format!("mqtt://127.0.0.1:{port}"));
+    daemon.wait_subscribed().await;
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-V",
+            "5",
+            "-q",
+            "0",
+            "-C",
+            "1",
+            "-W",
+            "60",
+        ])
+        .args(["-t", "test/out/home"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-V", "5", "-q", "0"])
+        .args([
+            "-t",
+            "test/home/hall",
+            "-m",
+            r#"{"id": "q0-1", "text": "turn off the lights"}"#,
+        ])
+        .status()
+        .unwrap();
+    assert!(published.success());
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON result");
+    assert_eq!(v["id"], "q0-1");
+    assert!(LABELS.contains(&v["label"].as_str().unwrap()), "{v}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = daemon.log_text();
+    assert_eq!(log.matches("connected to broker").count(), 1, "{log}");
+    assert!(log.contains("grants maximum QoS AtMostOnce"), "{log}");
+    assert!(log.contains("does not take QoS 1"), "{log}");
+}
