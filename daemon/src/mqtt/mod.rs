@@ -8,6 +8,11 @@
 //! version can publish to slmd and read its results; the broker translates.
 //! TLS (CA file, optional client certificate) uses rustls with *ring*.
 //!
+//! What to acknowledge, hold, send and forget is decided by [`delivery`],
+//! a state machine with no I/O and its own unit tests; this module is the
+//! rumqttc adapter around it: it polls, stores, flushes and publishes as
+//! told.
+//!
 //! # Presence
 //!
 //! On every connection slmd publishes a retained `{"state": "online"}` to
@@ -26,6 +31,9 @@
 //! burst), the inbox is flushed once and the PUBACKs of the whole burst are
 //! queued, in receive order, on the event loop's own pending queue (from the
 //! polling task itself, so it can never wait on a full channel: no deadlock).
+//! QoS 0 messages are stored, flushed and handed to the router the same
+//! way, only not acknowledged; if slmd dies before their flush they are
+//! gone, as at-most-once means.
 //!
 //! # Quota
 //!
@@ -47,9 +55,7 @@
 //! read from the outbox and then the store is flushed before it is
 //! published, so no published result can be undone by a crash.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,8 +68,11 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Request}
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::{watch, Notify};
 
+mod delivery;
+
 use crate::config::Config;
 use crate::store::{now_ms, InboxEntry, Reply, Store};
+use delivery::{Delivery, Flushed, Grant, Hold, Receive, Room, Sent};
 
 /// A TLS file named in the config could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -105,98 +114,43 @@ impl std::str::FromStr for BrokerAddr {
     }
 }
 
-/// Which outbox entries are on their way to the broker.
-#[derive(Default)]
-struct Tracker {
-    /// Sent to rumqttc, packet id not yet known, in send order.
-    unassigned: VecDeque<u64>,
-    /// Sent on the wire, waiting for PUBACK.
-    by_pkid: HashMap<u16, u64>,
-    /// Keys in either of the above.
-    inflight: HashSet<u64>,
-    connected: bool,
-}
-
-impl Tracker {
-    fn reset_after_disconnect(&mut self, eventloop: &mut EventLoop) {
-        let mut lost = 0;
-        eventloop.pending.retain(|r| match r {
-            // An outbox entry not yet sent (QoS 0 is the presence message,
-            // which the next connection sends again).
-            Request::Publish(p) => {
-                lost += usize::from(p.qos == QoS::AtLeastOnce && p.pkid == 0);
-                false
-            }
-            // Acks belong to the dead connection; the broker redelivers.
-            Request::PubAck(_) => false,
-            _ => true,
-        });
-        // Events still buffered from the dead connection: received messages
-        // were not acknowledged (redelivered), sent ones are resent.
-        lost += eventloop
-            .state
-            .events
-            .iter()
-            .filter(|e| matches!(e, Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0))
-            .count();
-        eventloop.state.events.clear();
-        for _ in 0..lost {
-            if let Some(k) = self.unassigned.pop_front() {
-                self.inflight.remove(&k);
-            }
+/// Results rumqttc had taken but will never report a packet id for, once
+/// the connection is gone; their requests and the dead connection's
+/// buffered events are dropped (received messages were not acknowledged:
+/// the broker redelivers them; sent ones are sent anew from the outbox).
+fn drop_dead_connection(eventloop: &mut EventLoop) -> usize {
+    let mut lost = 0;
+    eventloop.pending.retain(|r| match r {
+        // An outbox entry not yet sent (QoS 0 is the presence message,
+        // which the next connection sends again).
+        Request::Publish(p) => {
+            lost += usize::from(p.qos == QoS::AtLeastOnce && p.pkid == 0);
+            false
         }
-        for (_, k) in self.by_pkid.drain() {
-            self.inflight.remove(&k);
-        }
-        self.connected = false;
-    }
-}
-
-/// What the broker's CONNACK allows us to publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Grant {
-    /// Maximum QoS: results go out at QoS 1 unless the broker grants less.
-    qos: QoS,
-    /// Retain Available: presence and model status are retained unless not.
-    retain: bool,
-}
-
-impl Default for Grant {
-    fn default() -> Self {
-        Grant {
-            qos: QoS::AtLeastOnce,
-            retain: true,
-        }
-    }
-}
-
-impl Grant {
-    fn of(ack: &rumqttc::v5::mqttbytes::v5::ConnAck) -> Grant {
-        let props = ack.properties.as_ref();
-        Grant {
-            qos: match props.and_then(|p| p.max_qos) {
-                Some(0) => QoS::AtMostOnce,
-                _ => QoS::AtLeastOnce,
-            },
-            retain: props.and_then(|p| p.retain_available) != Some(0),
-        }
-    }
+        // Acks belong to the dead connection; the broker redelivers.
+        Request::PubAck(_) => false,
+        _ => true,
+    });
+    lost += eventloop
+        .state
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0))
+        .count();
+    eventloop.state.events.clear();
+    lost
 }
 
 /// Shared by the two tasks of a link.
 pub struct Link {
     client: AsyncClient,
-    tracker: Mutex<Tracker>,
-    grant: Mutex<Grant>,
+    delivery: Mutex<Delivery>,
     store: Store,
     /// Payload bytes kept of a message; a larger one is stored cut, to be
     /// answered `too_large`.
     max_payload: usize,
-    max_inflight: usize,
     /// Store bytes above which input is held at the broker.
     quota: u64,
-    /// Input is being held because the store is over its quota.
-    holding: AtomicBool,
     /// Woken when the outbox has something new or room to send.
     pub publisher_wake: Notify,
 }
@@ -259,13 +213,10 @@ impl Link {
         let (client, eventloop) = AsyncClient::new(opts, max_inflight + 8);
         let link = Link {
             client,
-            tracker: Mutex::new(Tracker::default()),
-            grant: Mutex::default(),
+            delivery: Mutex::new(Delivery::new(max_inflight)),
             store,
             max_payload,
-            max_inflight,
             quota,
-            holding: AtomicBool::new(false),
             publisher_wake: Notify::new(),
         };
         (Arc::new(link), eventloop)
@@ -292,34 +243,27 @@ impl Link {
             .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
             .unwrap_or_default();
         let mut backoff = Backoff::new(max_backoff);
-        // Messages stored since the last flush, and the PUBACKs (QoS 1)
-        // that wait for it. QoS 0 messages are counted too: they need the
-        // flush and the router's wake-up as much as the others.
-        let mut fresh = 0usize;
-        let mut to_ack: Vec<u16> = Vec::new();
         let mut subscribed = filters.borrow().clone();
         let mut said: Option<String> = None;
         // Wakes an idle loop, so its heartbeat shows it is not stuck.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             beat.beat();
-            let holding = self.holding.load(Ordering::Relaxed);
             // The tick must not cancel a connection attempt half-way (a
             // broker slow to answer CONNECT was never heard from, its
             // refusal never logged): it runs only while connected.
-            let connected = self.tracker.lock().unwrap().connected;
+            let connected = self.delivery().connected();
             let event = tokio::select! {
                 ev = eventloop.poll() => ev,
                 _ = tick.tick(), if connected => {
-                    let room = self.store.bytes() < self.quota / 10 * 9;
-                    if holding && room && !self.store.failed() {
+                    if self.delivery().on_tick(self.room()) {
                         log::info!(
                             "the store takes input again: reconnecting so the broker \
                              redelivers what it held"
                         );
-                        self.holding.store(false, Ordering::Relaxed);
                         eventloop.clean();
-                        self.tracker.lock().unwrap().reset_after_disconnect(&mut eventloop);
+                        let lost = drop_dead_connection(&mut eventloop);
+                        self.delivery().on_disconnect(lost);
                     }
                     continue;
                 }
@@ -335,7 +279,11 @@ impl Link {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.connected();
                     said = None;
-                    let grant = Grant::of(&ack);
+                    let props = ack.properties.as_ref();
+                    let grant = Grant::of(
+                        props.and_then(|p| p.max_qos),
+                        props.and_then(|p| p.retain_available),
+                    );
                     log::info!(
                         "connected to broker {addr} (session present: {})",
                         ack.session_present
@@ -357,46 +305,30 @@ impl Link {
                             }
                         );
                     }
-                    *self.grant.lock().unwrap() = grant;
+                    self.delivery().on_connack(grant);
                     subscribe(&mut eventloop, &filters.borrow());
                     let mut online =
                         Publish::new(&status_topic, QoS::AtMostOnce, presence("online"), None);
                     online.retain = grant.retain;
                     eventloop.pending.push_back(Request::Publish(online));
-                    self.tracker.lock().unwrap().connected = true;
                     self.publisher_wake.notify_one();
                 }
-                Ok(Event::Incoming(Incoming::Publish(_)))
-                    if holding || self.store.bytes() >= self.quota || self.store.failed() =>
-                {
-                    // Neither stored nor acknowledged: redelivered later.
-                    if !holding {
-                        match self.store.failure() {
-                            Some(why) => log::warn!(
-                                "the store cannot be written ({why}): not acknowledging new \
-                                 messages (the broker keeps them) until it can"
-                            ),
-                            None => log::warn!(
-                                "store quota of {} bytes reached: not acknowledging new \
-                                 messages (the broker keeps them) until results drain",
-                                self.quota
-                            ),
-                        }
-                        self.holding.store(true, Ordering::Relaxed);
-                    }
-                }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let (qos, pkid) = (p.qos, p.pkid);
-                    let entry = inbox_entry(p, self.max_payload);
-                    match self.store.append_inbox(&entry) {
-                        Ok(_) => {
-                            fresh += 1;
-                            if qos != QoS::AtMostOnce {
-                                to_ack.push(pkid);
+                    let receive = self.delivery().on_publish(self.room());
+                    match receive {
+                        Receive::Store => {
+                            let (qos, pkid) = (p.qos, p.pkid);
+                            let entry = inbox_entry(p, self.max_payload);
+                            match self.store.append_inbox(&entry) {
+                                Ok(_) => self.delivery().stored(qos, pkid),
+                                // Not acknowledged: the broker redelivers it.
+                                Err(e) => {
+                                    log::error!("cannot store message from {}: {e}", entry.topic)
+                                }
                             }
                         }
-                        // Not acknowledged: the broker keeps it and redelivers.
-                        Err(e) => log::error!("cannot store message from {}: {e}", entry.topic),
+                        Receive::Hold(None) => {}
+                        Receive::Hold(Some(why)) => self.say_held(why),
                     }
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => self.acked(&ack),
@@ -428,26 +360,21 @@ impl Link {
                 }
                 // Our outbox entries are QoS 1; pkid 0 is the presence message.
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                    let mut t = self.tracker.lock().unwrap();
-                    if let Some(k) = t.unassigned.pop_front() {
-                        t.by_pkid.insert(pkid, k);
-                    }
+                    self.delivery().on_outgoing(pkid);
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    // Whatever was received but not yet flushed is not acked:
-                    // the broker redelivers it. Flush what we have anyway.
-                    to_ack.clear();
-                    if std::mem::take(&mut fresh) > 0 {
+                    let lost = drop_dead_connection(&mut eventloop);
+                    let (accepted, fresh) = {
+                        let mut d = self.delivery();
+                        (d.connected(), d.on_disconnect(lost))
+                    };
+                    if fresh {
+                        // Not acknowledged (the broker redelivers), but
+                        // stored: make it durable and let the router see it.
                         let _ = self.store.flush().await;
                         inbox_wake.notify_one();
                     }
-                    let accepted = {
-                        let mut tracker = self.tracker.lock().unwrap();
-                        let accepted = tracker.connected;
-                        tracker.reset_after_disconnect(&mut eventloop);
-                        accepted
-                    };
                     if let Some(why) = fit_will_to_broker(&mut eventloop.options, &e) {
                         // Not an outage: the same broker, asked what it takes.
                         log::warn!("broker {addr}: {why}");
@@ -463,33 +390,64 @@ impl Link {
                     continue;
                 }
             }
-            if fresh > 0 && (eventloop.state.events.is_empty() || fresh >= 256) {
-                fresh = 0;
-                match self.store.flush().await {
-                    Ok(()) => {
-                        for pkid in to_ack.drain(..) {
-                            eventloop
-                                .pending
-                                .push_back(Request::PubAck(PubAck::new(pkid, None)));
-                        }
-                        inbox_wake.notify_one();
-                    }
+            let due = self.delivery().flush_due(eventloop.state.events.len());
+            if due {
+                let ok = match self.store.flush().await {
+                    Ok(()) => true,
                     Err(e) => {
                         if !self.store.failed() {
                             log::error!(
                                 "cannot flush the inbox: {e}; messages stay unacknowledged"
                             );
                         }
-                        to_ack.clear();
-                        // Held from here on: what was not acknowledged comes
-                        // back after the store heals and the link reconnects.
-                        self.holding.store(true, Ordering::Relaxed);
+                        false
                     }
+                };
+                let flushed = self.delivery().on_flushed(ok);
+                match flushed {
+                    Flushed::Ack(pkids) => {
+                        for pkid in pkids {
+                            eventloop
+                                .pending
+                                .push_back(Request::PubAck(PubAck::new(pkid, None)));
+                        }
+                        inbox_wake.notify_one();
+                    }
+                    Flushed::Held => self.say_held(Hold::Store),
                 }
             }
         }
-        if fresh > 0 {
+        if self.delivery().flush_due(0) {
             let _ = self.store.flush().await;
+        }
+    }
+
+    fn delivery(&self) -> std::sync::MutexGuard<'_, Delivery> {
+        self.delivery.lock().unwrap()
+    }
+
+    /// The store's state as it bears on input.
+    fn room(&self) -> Room {
+        let bytes = self.store.bytes();
+        Room {
+            over_quota: bytes >= self.quota,
+            below_resume: bytes < self.quota / 10 * 9,
+            failed: self.store.failed(),
+        }
+    }
+
+    fn say_held(&self, why: Hold) {
+        match why {
+            Hold::Store => log::warn!(
+                "the store cannot be written ({}): not acknowledging new messages (the broker \
+                 keeps them) until it can",
+                self.store.failure().unwrap_or_default()
+            ),
+            Hold::Quota => log::warn!(
+                "store quota of {} bytes reached: not acknowledging new messages (the broker \
+                 keeps them) until results drain",
+                self.quota
+            ),
         }
     }
 
@@ -497,7 +455,7 @@ impl Link {
     /// left it. When disconnected, the next CONNACK subscribes to the new
     /// list anyway.
     fn resubscribe(&self, eventloop: &mut EventLoop, before: &[String], now: &[String]) {
-        if !self.tracker.lock().unwrap().connected {
+        if !self.delivery().connected() {
             return;
         }
         subscribe(eventloop, now);
@@ -510,7 +468,7 @@ impl Link {
     }
 
     fn acked(&self, ack: &PubAck) {
-        let key = self.tracker.lock().unwrap().by_pkid.remove(&ack.pkid);
+        let key = self.delivery().on_puback(ack.pkid);
         if let Some(k) = key {
             if !matches!(
                 ack.reason,
@@ -527,7 +485,7 @@ impl Link {
             }
             // Only now: the publisher sends whatever is in the outbox and not
             // in flight, so leaving flight first would send this one again.
-            self.tracker.lock().unwrap().inflight.remove(&k);
+            self.delivery().removed(k);
             self.publisher_wake.notify_one();
         }
     }
@@ -553,19 +511,17 @@ impl Link {
 
     /// Whether the link is connected and whether input is being held.
     pub fn state(&self) -> (bool, bool) {
-        let connected = self.tracker.lock().unwrap().connected;
-        (connected, self.holding.load(Ordering::Relaxed))
+        let d = self.delivery();
+        (d.connected(), d.holding().is_some())
     }
 
     async fn publish_some(&self) -> Result<(), crate::store::StoreError> {
         let batch = {
-            let t = self.tracker.lock().unwrap();
-            if !t.connected || t.inflight.len() >= self.max_inflight {
-                return Ok(());
+            let d = self.delivery();
+            match d.room() {
+                0 => return Ok(()),
+                room => self.store.outbox_pending(room, |k| d.in_flight(k))?,
             }
-            let room = self.max_inflight - t.inflight.len();
-            self.store
-                .outbox_pending(room, |k| t.inflight.contains(&k))?
         };
         if batch.is_empty() {
             return Ok(());
@@ -574,40 +530,39 @@ impl Link {
         // began, so it is durable when the flush returns. (Flushing first
         // would let results completed during the flush out undurable, and a
         // crash then would have them processed again.) Only this task adds
-        // to `inflight`, so the batch is still unsent.
+        // to what is in flight, so the batch is still unsent.
         self.store.flush().await?;
-        let grant = *self.grant.lock().unwrap();
-        let mut t = self.tracker.lock().unwrap();
-        if !t.connected {
-            return Ok(());
-        }
-        let mut handed_over = Vec::new();
-        for (key, entry) in batch {
-            // Under the tracker lock, so send order is `unassigned` order.
-            let properties = PublishProperties {
-                correlation_data: entry.correlation.map(Into::into),
-                content_type: Some("application/json".into()),
-                payload_format_indicator: Some(1),
-                ..Default::default()
-            };
-            match self.client.try_publish_with_properties(
-                entry.topic,
-                grant.qos,
-                entry.retain && grant.retain,
-                entry.payload,
-                properties,
-            ) {
-                // At QoS 0 no PUBACK comes: handed over is as far as it goes.
-                Ok(()) if grant.qos == QoS::AtMostOnce => handed_over.push(key),
-                Ok(()) => {
-                    t.unassigned.push_back(key);
-                    t.inflight.insert(key);
+        let mut done = Vec::new();
+        {
+            let mut d = self.delivery();
+            if !d.connected() {
+                return Ok(());
+            }
+            let grant = d.grant();
+            for (key, entry) in batch {
+                // Under the lock, so send order is the order of `sent`.
+                let properties = PublishProperties {
+                    correlation_data: entry.correlation.map(Into::into),
+                    content_type: Some("application/json".into()),
+                    payload_format_indicator: Some(1),
+                    ..Default::default()
+                };
+                let handed = self.client.try_publish_with_properties(
+                    entry.topic,
+                    grant.qos,
+                    entry.retain && grant.retain,
+                    entry.payload,
+                    properties,
+                );
+                if handed.is_err() {
+                    break;
                 }
-                Err(_) => break,
+                if d.sent(key) == Sent::Done {
+                    done.push(key);
+                }
             }
         }
-        drop(t);
-        for key in handed_over {
+        for key in done {
             self.store.outbox_remove(key)?;
         }
         Ok(())
