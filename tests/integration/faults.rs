@@ -848,8 +848,10 @@ async fn oversized_payloads_in_a_stream_get_errors_and_do_not_stall() {
             &wrong[..wrong.len().min(5)]
         ));
     }
+    let connects = daemon.log_text().matches("connected to broker").count();
     eprintln!(
-        "oversized: {big_answered}/{} too_large results, broker drops {drops}, {:?}",
+        "oversized: {big_answered}/{} too_large results, broker drops {drops}, slmd connected \
+         {connects} time(s), {:?}",
         big.len(),
         started.elapsed()
     );
