@@ -993,7 +993,9 @@ async fn a_full_disk_heals_without_restart() {
         }
         ledger.first.len()
     };
-    let (mut said_full, mut stale, mut unreadable) = (false, 0, Vec::new());
+    // A status file written only on change may be old; what it says must
+    // be right: the store cannot take input.
+    let (mut said_full, mut oldest, mut unreadable) = (false, 0, Vec::new());
     while full_at.elapsed() < Duration::from_secs(8) {
         while let Some(m) = s.sub.next(Duration::from_millis(500)).await {
             ledger.record(&m);
@@ -1002,9 +1004,7 @@ async fn a_full_disk_heals_without_restart() {
             Ok(st) => {
                 said_full |= st["storage_full"] == true;
                 let age = now_ms().saturating_sub(st["taken_ms"].as_u64().unwrap_or(0));
-                if age > 3000 {
-                    stale = stale.max(age);
-                }
+                oldest = oldest.max(age);
             }
             Err(e) => unreadable.push(e),
         }
@@ -1024,37 +1024,35 @@ async fn a_full_disk_heals_without_restart() {
     if !said_full {
         faults.push("slmd status never said storage_full while the disk was full".into());
     }
-    if stale > 0 {
-        faults.push(format!(
-            "slmd status went stale while the disk was full ({stale} ms old)"
-        ));
-    }
     if !unreadable.is_empty() {
         faults.push(format!("slmd status failed: {:?}", &unreadable[..1]));
     }
-    // After healing, status is fresh and no longer full.
+    // After healing, status no longer says full.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     match try_status(&s.config) {
         Ok(st) => {
-            if st["storage_full"] == true {
-                faults.push(format!("still storage_full after space returned: {st}"));
-            }
-            let age = now_ms().saturating_sub(st["taken_ms"].as_u64().unwrap_or(0));
-            if age > 3000 {
-                faults.push(format!("status {age} ms old after space returned"));
+            if st["storage_full"] != false {
+                faults.push(format!(
+                    "storage_full is not false after space returned: {st}"
+                ));
             }
         }
         Err(e) => faults.push(format!("slmd status failed after space returned: {e}")),
     }
     let log = daemon.log_text();
-    let full_errors = log
+    let full_lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("No space left") || l.contains("StorageFull"))
-        .count();
+        .collect();
+    let full_errors = full_lines.len();
+    if let (Some(first), Some(last)) = (full_lines.first(), full_lines.last()) {
+        eprintln!("first and last log lines about the full disk:\n  {first}\n  {last}");
+    }
     eprintln!(
         "disk full: ballast {ballast} bytes; {before_full} results before, {during_full} while \
-         full, last result {healed_in:?} after freeing (collect waits 30 s of quiet); {full_errors} \
-         log lines about the full disk"
+         full (status up to {oldest} ms old then), collecting ended {healed_in:?} after freeing \
+         (0.5 s after the last result, or 30 s of quiet); {full_errors} log lines about the \
+         full disk"
     );
     drop(daemon);
     drop(disk);
