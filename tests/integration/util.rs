@@ -240,7 +240,8 @@ impl Daemon {
         Daemon::start_full(config, broker_url, log, &[], args)
     }
 
-    fn start_full(
+    /// With extra environment variables and extra `slmd run` arguments.
+    pub fn start_full(
         config: &Path,
         broker_url: &str,
         log: &Path,
