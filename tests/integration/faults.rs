@@ -908,6 +908,35 @@ async fn oversized_payloads_in_a_stream_get_errors_and_do_not_stall() {
             &wrong[..wrong.len().min(5)]
         ));
     }
+    let ids: HashSet<&str> = inputs.iter().map(|(id, _)| id.as_str()).collect();
+    let strangers: Vec<String> = ledger
+        .first
+        .iter()
+        .filter(|(id, _)| !ids.contains(id.as_str()))
+        .map(|(_, out)| String::from_utf8_lossy(out).into_owned())
+        .collect();
+    if !strangers.is_empty() {
+        // Is it at least the id slmd derives from the whole message?
+        let derived: HashSet<String> = inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, (id, _))| big.contains(id))
+            .map(|(i, (_, p))| slmd::payload::derived_id(&format!("test/home/room{}", i % 4), p))
+            .collect();
+        let of_whole = strangers
+            .iter()
+            .filter(|out| {
+                let v: serde_json::Value = serde_json::from_str(out).unwrap();
+                derived.contains(v["id"].as_str().unwrap_or_default())
+            })
+            .count();
+        faults.push(format!(
+            "{} output(s) under ids no input had ({of_whole} of them the id derived from the whole \
+             topic and payload), e.g. {}",
+            strangers.len(),
+            strangers[0]
+        ));
+    }
     let connects = daemon.log_text().matches("connected to broker").count();
     eprintln!(
         "oversized: {big_answered}/{} too_large results, broker drops {drops}, slmd connected \
