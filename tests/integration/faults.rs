@@ -1176,6 +1176,9 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
         "max_store_bytes = 1048576\nmax_dedup_bytes = 1048576",
     )
     .await;
+    // A 2 MiB page cache (default 8 MiB) fills within the first half, so
+    // the second half shows growth that is not the cache filling up.
+    edit(&s.config, "[state]\n", "[state]\ncache_bytes = 2097152\n");
     let url = s.broker.url();
     let mut daemon = Daemon::start_args(&s.config, &url, &s.log(0), &["--no-inference"]);
     daemon.wait_subscribed().await;
