@@ -1170,7 +1170,10 @@ fn rss_kib(pid: u32) -> u64 {
 /// idle (flash wear).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_and_rss_stay_bounded_under_steady_traffic() {
-    let messages = if long_run() { 100_000 } else { 20_000 };
+    // RSS rises over the first 25,000 or so messages (allocator and sled
+    // warming up; measured flat from there to 100,000), so the bounded run
+    // compares 0-20,000 with 20,000-40,000.
+    let messages = if long_run() { 100_000 } else { 40_000 };
     let mut s = Setup::new(
         Broker::start(),
         "max_store_bytes = 1048576\nmax_dedup_bytes = 1048576",
