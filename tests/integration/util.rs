@@ -231,11 +231,29 @@ impl Daemon {
 
     /// As [`Daemon::start_logged`], with extra environment variables.
     pub fn start_env(config: &Path, broker_url: &str, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(config, broker_url, log, env, &[])
+    }
+
+    /// As [`Daemon::start_logged`], with extra `slmd run` arguments (such
+    /// as `--no-inference`).
+    pub fn start_args(config: &Path, broker_url: &str, log: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_full(config, broker_url, log, &[], args)
+    }
+
+    /// With extra environment variables and extra `slmd run` arguments.
+    pub fn start_full(
+        config: &Path,
+        broker_url: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         let log = log.to_path_buf();
         let child = Command::new(env!("CARGO_BIN_EXE_slmd"))
             .args(["run", "--config"])
             .arg(config)
             .args(["--broker", broker_url])
+            .args(args)
             .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
