@@ -403,7 +403,8 @@ impl Router {
         else {
             return Route::Nowhere;
         };
-        let verdict = (attempts < routing.limits.max_attempts)
+        // A cut payload is answered too_large, not judged.
+        let verdict = (attempts < routing.limits.max_attempts && entry.truncated.is_none())
             .then(|| {
                 routing.monitors.observe(
                     &tasks[i].name,
@@ -467,7 +468,10 @@ impl Router {
         if let Some(verdict) = verdict {
             return self.monitored(key, &entry, task, &routing, verdict).await;
         }
-        let own_id = payload::own_id(&entry.payload);
+        let own_id = match &entry.truncated {
+            Some(t) => Some(t.id.clone()),
+            None => payload::own_id(&entry.payload),
+        };
         // An id-less copy the broker does not call a redelivery may be the
         // user repeating themselves: only a short window applies to it.
         let window_secs = if own_id.is_some() || entry.dup {
@@ -503,9 +507,9 @@ impl Router {
             return Ok(());
         }
         let reply = routing.reply_to(&entry);
-        let parsed = match entry.truncated_from {
-            Some(size) => Err(payload::InputError::TooLarge {
-                size: size as usize,
+        let parsed = match &entry.truncated {
+            Some(t) => Err(payload::InputError::TooLarge {
+                size: t.size as usize,
                 limit: routing.limits.max_payload_bytes,
             }),
             None => payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
@@ -633,7 +637,7 @@ impl Router {
         };
         let latency = now_ms().saturating_sub(entry.received_ms) as f64;
         let note = crate::monitor::note::Note {
-            id: payload::id_of(&entry.topic, &entry.payload),
+            id: message_id(entry),
             task: &task.name,
             sentence: facts.sentence(cause.as_deref()),
             facts: &facts,
@@ -689,7 +693,7 @@ impl Router {
         reason: &str,
         message: String,
     ) -> OutboxEntry {
-        let id = payload::id_of(&entry.topic, &entry.payload);
+        let id = message_id(entry);
         log::warn!(
             task = task.name.as_str(),
             msg_id = id.as_str(),
@@ -752,6 +756,15 @@ impl Routing {
             ));
         }
         Ok(Some(reply))
+    }
+}
+
+/// The id to report for a message, even one that fails to parse or was
+/// cut (its id was taken from the whole payload).
+fn message_id(entry: &InboxEntry) -> String {
+    match &entry.truncated {
+        Some(t) => t.id.clone(),
+        None => payload::id_of(&entry.topic, &entry.payload),
     }
 }
 

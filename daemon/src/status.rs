@@ -79,6 +79,11 @@ fn snapshot_candidates(state_dir: &Path) -> Vec<PathBuf> {
 /// The store's figures: from the store when it is free, else from the
 /// running daemon's snapshot.
 pub fn read(state_dir: &Path) -> Result<Status, StatusError> {
+    // A running daemon's snapshot first: opening sled also writes, which a
+    // full disk refuses before the store's own lock is even tried.
+    if crate::lock::holder(state_dir).is_some() {
+        return read_snapshot(state_dir);
+    }
     match Store::open(state_dir) {
         Ok(store) => Ok(Status {
             pid: None,

@@ -35,7 +35,8 @@
 //! Times are wall-clock ms (u64 BE); a topic or correlation data is a u16 BE
 //! length then bytes (MQTT bounds both to 65535). Flags: 1 the broker's DUP,
 //! 2 a response topic follows, 4 correlation data follows (MQTT 5), 16 the
-//! payload was cut to what the receiver keeps and its size (u64 BE) follows.
+//! payload was cut to what the receiver keeps: its size (u64 BE) and id
+//! (a field) follow.
 //! Dedup records are bounded (`limits.max_dedup_bytes`): the oldest go
 //! first, by `seen_order`.
 //!
@@ -120,9 +121,19 @@ pub struct InboxEntry {
     pub reply: Option<Reply>,
     pub topic: String,
     pub payload: Vec<u8>,
-    /// The payload's size when it was larger than the receiver keeps: only
-    /// its first bytes are stored, and it gets a `too_large` error.
-    pub truncated_from: Option<u64>,
+    /// Set when the payload was larger than the receiver keeps: only its
+    /// first bytes are stored, and it gets a `too_large` error.
+    pub truncated: Option<Truncated>,
+}
+
+/// What is kept of a payload that was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncated {
+    /// Its size as received.
+    pub size: u64,
+    /// Its id, taken from the whole payload (its own, or derived from all
+    /// of it), so that the sender can match the error to the request.
+    pub id: String,
 }
 
 /// An MQTT 5 request's response topic and correlation data.
@@ -919,7 +930,7 @@ fn encode_inbox(e: &InboxEntry) -> Vec<u8> {
     if correlation.is_some() {
         flags |= CORRELATION;
     }
-    if e.truncated_from.is_some() {
+    if e.truncated.is_some() {
         flags |= TRUNCATED;
     }
     v.push(flags);
@@ -929,8 +940,9 @@ fn encode_inbox(e: &InboxEntry) -> Vec<u8> {
     if let Some(c) = correlation {
         put_field(&mut v, c);
     }
-    if let Some(n) = e.truncated_from {
-        v.extend_from_slice(&n.to_be_bytes());
+    if let Some(t) = &e.truncated {
+        v.extend_from_slice(&t.size.to_be_bytes());
+        put_field(&mut v, t.id.as_bytes());
     }
     put_field(&mut v, e.topic.as_bytes());
     v.extend_from_slice(&e.payload);
@@ -951,10 +963,11 @@ fn decode_inbox(v: &[u8]) -> Option<InboxEntry> {
     } else {
         None
     };
-    let truncated_from = if flags & TRUNCATED != 0 {
-        let n = decode_u64(rest.get(..8)?);
+    let truncated = if flags & TRUNCATED != 0 {
+        let size = decode_u64(rest.get(..8)?);
         rest = &rest[8..];
-        Some(n)
+        let id = take_string(&mut rest)?;
+        Some(Truncated { size, id })
     } else {
         None
     };
@@ -965,7 +978,7 @@ fn decode_inbox(v: &[u8]) -> Option<InboxEntry> {
         reply: reply_topic.map(|topic| Reply { topic, correlation }),
         topic,
         payload: rest.to_vec(),
-        truncated_from,
+        truncated,
     })
 }
 
@@ -1014,7 +1027,7 @@ mod tests {
             reply: None,
             topic: topic.into(),
             payload: payload.to_vec(),
-            truncated_from: None,
+            truncated: None,
         }
     }
 
@@ -1042,7 +1055,10 @@ mod tests {
             with_reply(Some(Vec::new())),
             entry("t", b""),
             InboxEntry {
-                truncated_from: Some(2 << 20),
+                truncated: Some(Truncated {
+                    size: 2 << 20,
+                    id: "big-1".into(),
+                }),
                 ..with_reply(Some(vec![9]))
             },
         ] {
@@ -1289,7 +1305,7 @@ mod disk_full {
             reply: None,
             topic: "t".into(),
             payload: format!("{i:04}").repeat(200).into_bytes(),
-            truncated_from: None,
+            truncated: None,
         };
         let kept = store.append_inbox(&entry(0)).unwrap();
         store.flush().await.unwrap();

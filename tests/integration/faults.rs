@@ -542,7 +542,7 @@ async fn a_damaged_store_is_refused_by_name_and_kept() {
             reply: None,
             topic: "test/home/x".into(),
             payload: b"turn off the lights".to_vec(),
-            truncated_from: None,
+            truncated: None,
         })
         .unwrap();
         s.flush().await.unwrap();

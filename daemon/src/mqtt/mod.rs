@@ -717,14 +717,27 @@ fn inbox_entry(p: Publish, max_payload: usize) -> InboxEntry {
             correlation: props.correlation_data.map(|c| c.to_vec()),
         })
     });
+    // MQTT requires UTF-8 topics; a broker that let another through
+    // gets the name stored lossily rather than the message dropped.
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let truncated = (p.payload.len() > max_payload).then(|| {
+        let id = crate::payload::id_of(&topic, &p.payload);
+        crate::store::Truncated {
+            size: p.payload.len() as u64,
+            // An id the size of a payload is no id to store.
+            id: if id.len() <= 256 {
+                id
+            } else {
+                crate::payload::derived_id(&topic, &p.payload)
+            },
+        }
+    });
     InboxEntry {
         received_ms: now_ms(),
         dup: p.dup,
         reply,
-        // MQTT requires UTF-8 topics; a broker that let another through
-        // gets the name stored lossily rather than the message dropped.
-        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-        truncated_from: (p.payload.len() > max_payload).then_some(p.payload.len() as u64),
+        topic,
+        truncated,
         payload: p.payload[..p.payload.len().min(max_payload)].to_vec(),
     }
 }
