@@ -16,7 +16,7 @@ root="$(cd "$here/../.." && pwd)"
 "$root/target/debug/slmd" model fetch smollm2-135m-instruct-q4_1 \
   --state-dir "$root/.cache/state" --manifests "$root/models" >/dev/null
 set +e
-"$root/.cache/venvs/conformance/bin/python" -m pytest -p no:cacheprovider -rA "$here" "$@"
+PYTHONDONTWRITEBYTECODE=1 "$root/.cache/venvs/conformance/bin/python" -m pytest -p no:cacheprovider -rA "$here" "$@"
 rc=$?
 set -e
 # pytest's 5 is "no test ran": never a pass.
