@@ -134,6 +134,9 @@ pub struct TlsConfig {
 pub struct StateConfig {
     /// Holds the durable store and the model store.
     pub dir: PathBuf,
+    /// Memory the store's page cache may hold (sled's cache capacity).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -216,6 +219,17 @@ pub struct Limits {
     /// empty list refuses every response topic.
     #[serde(default = "default_response_topics")]
     pub response_topics: Vec<String>,
+    /// The MQTT 5 Maximum Packet Size slmd advertises: the largest message
+    /// the broker may send it. Anything up to it is received, and what is
+    /// above `max_payload_bytes` gets a `too_large` error result; larger
+    /// packets the broker drops without telling the sender.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: u32,
+    /// Bytes of dedup records (a processed id with its result, to answer a
+    /// repeat) kept; the oldest are forgotten first, before the window ends
+    /// if this bound is reached.
+    #[serde(default = "default_max_dedup_bytes")]
+    pub max_dedup_bytes: u64,
 }
 
 impl Default for Limits {
@@ -230,6 +244,8 @@ impl Default for Limits {
             max_attempts: default_max_attempts(),
             dead_letter_topic: default_dead_letter_topic(),
             response_topics: default_response_topics(),
+            max_packet_bytes: default_max_packet_bytes(),
+            max_dedup_bytes: default_max_dedup_bytes(),
         }
     }
 }
@@ -522,6 +538,15 @@ fn default_content_dedup_window() -> u64 {
 fn default_max_store_bytes() -> u64 {
     64 << 20
 }
+fn default_max_packet_bytes() -> u32 {
+    16 << 20
+}
+fn default_max_dedup_bytes() -> u64 {
+    8 << 20
+}
+fn default_cache_bytes() -> u64 {
+    8 << 20
+}
 fn default_max_attempts() -> u32 {
     3
 }
@@ -673,6 +698,13 @@ impl Config {
             p.add(
                 "limits.max_store_bytes",
                 "must be at least 4 x limits.max_payload_bytes",
+            );
+        }
+        if (self.limits.max_packet_bytes as u64) < self.limits.max_payload_bytes as u64 + 1024 {
+            p.add(
+                "limits.max_packet_bytes",
+                "must be at least limits.max_payload_bytes + 1024 (room for the topic and \
+                 properties of the largest accepted message)",
             );
         }
         if let Err(e) = crate::topic::check_name(&self.limits.dead_letter_topic) {

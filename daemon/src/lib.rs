@@ -430,7 +430,13 @@ pub async fn run(
     let notifier = notify::Notifier::from_env();
     notifier.status("opening the store");
     let _lock = lock::StateLock::acquire(&config.state_dir())?;
-    let store = store::Store::open(&config.state_dir())?;
+    let store = store::Store::open_with(
+        &config.state_dir(),
+        store::Settings {
+            cache_bytes: config.state.cache_bytes,
+            max_seen_bytes: config.limits.max_dedup_bytes,
+        },
+    )?;
     let stats = store.stats()?;
     log::info!(
         "store open at {}: {} message(s) waiting, {} result(s) unsent",
@@ -438,11 +444,11 @@ pub async fn run(
         stats.inbox,
         stats.outbox
     );
-    if store.mark_running().await? && stats.inbox > 0 {
-        let n = store.blame_oldest(config.limits.max_in_flight).await?;
+    if store.mark_running().await? {
+        let n = store.blame_dispatched().await?;
         log::warn!(
-            "the last run did not stop cleanly: the {n} oldest waiting message(s) may have \
-             been in flight and run one at a time"
+            "the last run did not stop cleanly: {n} message(s) it had handed to the engine \
+             run again one at a time"
         );
     }
     let bundles = bundle::store::BundleStore::open(&config.state_dir())?;
@@ -479,6 +485,7 @@ pub async fn run(
         mqtt::options(&config, &addr)?,
         store.clone(),
         config.limits.max_store_bytes,
+        config.limits.max_payload_bytes,
     );
     let (filters_tx, filters) = watch::channel(topic_filters(&config));
     let inbox_wake = Arc::new(Notify::new());
@@ -491,6 +498,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let publisher = tokio::spawn(link.clone().run_publisher(shutdown.clone()));
+    let healer = tokio::spawn(store::heal(store.clone(), shutdown.clone()));
     let status = tokio::spawn(status::run_writer(
         config.state_dir(),
         store.clone(),
@@ -574,6 +582,7 @@ pub async fn run(
     let _ = receiver.await;
     let _ = publisher.await;
     let _ = status.await;
+    healer.abort();
     if let Some(w) = watchdog {
         let _ = w.await;
     }

@@ -173,7 +173,7 @@ impl Metrics {
         drop(c);
         let stats = store.stats().unwrap_or_default();
         let (connected, holding) = link.state();
-        let gauges: [(&str, &str, f64); 9] = [
+        let gauges: [(&str, &str, f64); 11] = [
             (
                 "inbox_messages",
                 "Messages stored, not yet processed.",
@@ -193,6 +193,16 @@ impl Metrics {
                 "store_bytes",
                 "Inbox plus outbox bytes (the quota's measure).",
                 stats.bytes as f64,
+            ),
+            (
+                "dedup_bytes",
+                "Bytes of dedup records (bounded by limits.max_dedup_bytes).",
+                stats.dedup_bytes as f64,
+            ),
+            (
+                "store_write_failed",
+                "1 while the store cannot be written (a full disk); input is held.",
+                f64::from(u8::from(stats.write_failure.is_some())),
             ),
             (
                 "broker_connected",

@@ -152,11 +152,46 @@ impl Tracker {
     }
 }
 
+/// What the broker's CONNACK allows us to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Grant {
+    /// Maximum QoS: results go out at QoS 1 unless the broker grants less.
+    qos: QoS,
+    /// Retain Available: presence and model status are retained unless not.
+    retain: bool,
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Grant {
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        }
+    }
+}
+
+impl Grant {
+    fn of(ack: &rumqttc::v5::mqttbytes::v5::ConnAck) -> Grant {
+        let props = ack.properties.as_ref();
+        Grant {
+            qos: match props.and_then(|p| p.max_qos) {
+                Some(0) => QoS::AtMostOnce,
+                _ => QoS::AtLeastOnce,
+            },
+            retain: props.and_then(|p| p.retain_available) != Some(0),
+        }
+    }
+}
+
 /// Shared by the two tasks of a link.
 pub struct Link {
     client: AsyncClient,
     tracker: Mutex<Tracker>,
+    grant: Mutex<Grant>,
     store: Store,
+    /// Payload bytes kept of a message; a larger one is stored cut, to be
+    /// answered `too_large`.
+    max_payload: usize,
     max_inflight: usize,
     /// Store bytes above which input is held at the broker.
     quota: u64,
@@ -175,7 +210,7 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
         .set_manual_acks(true)
         .set_outgoing_inflight_upper_limit(cfg.max_inflight)
         .set_receive_maximum(Some(cfg.max_inflight))
-        .set_max_packet_size(Some(1 << 20))
+        .set_max_packet_size(Some(config.limits.max_packet_bytes))
         .set_last_will(LastWill::new(
             cfg.status_topic(),
             presence("offline"),
@@ -207,7 +242,12 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
 }
 
 impl Link {
-    pub fn new(mut opts: MqttOptions, store: Store, quota: u64) -> (Arc<Link>, EventLoop) {
+    pub fn new(
+        mut opts: MqttOptions,
+        store: Store,
+        quota: u64,
+        max_payload: usize,
+    ) -> (Arc<Link>, EventLoop) {
         let max_inflight = opts.get_outgoing_inflight_upper_limit().unwrap_or(32) as usize;
         // Small packets (a PUBACK, then a result) must not wait for the
         // broker's delayed TCP ACK: with Nagle's algorithm on, each result
@@ -220,7 +260,9 @@ impl Link {
         let link = Link {
             client,
             tracker: Mutex::new(Tracker::default()),
+            grant: Mutex::default(),
             store,
+            max_payload,
             max_inflight,
             quota,
             holding: AtomicBool::new(false),
@@ -249,9 +291,14 @@ impl Link {
             .last_will()
             .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
             .unwrap_or_default();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(max_backoff);
+        // Messages stored since the last flush, and the PUBACKs (QoS 1)
+        // that wait for it. QoS 0 messages are counted too: they need the
+        // flush and the router's wake-up as much as the others.
+        let mut fresh = 0usize;
         let mut to_ack: Vec<u16> = Vec::new();
         let mut subscribed = filters.borrow().clone();
+        let mut said: Option<String> = None;
         // Wakes an idle loop, so its heartbeat shows it is not stuck.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -260,9 +307,10 @@ impl Link {
             let event = tokio::select! {
                 ev = eventloop.poll() => ev,
                 _ = tick.tick() => {
-                    if holding && self.store.bytes() < self.quota / 10 * 9 {
+                    let room = self.store.bytes() < self.quota / 10 * 9;
+                    if holding && room && !self.store.failed() {
                         log::info!(
-                            "store below 90% of its quota again: reconnecting so the broker \
+                            "the store takes input again: reconnecting so the broker \
                              redelivers what it held"
                         );
                         self.holding.store(false, Ordering::Relaxed);
@@ -281,38 +329,68 @@ impl Link {
             };
             match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                    backoff = Duration::from_millis(200);
+                    backoff.connected();
+                    said = None;
+                    let grant = Grant::of(&ack);
                     log::info!(
                         "connected to broker {addr} (session present: {})",
                         ack.session_present
                     );
+                    if grant != Grant::default() {
+                        log::warn!(
+                            "broker {addr} grants maximum QoS {:?}, retain {}: results go \
+                             out at that QoS{}",
+                            grant.qos,
+                            if grant.retain {
+                                "available"
+                            } else {
+                                "not available"
+                            },
+                            if grant.qos == QoS::AtMostOnce {
+                                " (at most once: a result lost on the way is not sent again)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    *self.grant.lock().unwrap() = grant;
                     subscribe(&mut eventloop, &filters.borrow());
                     let mut online =
                         Publish::new(&status_topic, QoS::AtMostOnce, presence("online"), None);
-                    online.retain = true;
+                    online.retain = grant.retain;
                     eventloop.pending.push_back(Request::Publish(online));
                     self.tracker.lock().unwrap().connected = true;
                     self.publisher_wake.notify_one();
                 }
                 Ok(Event::Incoming(Incoming::Publish(_)))
-                    if holding || self.store.bytes() >= self.quota =>
+                    if holding || self.store.bytes() >= self.quota || self.store.failed() =>
                 {
                     // Neither stored nor acknowledged: redelivered later.
                     if !holding {
-                        log::warn!(
-                            "store quota of {} bytes reached: not acknowledging new messages \
-                             (the broker keeps them) until results drain",
-                            self.quota
-                        );
+                        match self.store.failure() {
+                            Some(why) => log::warn!(
+                                "the store cannot be written ({why}): not acknowledging new \
+                                 messages (the broker keeps them) until it can"
+                            ),
+                            None => log::warn!(
+                                "store quota of {} bytes reached: not acknowledging new \
+                                 messages (the broker keeps them) until results drain",
+                                self.quota
+                            ),
+                        }
                         self.holding.store(true, Ordering::Relaxed);
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     let (qos, pkid) = (p.qos, p.pkid);
-                    let entry = inbox_entry(p);
+                    let entry = inbox_entry(p, self.max_payload);
                     match self.store.append_inbox(&entry) {
-                        Ok(_) if qos != QoS::AtMostOnce => to_ack.push(pkid),
-                        Ok(_) => {}
+                        Ok(_) => {
+                            fresh += 1;
+                            if qos != QoS::AtMostOnce {
+                                to_ack.push(pkid);
+                            }
+                        }
                         // Not acknowledged: the broker keeps it and redelivers.
                         Err(e) => log::error!("cannot store message from {}: {e}", entry.topic),
                     }
@@ -333,6 +411,17 @@ impl Link {
                         filters.len()
                     );
                 }
+                Ok(Event::Incoming(Incoming::Disconnect(d))) => {
+                    let why = format!(
+                        "broker {addr} closed the connection: {:?}{}",
+                        d.reason_code,
+                        d.properties
+                            .and_then(|p| p.reason_string)
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    );
+                    log_once(&mut said, why);
+                }
                 // Our outbox entries are QoS 1; pkid 0 is the presence message.
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
                     let mut t = self.tracker.lock().unwrap();
@@ -345,21 +434,26 @@ impl Link {
                     // Whatever was received but not yet flushed is not acked:
                     // the broker redelivers it. Flush what we have anyway.
                     to_ack.clear();
-                    let _ = self.store.flush().await;
+                    if std::mem::take(&mut fresh) > 0 {
+                        let _ = self.store.flush().await;
+                        inbox_wake.notify_one();
+                    }
                     self.tracker
                         .lock()
                         .unwrap()
                         .reset_after_disconnect(&mut eventloop);
-                    log::warn!("broker {addr}: {e}; retrying in {} ms", backoff.as_millis());
+                    let wait = backoff.next();
+                    log_once(&mut said, connection_error(&addr, &e));
+                    log::debug!("broker {addr}: {e}; retrying in {} ms", wait.as_millis());
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => break,
                     }
-                    backoff = (backoff * 2).min(max_backoff);
                     continue;
                 }
             }
-            if !to_ack.is_empty() && (eventloop.state.events.is_empty() || to_ack.len() >= 256) {
+            if fresh > 0 && (eventloop.state.events.is_empty() || fresh >= 256) {
+                fresh = 0;
                 match self.store.flush().await {
                     Ok(()) => {
                         for pkid in to_ack.drain(..) {
@@ -370,13 +464,20 @@ impl Link {
                         inbox_wake.notify_one();
                     }
                     Err(e) => {
-                        log::error!("cannot flush the inbox: {e}; messages stay unacknowledged");
+                        if !self.store.failed() {
+                            log::error!(
+                                "cannot flush the inbox: {e}; messages stay unacknowledged"
+                            );
+                        }
                         to_ack.clear();
+                        // Held from here on: what was not acknowledged comes
+                        // back after the store heals and the link reconnects.
+                        self.holding.store(true, Ordering::Relaxed);
                     }
                 }
             }
         }
-        if !to_ack.is_empty() {
+        if fresh > 0 {
             let _ = self.store.flush().await;
         }
     }
@@ -422,6 +523,7 @@ impl Link {
 
     /// Publishes outbox entries, at most `max_inflight` unacknowledged.
     pub async fn run_publisher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut said = None;
         loop {
             tokio::select! {
                 _ = self.publisher_wake.notified() => {}
@@ -429,8 +531,11 @@ impl Link {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => break,
             }
-            if let Err(e) = self.publish_some().await {
-                log::error!("cannot read the outbox: {e}");
+            match self.publish_some().await {
+                Ok(()) => said = None,
+                // A failed store is reported by its healer.
+                Err(_) if self.store.failed() => {}
+                Err(e) => log_once(&mut said, format!("cannot read the outbox: {e}")),
             }
         }
     }
@@ -460,29 +565,39 @@ impl Link {
         // crash then would have them processed again.) Only this task adds
         // to `inflight`, so the batch is still unsent.
         self.store.flush().await?;
+        let grant = *self.grant.lock().unwrap();
         let mut t = self.tracker.lock().unwrap();
         if !t.connected {
             return Ok(());
         }
+        let mut handed_over = Vec::new();
         for (key, entry) in batch {
             // Under the tracker lock, so send order is `unassigned` order.
             let properties = PublishProperties {
                 correlation_data: entry.correlation.map(Into::into),
+                content_type: Some("application/json".into()),
+                payload_format_indicator: Some(1),
                 ..Default::default()
             };
             match self.client.try_publish_with_properties(
                 entry.topic,
-                QoS::AtLeastOnce,
-                entry.retain,
+                grant.qos,
+                entry.retain && grant.retain,
                 entry.payload,
                 properties,
             ) {
+                // At QoS 0 no PUBACK comes: handed over is as far as it goes.
+                Ok(()) if grant.qos == QoS::AtMostOnce => handed_over.push(key),
                 Ok(()) => {
                     t.unassigned.push_back(key);
                     t.inflight.insert(key);
                 }
                 Err(_) => break,
             }
+        }
+        drop(t);
+        for key in handed_over {
+            self.store.outbox_remove(key)?;
         }
         Ok(())
     }
@@ -505,8 +620,91 @@ fn presence(state: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// What the inbox keeps of a received PUBLISH.
-fn inbox_entry(p: Publish) -> InboxEntry {
+/// Reconnect delays: doubling from 200 ms up to the configured cap, with
+/// jitter (each wait is 50-100% of the step), and reset only by a
+/// connection that lasted: a broker that accepts and then closes at once
+/// is not retried at full speed.
+struct Backoff {
+    step: Duration,
+    max: Duration,
+    connected_at: Option<std::time::Instant>,
+    seed: u64,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    /// A connection up this long was a real one: start again from FIRST.
+    const STABLE: Duration = Duration::from_secs(10);
+
+    fn new(max: Duration) -> Backoff {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        Backoff {
+            step: Backoff::FIRST,
+            max: max.max(Backoff::FIRST),
+            connected_at: None,
+            seed,
+        }
+    }
+
+    fn connected(&mut self) {
+        self.connected_at = Some(std::time::Instant::now());
+    }
+
+    /// The wait before the next attempt.
+    fn next(&mut self) -> Duration {
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= Backoff::STABLE)
+        {
+            self.step = Backoff::FIRST;
+        }
+        // xorshift64: jitter needs no cryptographic quality.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let share = 0.5 + (self.seed % 1000) as f64 / 2000.0;
+        let wait = self.step.mul_f64(share);
+        self.step = (self.step * 2).min(self.max);
+        wait
+    }
+}
+
+/// Logs `what` as an error unless it is what was said last.
+fn log_once(said: &mut Option<String>, what: String) {
+    if said.as_deref() != Some(what.as_str()) {
+        log::error!("{what}");
+        *said = Some(what);
+    }
+}
+
+/// A connection error, with what to do about it where we know.
+fn connection_error(addr: &str, e: &rumqttc::v5::ConnectionError) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    use rumqttc::v5::ConnectionError as E;
+    let hint = match e {
+        E::ConnectionRefused(Code::UnsupportedProtocolVersion) => {
+            "; slmd speaks MQTT 5 only: use a broker that does (mosquitto 1.6 or later, EMQX, \
+             HiveMQ, VerneMQ, NanoMQ) or put one in front as a bridge"
+        }
+        E::ConnectionRefused(Code::NotAuthorized | Code::BadUserNamePassword) => {
+            "; check broker.username and broker.password, and the broker's ACL"
+        }
+        E::ConnectionRefused(Code::ClientIdentifierNotValid) => "; check broker.client_id",
+        E::Io(_) | E::Timeout(_) => "; is the broker running and reachable?",
+        E::Tls(_) => "; check broker.tls (CA file, certificate names)",
+        _ => "",
+    };
+    format!("broker {addr}: {e}{hint}; retrying with backoff")
+}
+
+/// What the inbox keeps of a received PUBLISH: all of it, but for a
+/// payload over `max_payload` bytes, of which the first `max_payload` bytes
+/// and the size are kept (it is answered `too_large`).
+fn inbox_entry(p: Publish, max_payload: usize) -> InboxEntry {
     let reply = p.properties.and_then(|props| {
         Some(Reply {
             topic: props.response_topic?,
@@ -520,7 +718,8 @@ fn inbox_entry(p: Publish) -> InboxEntry {
         // MQTT requires UTF-8 topics; a broker that let another through
         // gets the name stored lossily rather than the message dropped.
         topic: String::from_utf8_lossy(&p.topic).into_owned(),
-        payload: p.payload.to_vec(),
+        truncated_from: (p.payload.len() > max_payload).then_some(p.payload.len() as u64),
+        payload: p.payload[..p.payload.len().min(max_payload)].to_vec(),
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Router {
     /// `seen` keys of messages being processed: a redelivery that arrives
     /// while its original is still in flight is a duplicate too.
     in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Inbox keys of messages being processed, so that re-reading the
+    /// inbox after the store was reopened does not start them twice.
+    running: std::sync::Mutex<std::collections::HashSet<u64>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Model update requests: the control topic and where they go.
     control: Option<Control>,
@@ -105,6 +108,7 @@ impl Router {
             inbox_wake,
             outbox_wake,
             in_flight: Default::default(),
+            running: Default::default(),
             metrics,
             control: None,
             speeds: Default::default(),
@@ -290,6 +294,7 @@ impl Router {
         let all = max_in_flight as u32;
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<EngineError>(1);
         let mut cursor = None;
+        let mut generation = self.store.generation();
         let mut pruned_at = std::time::Instant::now() - Duration::from_secs(3600);
         'outer: loop {
             if pruned_at.elapsed() > Duration::from_secs(60) {
@@ -301,11 +306,23 @@ impl Router {
                     Err(e) => log::error!("cannot prune processed ids: {e}"),
                 }
             }
+            if self.store.generation() != generation {
+                // Reopened after a write failure: completions that did not
+                // reach the disk left their messages in the inbox again.
+                generation = self.store.generation();
+                cursor = None;
+            }
             let batch = match self.store.inbox_after(cursor, 64) {
                 Ok(b) => b,
                 Err(e) => {
-                    log::error!("cannot read the inbox: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // A failed store is reported by the healer, once.
+                    if !self.store.failed() {
+                        log::error!("cannot read the inbox: {e}");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => break,
+                    }
                     continue;
                 }
             };
@@ -317,6 +334,10 @@ impl Router {
                 }
             }
             for (key, entry) in batch {
+                if self.running.lock().unwrap().contains(&key) {
+                    cursor = Some(key);
+                    continue;
+                }
                 let attempts = self.store.attempts(key).unwrap_or_else(|e| {
                     log::error!("cannot read the attempts of message {key}: {e}");
                     0
@@ -336,10 +357,12 @@ impl Router {
                 let route = self.route(&routing, &entry, attempts);
                 let this = self.clone();
                 let fatal = fatal_tx.clone();
+                self.running.lock().unwrap().insert(key);
                 tokio::spawn(async move {
                     if let Err(e) = this.process(key, entry, attempts, routing, route).await {
                         let _ = fatal.try_send(e);
                     }
+                    this.running.lock().unwrap().remove(&key);
                     drop(permit);
                 });
             }
@@ -454,7 +477,7 @@ impl Router {
             routing.limits.content_dedup_window_secs
         };
         let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
-        let seen = store::seen_key(&task.name, &id);
+        let seen = store::seen_key(&task.name, &dedup_id(&id, entry.reply.as_ref()));
         let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
         let before = if racing {
             None
@@ -483,13 +506,17 @@ impl Router {
         let reply = routing.reply_to(&entry);
         // A Hermes task's `hermes/nlu/intentParsed` copy, when it asks for one.
         let mut announce = None;
-        let out = match (
-            &reply,
-            payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
-        ) {
+        let parsed = match entry.truncated_from {
+            Some(size) => Err(payload::InputError::TooLarge {
+                size: size as usize,
+                limit: routing.limits.max_payload_bytes,
+            }),
+            None => payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
+        };
+        let out = match (&reply, parsed) {
             (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
             (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
-            (Ok(_), Ok(req)) => match routing.engine.infer(&task.name, req.query()).await {
+            (Ok(_), Ok(req)) => match self.dispatch(key, &routing, &task.name, req.query()).await {
                 Ok(scores) => {
                     let latency = now_ms().saturating_sub(entry.received_ms) as f64;
                     let mut result = TaskResult::new(
@@ -601,20 +628,22 @@ impl Router {
             }
             Ok(Verdict::Note(facts)) => facts,
         };
-        let (cause, confidence, inference_ms, tokens) =
-            match routing.engine.infer(&task.name, facts.describe()).await {
-                Ok(s) => {
-                    let conf = s.ranked.first().map(|r| r.1);
-                    (s.label, conf, s.inference_ms, s.tokens)
-                }
-                Err(EngineError::Stopped) => return Err(EngineError::Stopped),
-                Err(e) => {
-                    // The facts matter more than the cause: the note goes
-                    // out without one.
-                    log::error!(task = task.name.as_str(); "no cause for the note: {e}");
-                    (None, None, 0.0, 0)
-                }
-            };
+        let (cause, confidence, inference_ms, tokens) = match self
+            .dispatch(key, routing, &task.name, facts.describe())
+            .await
+        {
+            Ok(s) => {
+                let conf = s.ranked.first().map(|r| r.1);
+                (s.label, conf, s.inference_ms, s.tokens)
+            }
+            Err(EngineError::Stopped) => return Err(EngineError::Stopped),
+            Err(e) => {
+                // The facts matter more than the cause: the note goes
+                // out without one.
+                log::error!(task = task.name.as_str(); "no cause for the note: {e}");
+                (None, None, 0.0, 0)
+            }
+        };
         let latency = now_ms().saturating_sub(entry.received_ms) as f64;
         let note = crate::monitor::note::Note {
             id: payload::id_of(&entry.topic, &entry.payload),
@@ -647,6 +676,23 @@ impl Router {
         );
         self.settle(key, Some(json_entry(&task.output_topic, &note)));
         Ok(())
+    }
+
+    /// Hands a message to the engine, once its `dispatched` mark is durable:
+    /// only what reached the engine is blamed if the process dies.
+    async fn dispatch(
+        &self,
+        key: u64,
+        routing: &Routing,
+        task: &str,
+        query: impl Into<crate::engine::Query>,
+    ) -> Result<crate::engine::Scores, EngineError> {
+        if let Err(e) = self.store.mark_dispatched(key).await {
+            // Inference goes ahead: the store's trouble is reported and
+            // healed elsewhere, and a lost mark only spares it a blame.
+            log::debug!("message {key} dispatched unmarked: {e}");
+        }
+        routing.engine.infer(task, query).await
     }
 
     fn error(
@@ -719,6 +765,23 @@ impl Routing {
             ));
         }
         Ok(Some(reply))
+    }
+}
+
+/// What identifies a request for dedup: its id, and where its answer goes.
+/// Two requests with the same text (so the same derived id) but different
+/// response topics or correlation data are two requests, each answered.
+fn dedup_id(id: &str, reply: Option<&Reply>) -> String {
+    match reply {
+        None => id.to_owned(),
+        Some(r) => {
+            let correlation = r.correlation.as_deref().map(hex::encode);
+            format!(
+                "{id}\u{0}{}\u{0}{}",
+                r.topic,
+                correlation.unwrap_or_default()
+            )
+        }
     }
 }
 
