@@ -304,9 +304,13 @@ impl Link {
         loop {
             beat.beat();
             let holding = self.holding.load(Ordering::Relaxed);
+            // The tick must not cancel a connection attempt half-way (a
+            // broker slow to answer CONNECT was never heard from, its
+            // refusal never logged): it runs only while connected.
+            let connected = self.tracker.lock().unwrap().connected;
             let event = tokio::select! {
                 ev = eventloop.poll() => ev,
-                _ = tick.tick() => {
+                _ = tick.tick(), if connected => {
                     let room = self.store.bytes() < self.quota / 10 * 9;
                     if holding && room && !self.store.failed() {
                         log::info!(
@@ -438,12 +442,19 @@ impl Link {
                         let _ = self.store.flush().await;
                         inbox_wake.notify_one();
                     }
-                    self.tracker
-                        .lock()
-                        .unwrap()
-                        .reset_after_disconnect(&mut eventloop);
+                    let accepted = {
+                        let mut tracker = self.tracker.lock().unwrap();
+                        let accepted = tracker.connected;
+                        tracker.reset_after_disconnect(&mut eventloop);
+                        accepted
+                    };
+                    if let Some(why) = fit_will_to_broker(&mut eventloop.options, &e) {
+                        // Not an outage: the same broker, asked what it takes.
+                        log::warn!("broker {addr}: {why}");
+                        continue;
+                    }
                     let wait = backoff.next();
-                    log_once(&mut said, connection_error(&addr, &e));
+                    log_once(&mut said, connection_error(&addr, &e, accepted));
                     log::debug!("broker {addr}: {e}; retrying in {} ms", wait.as_millis());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -673,6 +684,35 @@ impl Backoff {
     }
 }
 
+/// A broker that refuses our CONNECT because of the Last Will's QoS or
+/// retain flag (MQTT 5 reason codes 0x9B, 0x9A; mosquitto with `max_qos 0`
+/// or `retain_available false`) gets the will it takes: at QoS 0, or not
+/// retained. Returns what was changed, or `None` if nothing can be.
+fn fit_will_to_broker(
+    options: &mut MqttOptions,
+    e: &rumqttc::v5::ConnectionError,
+) -> Option<String> {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    let rumqttc::v5::ConnectionError::ConnectionRefused(code) = e else {
+        return None;
+    };
+    let mut will = options.last_will()?;
+    let why = match code {
+        Code::QoSNotSupported if will.qos != QoS::AtMostOnce => {
+            will.qos = QoS::AtMostOnce;
+            "it does not take QoS 1: the Last Will (offline presence) goes at QoS 0, and so do \
+             results if the CONNACK grants no more"
+        }
+        Code::RetainNotSupported if will.retain => {
+            will.retain = false;
+            "it does not take retained messages: presence and model status go unretained"
+        }
+        _ => return None,
+    };
+    options.set_last_will(will);
+    Some(why.into())
+}
+
 /// Logs `what` as an error unless it is what was said last.
 fn log_once(said: &mut Option<String>, what: String) {
     if said.as_deref() != Some(what.as_str()) {
@@ -681,10 +721,14 @@ fn log_once(said: &mut Option<String>, what: String) {
     }
 }
 
-/// A connection error, with what to do about it where we know.
-fn connection_error(addr: &str, e: &rumqttc::v5::ConnectionError) -> String {
+/// A connection error, with what to do about it where we know;
+/// `accepted`: the broker had accepted the connection (a CONNACK came).
+fn connection_error(addr: &str, e: &rumqttc::v5::ConnectionError, accepted: bool) -> String {
     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
     use rumqttc::v5::ConnectionError as E;
+    if accepted {
+        return format!("broker {addr}: connection lost: {e}; reconnecting with backoff");
+    }
     let hint = match e {
         E::ConnectionRefused(Code::UnsupportedProtocolVersion) => {
             "; slmd speaks MQTT 5 only: use a broker that does (mosquitto 1.6 or later, EMQX, \
@@ -694,7 +738,14 @@ fn connection_error(addr: &str, e: &rumqttc::v5::ConnectionError) -> String {
             "; check broker.username and broker.password, and the broker's ACL"
         }
         E::ConnectionRefused(Code::ClientIdentifierNotValid) => "; check broker.client_id",
-        E::Io(_) | E::Timeout(_) => "; is the broker running and reachable?",
+        E::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "; is the broker running, on this host and port?"
+        }
+        E::Io(_) | E::Timeout(_) | E::MqttState(_) | E::NotConnAck(_) => {
+            "; the connection ended before the broker accepted it: check that the broker is \
+             reachable and speaks MQTT 5 (slmd needs MQTT 5; a 3.1.1-only broker drops or \
+             ignores its CONNECT), and the broker's log for why"
+        }
         E::Tls(_) => "; check broker.tls (CA file, certificate names)",
         _ => "",
     };
