@@ -38,6 +38,7 @@ def test_broker_granting_maximum_qos_0_is_served_without_reconnecting(workdir, c
     got = listener.wait(with_id(id_))
     assert got is not None, f"not answered within {ANSWER_SECS} s through a Maximum QoS 0 broker"
     time.sleep(3)
+    print(f"max_qos 0: {counter.count} connection(s)")
     assert counter.count <= 2, f"slmd connected {counter.count} times (reconnect loop)"
     flaps = len(re.findall(r"connected to broker", daemon.text()))
     assert flaps <= 2, f"{flaps} connections logged"
@@ -70,10 +71,11 @@ def test_mqtt_311_only_broker_gets_a_clear_error_and_backoff_or_works(workdir, c
         return
     attempts = counter.count
     log = daemon.text()
+    print(f"amqtt: {attempts} connection attempts in {window} s")
     assert attempts <= 15, f"{attempts} connection attempts in {window} s: no backoff; log:\n{log[-1500:]}"
     said = [
         line for line in log.splitlines()
-        if re.match(r"(ERROR|WARN)", line) and re.search(r"(?i)mqtt ?5|3\.1\.1", line)
+        if re.search(r" (ERROR|WARN) ", line) and re.search(r"(?i)mqtt ?5|3\.1\.1", line)
     ]
     assert said, f"no log line says the broker does not speak MQTT 5:\n{log[-2000:]}"
 
