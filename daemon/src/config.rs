@@ -431,6 +431,11 @@ pub struct TaskConfig {
     /// ([`crate::hermes`]).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Hermes tasks: also announce every recognised query on
+    /// `hermes/nlu/intentParsed`, as Rhasspy's own NLU services do (for
+    /// listeners that watch the NLU rather than the intents).
+    #[serde(default)]
+    pub hermes_intent_parsed: bool,
     /// Safety policy for commands that act on the world: each result gets
     /// an `action` (execute, confirm or refuse) ([`crate::policy`]).
     pub policy: Option<crate::policy::PolicyConfig>,
@@ -670,6 +675,15 @@ impl Config {
         if !(0.0..=1.0).contains(&self.updates.canary_min_accuracy) {
             p.add("updates.canary_min_accuracy", "must be between 0 and 1");
         }
+        if let Some(file) = &self.updates.canary_examples {
+            let path = self.resolve(file);
+            if !path.is_file() {
+                p.add(
+                    "updates.canary_examples",
+                    format!("{} is not a readable file", path.display()),
+                );
+            }
+        }
         if let Err(why) = crate::topic::check_name(&self.updates.control_topic(&self.broker)) {
             p.add("updates.control_topic", why);
         }
@@ -753,6 +767,12 @@ impl Config {
     }
 
     fn validate_task(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        if task.hermes_intent_parsed && task.protocol != Protocol::Hermes {
+            p.add(
+                format!("{key}.hermes_intent_parsed"),
+                "needs protocol = \"hermes\"",
+            );
+        }
         if task.topics.is_empty() {
             p.add(
                 format!("{key}.topics"),

@@ -9,21 +9,28 @@
 //!  "sessionId": "s1", "intentFilter": ["HassTurnOn", "HassTurnOff"]}
 //! ```
 //!
-//! and answers on one of three topics, echoing `id`, `siteId`, `sessionId`
-//! and `customData`:
+//! and answers on one of three topics, echoing `id`, `siteId`, `sessionId`,
+//! `customData`, `lang`, `wakewordId` and `asrConfidence` as they came:
 //!
-//! - `<output_topic>/<intentName>`: `input`, `intent` (`intentName`,
-//!   `confidenceScore`), `slots` (`entity`, `slotName`, `rawValue`, `value`
-//!   as `{"kind", "value"}`, `range` in characters of `input`),
-//!   `alternatives`;
+//! - `<output_topic>/<intentName>`: `input`, `rawInput`, `intent`
+//!   (`intentName`, `confidenceScore`), `slots` (`entity`, `slotName`,
+//!   `rawValue`, `value` as `{"kind", "value"}`, `range` in characters of
+//!   `input`, and `confidence` = `confidenceScore`: Rhasspy reads the
+//!   first, Snips the second), `alternatives`;
 //! - `hermes/nlu/intentNotRecognized` below the task's threshold (or for
 //!   the reject label): `input` and the `alternatives`;
 //! - `hermes/error/nlu` for a query that cannot be read or inferred:
 //!   `error` (the message) and `context` (slmd's reason code).
 //!
+//! With the task's `hermes_intent_parsed = true`, a recognised query is
+//! also announced on `hermes/nlu/intentParsed` (Rhasspy's NLU services do
+//! this; its dialogue manager does not need it), see [`parsed`].
+//!
 //! `intentFilter` restricts the intents chosen among (see
-//! [`crate::engine::Engine::infer_among`]). Entity injection
-//! (`hermes/injection/perform`) is in [`crate::injection`].
+//! [`crate::engine::Engine::infer_among`]); `null` and `[]` both mean no
+//! filter, as in Rhasspy, whose dialogue manager sends `[]` when nothing
+//! restricts the next turn. Entity injection (`hermes/injection/perform`)
+//! is in [`crate::injection`].
 
 use serde_json::{json, Value};
 
@@ -32,6 +39,7 @@ use crate::engine::Scores;
 
 pub const NOT_RECOGNIZED_TOPIC: &str = "hermes/nlu/intentNotRecognized";
 pub const ERROR_TOPIC: &str = "hermes/error/nlu";
+pub const INTENT_PARSED_TOPIC: &str = "hermes/nlu/intentParsed";
 
 /// What a query brings besides its input; echoed in every answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,18 +50,27 @@ pub struct Session {
     pub session_id: Option<String>,
     /// Opaque to the NLU; returned as it came.
     pub custom_data: Value,
+    /// `lang`, `wakewordId` and `asrConfidence`: what the ASR and wake
+    /// word services said about the utterance. Rhasspy's dialogue manager
+    /// and intent handlers read them from the intent, so they are returned
+    /// as they came (null when absent).
+    pub lang: Value,
+    pub wakeword_id: Value,
+    pub asr_confidence: Value,
     /// `intentFilter`: only these intents may be recognised.
     pub intent_filter: Option<Vec<String>>,
 }
 
 impl Session {
     /// From a query object; missing or mistyped fields take Hermes'
-    /// defaults (`siteId` "default", no session), but an `intentFilter`
-    /// that is not null or a list of names gives `None`: a filter must
-    /// never silently widen to every intent.
+    /// defaults (`siteId` "default", no session). An empty `intentFilter`
+    /// is no filter, as in Rhasspy (its dialogue manager sends `[]` for
+    /// "any intent"); one that is not null or a list of names gives
+    /// `None`: a filter must never silently widen to every intent.
     pub fn of(query: &Value) -> Option<Session> {
         let filter = match query.get("intentFilter") {
             None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.is_empty() => None,
             Some(Value::Array(a)) => Some(
                 a.iter()
                     .map(|v| v.as_str().map(str::to_owned))
@@ -70,11 +87,15 @@ impl Session {
     /// The fields an answer echoes, without the filter.
     fn echoed(query: &Value) -> Session {
         let text = |k: &str| query.get(k).and_then(Value::as_str).map(str::to_owned);
+        let echo = |k: &str| query.get(k).cloned().unwrap_or(Value::Null);
         Session {
             id: text("id"),
             site_id: text("siteId").unwrap_or_else(|| "default".into()),
             session_id: text("sessionId"),
-            custom_data: query.get("customData").cloned().unwrap_or(Value::Null),
+            custom_data: echo("customData"),
+            lang: echo("lang"),
+            wakeword_id: echo("wakewordId"),
+            asr_confidence: echo("asrConfidence"),
             intent_filter: None,
         }
     }
@@ -107,20 +128,43 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
         "siteId": s.site_id,
         "sessionId": s.session_id,
         "customData": s.custom_data,
+        "lang": s.lang,
+        "wakewordId": s.wakeword_id,
+        "asrConfidence": s.asr_confidence,
         "alternatives": alternatives,
     });
     let Some(intent) = &scores.label else {
         return (NOT_RECOGNIZED_TOPIC.into(), body);
     };
+    let confidence = round4(scores.ranked[0].1);
     let slots: Vec<Value> = scores
         .slots
         .iter()
         .flatten()
-        .map(|slot| hermes_slot(input, slot))
+        .map(|slot| hermes_slot(input, slot, confidence))
         .collect();
-    body["intent"] = json!({"intentName": intent, "confidenceScore": round4(scores.ranked[0].1)});
+    body["rawInput"] = json!(input);
+    body["intent"] = json!({"intentName": intent, "confidenceScore": confidence});
     body["slots"] = Value::Array(slots);
     (format!("{output_topic}/{intent}"), body)
+}
+
+/// The `hermes/nlu/intentParsed` announcement of a recognised query, made
+/// from its answer: `input`, `intent`, `slots`, `id`, `siteId`,
+/// `sessionId`. `None` for an answer that recognised nothing (Hermes has
+/// no "parsed" form of `intentNotRecognized`).
+pub fn parsed(answer: &Value) -> Option<(String, Value)> {
+    let intent = answer.get("intent")?;
+    let field = |k: &str| answer.get(k).cloned().unwrap_or(Value::Null);
+    let body = json!({
+        "input": field("input"),
+        "intent": intent,
+        "slots": field("slots"),
+        "id": field("id"),
+        "siteId": field("siteId"),
+        "sessionId": field("sessionId"),
+    });
+    Some((INTENT_PARSED_TOPIC.into(), body))
 }
 
 /// An error answer (`hermes/error/nlu` unless the task names another).
@@ -133,7 +177,11 @@ pub fn error(s: &Session, reason: &str, message: &str) -> Value {
     })
 }
 
-fn hermes_slot(input: &str, slot: &Slot) -> Value {
+/// A slot as Hermes has it. slmd scores the intent, not each slot (a
+/// slot is read from the text or written under the intent's grammar), so
+/// a slot's confidence is its intent's: Rhasspy reads `confidence`
+/// (0.0 when missing), Snips `confidenceScore`.
+fn hermes_slot(input: &str, slot: &Slot, confidence: f64) -> Value {
     let value = match &slot.value {
         SlotValue::Text(t) => json!({"kind": "Custom", "value": t}),
         SlotValue::Number(_) => json!({"kind": "Number", "value": slot.value}),
@@ -143,6 +191,8 @@ fn hermes_slot(input: &str, slot: &Slot) -> Value {
         "slotName": slot.name,
         "rawValue": slot.span.as_ref().map_or_else(|| slot.value.to_string(), |s| s.raw.clone()),
         "value": value,
+        "confidence": confidence,
+        "confidenceScore": confidence,
     });
     if let Some(span) = &slot.span {
         // Hermes ranges count characters, slmd's spans bytes.
@@ -250,6 +300,95 @@ mod tests {
             "no range for a value not found in the input"
         );
         assert_eq!(body["alternatives"][0]["intentName"], "HassTurnOff");
+    }
+
+    /// A query as rhasspy-hermes' `NluQuery.payload()` writes it (every
+    /// field present, most of them null).
+    const RHASSPY_QUERY: &str = r#"{"input": "turn on the kitchen light", "siteId": "kitchen",
+        "id": "q7", "intentFilter": [], "sessionId": "s7", "wakewordId": "porcupine",
+        "lang": "en", "customData": "{\"turn\": 2}", "asrConfidence": 0.87,
+        "customEntities": null}"#;
+
+    #[test]
+    fn rhasspy_fields_are_echoed_and_an_empty_filter_is_no_filter() {
+        let q: Value = serde_json::from_str(RHASSPY_QUERY).unwrap();
+        let s = Session::of(&q).unwrap();
+        assert_eq!(s.intent_filter, None, "[] means any intent in Rhasspy");
+        let (_, body) = answer(
+            "hermes/intent",
+            &s,
+            "x",
+            &scores(Some("HassTurnOn"), vec![]),
+        );
+        assert_eq!(body["lang"], "en");
+        assert_eq!(body["wakewordId"], "porcupine");
+        assert_eq!(body["asrConfidence"], 0.87);
+        assert_eq!(body["customData"], "{\"turn\": 2}");
+        assert_eq!(
+            (&body["id"], &body["sessionId"]),
+            (&json!("q7"), &json!("s7"))
+        );
+        assert_eq!(body["rawInput"], "x");
+        // Not recognised answers echo them too.
+        let (topic, body) = answer("hermes/intent", &s, "x", &scores(None, vec![]));
+        assert_eq!(topic, NOT_RECOGNIZED_TOPIC);
+        assert_eq!(
+            (&body["lang"], &body["wakewordId"], &body["asrConfidence"]),
+            (&json!("en"), &json!("porcupine"), &json!(0.87))
+        );
+        // Absent fields are echoed as null, never invented.
+        let s = Session::of(&json!({"input": "x"})).unwrap();
+        let (_, body) = answer("hermes/intent", &s, "x", &scores(None, vec![]));
+        assert_eq!(
+            (&body["lang"], &body["wakewordId"], &body["asrConfidence"]),
+            (&Value::Null, &Value::Null, &Value::Null)
+        );
+    }
+
+    #[test]
+    fn slots_carry_the_intent_confidence_under_both_names() {
+        let slot = Slot {
+            name: "area".into(),
+            value: SlotValue::Text("Kitchen".into()),
+            span: None,
+        };
+        let s = Session::of(&json!({})).unwrap();
+        let (_, body) = answer(
+            "hermes/intent",
+            &s,
+            "x",
+            &scores(Some("HassTurnOn"), vec![slot]),
+        );
+        let slot = &body["slots"][0];
+        assert_eq!(slot["confidence"], 0.9, "Rhasspy reads 0.0 when missing");
+        assert_eq!(slot["confidenceScore"], 0.9, "Snips' name");
+    }
+
+    #[test]
+    fn intent_parsed_announces_a_recognised_query_only() {
+        let q: Value = serde_json::from_str(RHASSPY_QUERY).unwrap();
+        let s = Session::of(&q).unwrap();
+        let slot = Slot {
+            name: "area".into(),
+            value: SlotValue::Text("Kitchen".into()),
+            span: None,
+        };
+        let (_, body) = answer(
+            "hermes/intent",
+            &s,
+            "x",
+            &scores(Some("HassTurnOn"), vec![slot]),
+        );
+        let (topic, p) = parsed(&body).unwrap();
+        assert_eq!(topic, "hermes/nlu/intentParsed");
+        assert_eq!(p["intent"], body["intent"]);
+        assert_eq!(p["slots"], body["slots"]);
+        assert_eq!(
+            (&p["input"], &p["id"], &p["siteId"], &p["sessionId"]),
+            (&json!("x"), &json!("q7"), &json!("kitchen"), &json!("s7"))
+        );
+        let (_, none) = answer("hermes/intent", &s, "x", &scores(None, vec![]));
+        assert_eq!(parsed(&none), None);
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! request by building a new engine (the slot grammars change) and swapping
 //! it in like a reload, then answers `hermes/injection/complete`
 //! `{"requestId": ...}`; a refused request is answered on
-//! `hermes/error/injection` with the reason.
+//! `hermes/error/injection` with the reason ([`refusal`]), and with its
+//! `requestId` too whenever the payload had a readable `id`, even when
+//! the rest of it could not be parsed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,6 +100,23 @@ pub struct Entity {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Injected {
     pub entities: BTreeMap<String, Entity>,
+}
+
+/// The `id` of a request payload, read on its own so that a request
+/// refused as unreadable is still answered with its `requestId`.
+pub fn request_id(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(payload)
+        .ok()?
+        .get("id")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The answer to a refused request, on [`ERROR_TOPIC`]: `requestId`
+/// (null when the request had none), `error` (what is wrong) and
+/// `context` (the reason code).
+pub fn refusal(request_id: Option<&str>, reason: &str, why: &str) -> Value {
+    serde_json::json!({"requestId": request_id, "error": why, "context": reason})
 }
 
 pub fn parse(payload: &[u8]) -> Result<Request, InjectionError> {
@@ -381,6 +400,23 @@ slots = [
             request(r#"{"operations": [["add", {"area": ["Attic"]}], ["add", {"room": ["x"]}]]}"#);
         assert!(inj.perform(&r, &c).is_err());
         assert_eq!(inj, Injected::default());
+    }
+
+    #[test]
+    fn a_refusal_carries_the_request_id_even_when_the_request_is_unreadable() {
+        // Valid JSON with an id, but no operations: refused as bad_request.
+        let payload = br#"{"id": "r9", "operations": "add everything"}"#;
+        let e = parse(payload).unwrap_err();
+        assert_eq!(e.reason(), "bad_request");
+        let id = request_id(payload);
+        assert_eq!(id.as_deref(), Some("r9"));
+        let body = refusal(id.as_deref(), e.reason(), &e.to_string());
+        assert_eq!(body["requestId"], "r9");
+        assert_eq!(body["context"], "bad_request");
+        assert!(body["error"].as_str().unwrap().contains("operations"));
+        // No id to give: requestId is null, never left out.
+        let body = refusal(request_id(b"not json").as_deref(), "bad_request", "x");
+        assert_eq!(body.get("requestId"), Some(&Value::Null));
     }
 
     #[test]

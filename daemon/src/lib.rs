@@ -93,6 +93,98 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// Whether the configuration is at fault, so that starting again
+    /// cannot help: `slmd run` then exits 78 (EX_CONFIG), which the
+    /// systemd unit does not restart on. A model the configuration names
+    /// that is missing, unreadable or not installed, an examples or TLS
+    /// file that cannot be read, and an mlock the limits cannot grant are;
+    /// a busy state directory, a damaged store or a failed load are not.
+    pub fn is_config(&self) -> bool {
+        match self {
+            RunError::Model(e) => matches!(
+                e,
+                ModelError::ManifestNotFound { .. }
+                    | ModelError::ManifestRead { .. }
+                    | ModelError::ManifestParse { .. }
+                    | ModelError::ManifestInvalid { .. }
+            ),
+            RunError::Examples(_)
+            | RunError::Tls(_)
+            | RunError::NotInstalled { .. }
+            | RunError::Hash { .. }
+            | RunError::Memlock { .. } => true,
+            RunError::Engine(_)
+            | RunError::Bundle(_)
+            | RunError::Store(_)
+            | RunError::Lock(_)
+            | RunError::Injection(_)
+            | RunError::Metrics { .. } => false,
+        }
+    }
+}
+
+/// What `slmd check-config` finds about the files a valid configuration
+/// names beyond those [`Config::validate`] reads: the model reference.
+#[derive(Debug, Default)]
+pub struct FileCheck {
+    /// Errors: the configuration cannot run as written.
+    pub problems: Vec<config::Problem>,
+    /// Worth saying, but the configuration is right (a model to fetch).
+    pub notes: Vec<String>,
+}
+
+/// Resolves the model `[model]` names without loading it or writing
+/// anything: a manifest name must have a manifest in `model.manifests`
+/// (not yet installed is a note: `slmd model fetch` installs it), a path
+/// must be a GGUF file. An active bundle, which serves instead, is noted;
+/// the configured model still matters, as a rollback's last resort.
+pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
+    let mut out = FileCheck::default();
+    let mut problem = |key: &str, message: String| {
+        out.problems.push(config::Problem {
+            key: key.into(),
+            message,
+        })
+    };
+    if let Some(path) = &config.model.path {
+        let path = config.resolve(path);
+        match models::gguf::describe(&path) {
+            Ok(_) => {}
+            Err(e) => problem("model.path", format!("{}: {e}", path.display())),
+        }
+    } else if let Some(name) = &config.model.name {
+        let manifests = config.resolve(&config.model.manifests);
+        match models::find_manifest(&manifests, name) {
+            Err(e) => problem("model.name", e.to_string()),
+            Ok(m) => {
+                if ModelStore::installed_in(&config.state_dir(), &m).is_none() {
+                    out.notes.push(format!(
+                        "model {name:?} is not installed in {}: run `slmd model fetch {name} \
+                         --config {}` before `slmd run`",
+                        config.state_dir().join("models").display(),
+                        config_path.display()
+                    ));
+                }
+            }
+        }
+    }
+    // Opening the bundle store creates it: look only where one exists.
+    if config.state_dir().join("bundles/current.json").is_file() {
+        match bundle::store::BundleStore::open(&config.state_dir()).and_then(|s| s.active()) {
+            Ok(Some(b)) => out.notes.push(format!(
+                "bundle {} {} is active and serves instead of [model]",
+                b.manifest.name, b.manifest.version
+            )),
+            Ok(None) => {}
+            Err(e) => out
+                .notes
+                .push(format!("the bundle store cannot be read: {e}")),
+        }
+    }
+    out
+}
+
 /// The model to serve: the active bundle's, else the one `[model]` names.
 pub fn resolve_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
     let store = bundle::store::BundleStore::open(&config.state_dir())?;

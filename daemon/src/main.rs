@@ -271,6 +271,14 @@ fn main() -> ExitCode {
                 eprintln!("slmd: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
+            // A model, examples or TLS file the configuration names that
+            // is not there: restarting cannot help either.
+            if e.downcast_ref::<slmd::RunError>()
+                .is_some_and(slmd::RunError::is_config)
+            {
+                eprintln!("slmd: configuration: {}", describe(&e));
+                return ExitCode::from(EXIT_CONFIG);
+            }
             eprintln!("slmd: {}", describe(&e));
             ExitCode::FAILURE
         }
@@ -322,13 +330,22 @@ fn dirs(
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: valid ({} task(s))", config.display(), c.tasks.len());
-                Ok(ExitCode::SUCCESS)
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            let found = slmd::check_files(&c, &config);
+            for note in &found.notes {
+                eprintln!("slmd: note: {note}");
             }
-            Err(e) => Err(e.into()),
-        },
+            if !found.problems.is_empty() {
+                return Err(ConfigError::Invalid {
+                    path: config,
+                    problems: found.problems,
+                }
+                .into());
+            }
+            println!("{}: valid ({} task(s))", config.display(), c.tasks.len());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             config,
             broker,

@@ -205,9 +205,10 @@ impl Router {
     /// An entity injection request: checked here, applied by the
     /// supervisor (which answers it once the new engine serves).
     async fn inject(&self, key: u64, entry: InboxEntry) {
+        let id = injection::request_id(&entry.payload);
         let refused = |reason: &str, why: String| {
             log::warn!(reason = reason; "entity injection refused: {why}");
-            let body = serde_json::json!({"error": why, "context": reason});
+            let body = injection::refusal(id.as_deref(), reason, &why);
             Some(json_entry(injection::ERROR_TOPIC, &body))
         };
         let out = match (injection::parse(&entry.payload), &self.control) {
@@ -507,6 +508,8 @@ impl Router {
             return Ok(());
         }
         let reply = routing.reply_to(&entry);
+        // A Hermes task's `hermes/nlu/intentParsed` copy, when it asks for one.
+        let mut announce = None;
         let parsed = match &entry.truncated {
             Some(t) => Err(payload::InputError::TooLarge {
                 size: t.size as usize,
@@ -564,6 +567,9 @@ impl Router {
                         Some(session) => {
                             let (topic, body) =
                                 hermes::answer(&task.output_topic, session, &req.text, &scores);
+                            if task.hermes_intent_parsed {
+                                announce = hermes::parsed(&body).map(|(t, b)| json_entry(&t, &b));
+                            }
                             json_entry(&topic, &body)
                         }
                     }
@@ -583,6 +589,13 @@ impl Router {
             },
             _ => out,
         };
+        // Queued before the result commits, so a crash in between repeats
+        // the announcement with the rerun message rather than losing it.
+        if let Some(a) = &announce {
+            if let Err(e) = self.store.publish(a) {
+                log::error!("cannot queue the intentParsed of message {key}: {e}");
+            }
+        }
         match self.store.complete(key, &out, Some(&seen)) {
             Ok(()) => (self.outbox_wake)(),
             // The message stays in the inbox and runs again on restart.

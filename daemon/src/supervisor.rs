@@ -241,7 +241,7 @@ impl Supervisor {
             }
             Err((reason, why)) => {
                 log::warn!(reason = reason; "entity injection refused: {why}");
-                let body = json!({"requestId": req.id, "error": why, "context": reason});
+                let body = injection::refusal(req.id.as_deref(), reason, &why);
                 (injection::ERROR_TOPIC, body)
             }
         };

@@ -20,10 +20,25 @@ fn slmd(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn shipped_and_good_configs_validate() {
+    // The installed default names the installed manifest and example
+    // directories; point them at the checkout's.
+    let dir = tempfile::tempdir().unwrap();
+    let installed = dir.path().join("slmd.toml");
+    let text = std::fs::read_to_string(repo_root().join("configs/slmd.toml"))
+        .unwrap()
+        .replace(
+            "\"/usr/share/slmd/models\"",
+            &format!("{:?}", repo_root().join("models")),
+        )
+        .replace(
+            "\"examples/",
+            &format!("\"{}/", repo_root().join("configs/examples").display()),
+        );
+    std::fs::write(&installed, text).unwrap();
     for path in [
         fixture("good.toml"),
         repo_root().join("configs/demo.toml"),
-        repo_root().join("configs/slmd.toml"),
+        installed,
         repo_root().join("configs/factory.toml"),
         repo_root().join("configs/smart-home.toml"),
         repo_root().join("configs/vehicle.toml"),
@@ -104,6 +119,114 @@ fn bad_config_exits_78_and_names_the_keys() {
         "a missing file is a config error too"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/slmd.toml"));
+}
+
+/// A valid configuration in `dir` whose `[model]` table is `model`.
+fn config_with_model(dir: &std::path::Path, model: &str, extra: &str) -> PathBuf {
+    let path = dir.join("slmd.toml");
+    let text = format!(
+        "[broker]\nclient_id = \"check\"\n[state]\ndir = {state:?}\n[model]\n{model}\n\
+         manifests = {manifests:?}\n{extra}\n[[tasks]]\nname = \"t\"\nkind = \"classify\"\n\
+         topics = [\"in\"]\noutput_topic = \"out\"\n\
+         labels = [{{ name = \"on\", examples = [\"on\"] }}, {{ name = \"off\", examples = [\"off\"] }}]\n",
+        state = dir.join("state"),
+        manifests = repo_root().join("models"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_resolves_the_model_and_the_files_the_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |config: &std::path::Path| {
+        let out = slmd(&["check-config", "--config", config.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    // A name no manifest has: invalid, with the names there are.
+    let (code, stderr) = check(&config_with_model(
+        dir.path(),
+        "name = \"smollm2-135m-typo\"",
+        "",
+    ));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("model.name"), "{stderr}");
+    assert!(stderr.contains("smollm2-135m-typo"), "{stderr}");
+    assert!(
+        stderr.contains("smollm2-135m-instruct-q4_1"),
+        "the available manifests are listed: {stderr}"
+    );
+    // A GGUF path that is not there.
+    let (code, stderr) = check(&config_with_model(
+        dir.path(),
+        "path = \"/nonexistent/model.gguf\"",
+        "",
+    ));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("model.path"), "{stderr}");
+    // A file that is not GGUF.
+    std::fs::write(dir.path().join("notes.gguf"), "not a model").unwrap();
+    let (code, stderr) = check(&config_with_model(dir.path(), "path = \"notes.gguf\"", ""));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("model.path"), "{stderr}");
+    // A canary file that is not there.
+    let (code, stderr) = check(&config_with_model(
+        dir.path(),
+        "name = \"smollm2-135m-instruct-q4_1\"",
+        "[updates]\ncanary_examples = \"golden.jsonl\"",
+    ));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("updates.canary_examples"), "{stderr}");
+    // A known manifest not yet installed: valid, with what to run; and
+    // the check leaves nothing behind in the state directory.
+    let (code, stderr) = check(&config_with_model(
+        dir.path(),
+        "name = \"smollm2-135m-instruct-q4_1\"",
+        "",
+    ));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("slmd model fetch smollm2-135m-instruct-q4_1"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("state").exists());
+}
+
+#[test]
+fn run_exits_78_on_a_model_the_config_names_wrongly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: the model is resolved before any connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    for (model, says) in [
+        ("name = \"smollm2-135m-typo\"", "no model manifest named"),
+        (
+            "path = \"/nonexistent/model.gguf\"",
+            "/nonexistent/model.gguf",
+        ),
+        ("name = \"smollm2-135m-instruct-q4_1\"", "slmd model fetch"),
+    ] {
+        let config = config_with_model(dir.path(), model, "");
+        let out = slmd(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--broker",
+            &broker,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{model}: systemd must not restart it: {stderr}"
+        );
+        assert!(stderr.contains(says), "{model}: {stderr}");
+    }
 }
 
 /// `slmd classify` of `text` with `config`'s task `task`; must succeed.

