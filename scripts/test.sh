@@ -23,3 +23,6 @@ oelint=.cache/tools/oelint
   python3 -m venv "$oelint" && "$oelint/bin/pip" install -q oelint-adv==9.11.2
 }
 cargo test --locked --workspace
+# Third-party clients and brokers (rhasspy-hermes, paho-mqtt 3.1.1 and 5,
+# mosquitto_rr as the README prints it, amqtt) against the built daemon.
+tests/conformance/run.sh
