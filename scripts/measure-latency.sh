@@ -2,7 +2,7 @@
 # End-to-end latency (publish -> result) and the daemon's peak RSS, against a
 # local mosquitto, release build.
 #
-#   scripts/measure-latency.sh [N] [serial|burst] [--no-inference] [--state-dir DIR]
+#   [SLMD=BIN] scripts/measure-latency.sh [N] [serial|burst] [--no-inference] [--state-dir DIR]
 #
 # serial: one message at a time (the latency one speaker sees); burst: N at
 # once (throughput). --no-inference answers without the model, so the figure
@@ -24,13 +24,19 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-cargo build --release --locked --bins --examples -q
+# SLMD=path/to/slmd measures another build (its examples/ beside it);
+# default: the release build, built here.
+if [ -z "${SLMD:-}" ]; then
+    cargo build --release --locked --bins --examples -q
+fi
+bin=${SLMD:-target/release/slmd}
+bench=$(dirname "$bin")/examples/e2e_latency
 port=$((20000 + RANDOM % 20000))
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n' "$port" >"$work/m.conf"
 $(command -v mosquitto || echo /usr/sbin/mosquitto) -c "$work/m.conf" 2>/dev/null &
-target/release/slmd model fetch smollm2-135m-instruct-q4_1 --config configs/demo.toml >/dev/null 2>&1
+"$bin" model fetch smollm2-135m-instruct-q4_1 --config configs/demo.toml >/dev/null 2>&1
 # The demo config with absolute paths and a fresh state directory.
 state=${state:-$work/state}
 rm -rf "$state/store"
@@ -41,11 +47,11 @@ sed -e "s|^dir = .*|dir = \"$state\"|" -e "s|\"\\.\\./|\"$repo/|" \
 mkdir -p "$state/models"
 cp -al "$repo/state/models/." "$state/models/" 2>/dev/null || true
 [ -d "$repo/state/heads" ] && cp -r "$repo/state/heads" "$state/" 2>/dev/null || true
-target/release/slmd run --config "$work/slmd.toml" --broker "mqtt://127.0.0.1:$port" "${extra[@]}" 2>"$work/slmd.log" &
+"$bin" run --config "$work/slmd.toml" --broker "mqtt://127.0.0.1:$port" "${extra[@]}" 2>"$work/slmd.log" &
 pid=$!
 until grep -q "subscribed to" "$work/slmd.log"; do
     kill -0 "$pid" 2>/dev/null || { echo "slmd exited:" >&2; cat "$work/slmd.log" >&2; exit 1; }
     sleep 0.2
 done
-target/release/examples/e2e_latency "$port" "$n" home/bench/command 'slmd/home/#' "$mode"
+"$bench" "$port" "$n" home/bench/command 'slmd/home/#' "$mode"
 echo "peak_rss_kib=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)"
