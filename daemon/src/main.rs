@@ -325,6 +325,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: valid ({} task(s))", config.display(), c.tasks.len());
+                for w in c.warnings() {
+                    println!("warning: {w}");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => Err(e.into()),

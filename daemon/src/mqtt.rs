@@ -65,9 +65,9 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::store::{now_ms, InboxEntry, Reply, Store};
 
-/// A TLS file named in the config could not be read.
+/// A TLS or password file named in the config could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read TLS file {path}: {source}")]
+#[error("cannot read {path}: {source}")]
 pub struct TlsFileError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -183,8 +183,11 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
             true,
             None,
         ));
-    if let (Some(u), p) = (&cfg.username, &cfg.password) {
-        o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+    if let Some(u) = &cfg.username {
+        let password = config
+            .broker_password()
+            .map_err(|(path, source)| TlsFileError { path, source })?;
+        o.set_credentials(u.clone(), password.unwrap_or_default());
     }
     if let Some(tls) = &cfg.tls {
         let read = |p: &Path| {

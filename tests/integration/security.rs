@@ -1,0 +1,452 @@
+//! The control plane against a client of the broker that means harm
+//! (docs/SECURITY.md): each test replays one attack that worked on the
+//! old defaults, against the real daemon and mosquitto.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::updates::{bundle, client_id, keys, serving_model, signed, status_until, Keys};
+use crate::util::{write_config, Broker, Client, Daemon, V5Client};
+
+/// `[updates]` trusting `k`, with the security keys at their defaults and
+/// `extra` added. The canary's latency gate is not under test.
+fn updates(k: &Keys, extra: &str) -> String {
+    format!(
+        "\n[updates]\ntrusted_keys = [\"{}\"]\ntrial_secs = 2\ncanary_max_p95_ms = 60000\n{extra}\n",
+        k.public
+    )
+}
+
+struct Rig {
+    _broker: Broker,
+    daemon: Daemon,
+    sub: Client,
+    dir: tempfile::TempDir,
+    k: Keys,
+    id: String,
+    control: String,
+    status: String,
+}
+
+async fn rig(extra: &str) -> Rig {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path(), "k");
+    let extra = extra.replace("{dir}", &dir.path().display().to_string());
+    let config = write_config(dir.path(), broker.port, &updates(&k, &extra));
+    let id = client_id(&config);
+    let control = format!("slmd/{id}/model/update");
+    let status = format!("slmd/{id}/model/status");
+    let sub = Client::connect(broker.port, &["test/out/#", "test/err/#", &status]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+    Rig {
+        _broker: broker,
+        daemon,
+        sub,
+        dir,
+        k,
+        id,
+        control,
+        status,
+    }
+}
+
+impl Rig {
+    async fn send(&self, payload: String) {
+        self.sub.publish(&self.control, payload).await;
+    }
+
+    /// The control handler's own refusal (before any install starts).
+    async fn refused_now(&mut self) -> Value {
+        status_until(&mut self.sub, &self.status, |s| s["state"] == "refused").await
+    }
+
+    /// An install that ran and was refused; its recorded reason.
+    async fn refused_install(&mut self) -> String {
+        let s = status_until(&mut self.sub, &self.status, |s| {
+            s["state"] == "idle" && s["last"]["outcome"] == "refused"
+        })
+        .await;
+        s["last"]["reason"].as_str().unwrap().to_owned()
+    }
+
+    async fn serving(&mut self, version: &str) -> Value {
+        status_until(&mut self.sub, &self.status, |s| {
+            s["state"] == "idle" && s["serving"]["version"] == version
+        })
+        .await
+    }
+
+    fn state(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join("state").join(rel)
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Attack 1: `{"source": older, "force": true}` from any client of the
+/// broker activated an older version. Now control requests must be
+/// signed by default, `force` needs a signed request naming this device
+/// with a fresh sequence number, and the version rule holds otherwise; a
+/// replayed forced request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_broker_cannot_downgrade_the_model_nor_replay_a_forced_request() {
+    let mut r = rig("source_dir = \"{dir}\"").await;
+    let d = r.dir.path().to_path_buf();
+    let new = bundle(&d, "2.0.0", Some(&r.k));
+    let old = bundle(&d, "1.0.0", Some(&r.k));
+    r.send(signed(&r.k, &json!({"source": new}))).await;
+    r.serving("2.0.0").await;
+
+    // The attack as it was: unsigned, forced.
+    let attack = json!({"source": old, "activate": true, "force": true});
+    r.send(attack.to_string()).await;
+    assert_eq!(r.refused_now().await["reason"], "unsigned");
+    // Signed, but replayable (no sequence number, no device): refused.
+    r.send(signed(&r.k, &attack)).await;
+    let s = r.refused_now().await;
+    assert_eq!(s["reason"], "not_allowed", "{s}");
+    // Signed without force: the command line's version rule.
+    r.send(signed(&r.k, &json!({"source": old}))).await;
+    assert!(r.refused_install().await.starts_with("downgrade"));
+    assert_eq!(
+        serving_model(&mut r.sub, "still-2").await["version"],
+        "2.0.0"
+    );
+
+    // The owner's forced downgrade, for this device, sequence 7: honoured.
+    let forced = signed(
+        &r.k,
+        &json!({"source": old, "force": true, "seq": 7, "device": r.id}),
+    );
+    r.send(forced.clone()).await;
+    r.serving("1.0.0").await;
+    r.send(signed(&r.k, &json!({"source": new, "seq": 8})))
+        .await;
+    r.serving("2.0.0").await;
+    // Someone who saw the forced request sends it again: refused.
+    r.send(forced).await;
+    let s = r.refused_now().await;
+    assert_eq!(s["reason"], "replayed", "{s}");
+    assert_eq!(
+        serving_model(&mut r.sub, "after-replay").await["version"],
+        "2.0.0"
+    );
+    // The highest sequence number survives a restart.
+    assert_eq!(
+        std::fs::read_to_string(r.state("bundles/control-seq")).unwrap(),
+        "8"
+    );
+    assert!(r.daemon.is_running());
+}
+
+/// An HTTP server on loopback that records every path asked for:
+/// `/bundles/big` streams 64 MiB with no Content-Length, `/bundles/moved`
+/// redirects to `/internal-admin`, anything else answers "ok".
+fn hostile_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = first.split(' ').nth(1).unwrap_or("").to_owned();
+            seen.lock().unwrap().push(path.clone());
+            if path == "/bundles/big" {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let block = vec![0u8; 64 << 10];
+                for _ in 0..1024 {
+                    if conn.write_all(&block).is_err() {
+                        break;
+                    }
+                }
+            } else if path == "/bundles/moved" {
+                let head = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/internal-admin?x=2\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(head.as_bytes());
+            } else {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        }
+    });
+    (port, hits)
+}
+
+/// Attack 2: a request made slmd GET any URL, downloaded a 300 MB body
+/// whole and left it in staging. Now URLs must start with a configured
+/// prefix (none by default), redirects are not followed, local paths must
+/// lie under `source_dir`, downloads stop at the declared size or
+/// `max_bundle_bytes`, and staging is empty after every failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cannot_make_slmd_fetch_any_url_or_fill_staging() {
+    let (port, hits) = hostile_server();
+    let mut r = rig(&format!(
+        "url_prefixes = [\"http://127.0.0.1:{port}/bundles/\"]\n\
+         source_dir = \"{{dir}}/incoming\"\nmax_bundle_bytes = 4194304"
+    ))
+    .await;
+    std::fs::create_dir_all(r.dir.path().join("incoming")).unwrap();
+    let admin = format!("http://127.0.0.1:{port}/internal-admin?x=1");
+    // The attack as it was (unsigned), then signed: no request is sent.
+    r.send(json!({"source": admin}).to_string()).await;
+    assert_eq!(r.refused_now().await["reason"], "unsigned");
+    r.send(signed(&r.k, &json!({"source": admin}))).await;
+    assert!(r.refused_install().await.starts_with("not_allowed"));
+    let tricks = [
+        format!("http://127.0.0.1:{port}/bundles/../internal-admin"),
+        format!("http://127.0.0.1:{port}@127.0.0.2:{port}/bundles/x"),
+    ];
+    for t in &tricks {
+        r.send(signed(&r.k, &json!({"source": t}))).await;
+        let why = r.refused_install().await;
+        assert!(why.starts_with("not_allowed"), "{t}: {why}");
+    }
+    assert!(
+        hits.lock().unwrap().is_empty(),
+        "{:?}",
+        hits.lock().unwrap()
+    );
+
+    // A redirect from an allowed prefix is not followed.
+    r.send(signed(
+        &r.k,
+        &json!({"source": format!("http://127.0.0.1:{port}/bundles/moved")}),
+    ))
+    .await;
+    assert!(r.refused_install().await.starts_with("download_failed"));
+    assert_eq!(*hits.lock().unwrap(), vec!["/bundles/moved".to_owned()]);
+
+    // An endless body stops at max_bundle_bytes, or at the declared size.
+    let big = format!("http://127.0.0.1:{port}/bundles/big");
+    r.send(signed(&r.k, &json!({"source": big}))).await;
+    let why = r.refused_install().await;
+    assert!(
+        why.starts_with("too_large") && why.contains("4194304"),
+        "{why}"
+    );
+    r.send(signed(&r.k, &json!({"source": big, "size": 100000})))
+        .await;
+    let why = r.refused_install().await;
+    assert!(
+        why.starts_with("too_large") && why.contains("100000"),
+        "{why}"
+    );
+    assert_eq!(files_in(&r.state("bundles/.staging")), Vec::<String>::new());
+
+    // Local paths: only under source_dir, also through a symlink.
+    let outside = bundle(r.dir.path(), "2.0.0", Some(&r.k));
+    std::os::unix::fs::symlink(&outside, r.dir.path().join("incoming/link.slmdb")).unwrap();
+    for p in [
+        outside.display().to_string(),
+        format!("{}/incoming/link.slmdb", r.dir.path().display()),
+        format!("{}/incoming/../smol-2.0.0.slmdb", r.dir.path().display()),
+    ] {
+        r.send(signed(&r.k, &json!({"source": p}))).await;
+        let why = r.refused_install().await;
+        assert!(why.starts_with("not_allowed"), "{p}: {why}");
+    }
+    assert_eq!(files_in(&r.state("bundles/.staging")), Vec::<String>::new());
+    assert_eq!(
+        serving_model(&mut r.sub, "still-serving").await["version"],
+        Value::Null
+    );
+}
+
+fn transfer(id: &str, size: u64, sha: &str) -> Value {
+    json!({"transfer": {"id": id, "size": size, "sha256": sha, "chunk_size": 1024}})
+}
+
+fn chunk(id: &str, data: &[u8], index: usize) -> String {
+    use base64::Engine as _;
+    use sha2::Digest;
+    let part = &data[index * 1024..((index + 1) * 1024).min(data.len())];
+    json!({"chunk": {
+        "transfer": id, "index": index,
+        "sha256": hex::encode(sha2::Sha256::digest(part)),
+        "data": base64::engine::general_purpose::STANDARD.encode(part),
+    }})
+    .to_string()
+}
+
+/// Attack 3: announcements filled the disk (an 8 GiB declared size wrote a
+/// 50 MB state file). Now, even with unsigned requests allowed, the size is
+/// checked against `max_bundle_bytes` and free space before anything is
+/// written, at most `max_transfers` are open, idle ones expire, the state
+/// stays small, and chunks after completion get no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_announcements_cannot_fill_the_disk() {
+    use sha2::Digest;
+    let mut r = rig(
+        "require_signed_requests = false\nmax_bundle_bytes = 1048576\nmax_transfers = 2\n\
+         transfer_expiry_secs = 4",
+    )
+    .await;
+    let transfers = r.state("bundles/.transfers");
+    let zeros = "0".repeat(64);
+    r.send(transfer("huge0", 8 << 30, &zeros).to_string()).await;
+    let s = r.refused_now().await;
+    assert_eq!(s["reason"], "too_large", "{s}");
+    assert!(files_in(&transfers).is_empty());
+
+    // Two may be open; a third is refused. A 1 MiB transfer of 1 KiB
+    // chunks keeps a state file well under 1 KiB.
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 251) as u8).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&data));
+    r.send(transfer("t1", 4096, &sha).to_string()).await;
+    status_until(&mut r.sub, &r.status, |s| s["transfer"] == "t1").await;
+    r.send(transfer("t2", 1 << 20, &zeros).to_string()).await;
+    let s = status_until(&mut r.sub, &r.status, |s| s["transfer"] == "t2").await;
+    assert_eq!(s["chunks"], 1024);
+    r.send(transfer("t3", 4096, &zeros).to_string()).await;
+    let s = r.refused_now().await;
+    assert_eq!(s["reason"], "not_allowed", "{s}");
+    let state_size = std::fs::metadata(transfers.join("t2.json")).unwrap().len();
+    assert!(state_size < 1024, "t2.json is {state_size} bytes");
+
+    // t1 completes (it is no bundle, so the install is refused and the
+    // transfer removed); its chunks sent again get no answer.
+    for i in 0..4 {
+        r.send(chunk("t1", &data, i)).await;
+    }
+    assert!(r.refused_install().await.starts_with("not_a_bundle"));
+    for i in [3, 0] {
+        r.send(chunk("t1", &data, i)).await;
+    }
+    let said: Vec<Value> = r
+        .sub
+        .extra(Duration::from_secs(3))
+        .await
+        .into_iter()
+        .filter(|m| m.topic == r.status)
+        .map(|m| m.json())
+        .collect();
+    assert!(said.is_empty(), "{said:?}");
+
+    // t2 received nothing for longer than the expiry: the next
+    // announcement deletes it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    r.send(transfer("t4", 4096, &zeros).to_string()).await;
+    status_until(&mut r.sub, &r.status, |s| s["transfer"] == "t4").await;
+    let mut left = files_in(&transfers);
+    left.sort();
+    assert_eq!(left, vec!["t4.json", "t4.slmdb"]);
+    assert!(r.daemon.is_running());
+}
+
+/// Sends request `r-<n>` naming `response`; the reason of its error.
+async fn ask(app: &mut V5Client, sub: &mut Client, n: usize, response: &str) -> String {
+    let msg = format!(r#"{{"id": "r-{n}", "text": "turn on the lights"}}"#);
+    app.request("test/home/hall", msg, response, b"c").await;
+    let err = loop {
+        let m = sub
+            .next(Duration::from_secs(60))
+            .await
+            .expect("an error result");
+        if m.topic == "test/err/home" {
+            break m.json();
+        }
+        assert!(
+            !m.topic.contains("model/update"),
+            "{}: {}",
+            m.topic,
+            m.json()
+        );
+    };
+    assert_eq!(err["id"], format!("r-{n}"), "{err}");
+    err["error"]["reason"].as_str().unwrap().to_owned()
+}
+
+/// Attack 4: `response_topics` allowed "#", so a request could make slmd
+/// publish on any topic, its own control topic included. Now none is
+/// allowed by default, and slmd's own topics and `$` topics are refused
+/// whatever the configuration allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_topic_cannot_be_another_consumers_or_slmds_own() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let id = client_id(&config);
+    let mut sub = Client::connect(broker.port, &["test/err/#", "slmd/#", "hermes/#"]).await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+    let mut app = V5Client::connect(broker.port, &["other/#"]).await;
+    let t = Duration::from_secs(60);
+    // Defaults: another consumer's topic is refused.
+    assert_eq!(
+        ask(&mut app, &mut sub, 1, "other/consumer/commands").await,
+        "response_topic_refused"
+    );
+
+    // Even with "#" allowed: slmd's own topics and $ topics.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[limits]\n", "[limits]\nresponse_topics = [\"#\"]\n");
+    std::fs::write(&config, text).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(60))
+        .await;
+    let own = [
+        format!("slmd/{id}/model/update"),
+        format!("slmd/{id}/model/status"),
+        format!("slmd/{id}/status"),
+        "hermes/injection/perform".to_owned(),
+        "slmd/dead-letter".to_owned(),
+        "test/home/loop".to_owned(),
+        "$SYS/broker/x".to_owned(),
+    ];
+    for (n, topic) in own.iter().enumerate() {
+        assert_eq!(
+            ask(&mut app, &mut sub, 10 + n, topic).await,
+            "response_topic_refused",
+            "{topic}"
+        );
+    }
+    // What "#" is for still works.
+    app.request(
+        "test/home/hall",
+        r#"{"id": "r-ok", "text": "turn on the lights"}"#,
+        "other/replies/1",
+        b"c",
+    )
+    .await;
+    let got = app.next(t).await.expect("a result on the response topic");
+    assert_eq!(got.topic, "other/replies/1");
+    assert_eq!(got.json()["id"], "r-ok");
+    let status = format!("slmd/{id}/model/status");
+    let stray = sub.extra(Duration::from_secs(1)).await;
+    assert!(
+        stray
+            .iter()
+            .all(|m| m.topic != status && !m.topic.contains("update")),
+        "{:?}",
+        stray.iter().map(|m| &m.topic).collect::<Vec<_>>()
+    );
+}
