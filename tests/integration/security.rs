@@ -450,3 +450,166 @@ async fn a_response_topic_cannot_be_another_consumers_or_slmds_own() {
         stray.iter().map(|m| &m.topic).collect::<Vec<_>>()
     );
 }
+
+/// A TLS listener with the server certificate `cert` (`server` or `wrong`)
+/// and no client certificate required, beside a plain one; returns the
+/// broker, the TLS port and the certificates' directory.
+fn tls_broker(cert: &str) -> (Broker, u16, std::path::PathBuf) {
+    let (plain, tls_port) = (crate::util::free_port(), crate::util::free_port());
+    let dir = Broker::dir();
+    crate::util::make_certs(dir.path());
+    let certs = dir.path().to_path_buf();
+    let listener = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {c}/ca.crt\ncertfile {c}/{cert}.crt\n\
+         keyfile {c}/{cert}.key\n",
+        c = certs.display()
+    );
+    let broker = Broker::start_in(dir, plain, &listener);
+    crate::util::wait_for_port(tls_port, Duration::from_secs(10));
+    (broker, tls_port, certs)
+}
+
+/// Server authentication only: the broker's certificate is verified
+/// against the CA and must name 127.0.0.1; one for another name is
+/// refused, and the daemon keeps retrying without ever subscribing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_the_broker_and_refuses_a_certificate_for_another_name() {
+    let (broker, tls_port, certs) = tls_broker("server");
+    let work = tempfile::tempdir().unwrap();
+    let tls = format!("[broker.tls]\nca_file = \"{}/ca.crt\"\n", certs.display());
+    let config = write_config(work.path(), tls_port, &tls);
+    let mut sub = Client::connect(broker.port, &["test/out/#"]).await;
+    let url = format!("mqtt://127.0.0.1:{tls_port}");
+    let mut daemon = Daemon::start(&config, &url);
+    daemon.wait_subscribed().await;
+    sub.publish(
+        "test/home/x",
+        r#"{"id": "tls-s", "text": "make me a coffee"}"#,
+    )
+    .await;
+    assert_eq!(
+        sub.take(1, Duration::from_secs(60)).await[0].json()["id"],
+        "tls-s"
+    );
+    daemon.terminate();
+
+    let (_wrong_broker, wrong_port, wrong_certs) = tls_broker("wrong");
+    let work2 = tempfile::tempdir().unwrap();
+    let tls = format!(
+        "[broker.tls]\nca_file = \"{}/ca.crt\"\n",
+        wrong_certs.display()
+    );
+    let config = write_config(work2.path(), wrong_port, &tls);
+    let mut refused = Daemon::start(&config, &format!("mqtt://127.0.0.1:{wrong_port}"));
+    refused
+        .wait_for_log("retrying in", Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = refused.log_text();
+    assert!(refused.is_running());
+    assert!(!log.contains("connected to broker"), "{log}");
+    assert!(log.contains("certificate not valid for name"), "{log}");
+}
+
+/// The ACL example of docs/SECURITY.md (configs/mosquitto/slmd.acl) on a
+/// real mosquitto, the device logging in with a password from a file:
+/// another user's request on the device's control topic never reaches
+/// slmd, even with signatures not required; the update service's does.
+/// The password is not in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_example_keeps_other_clients_off_the_control_topic() {
+    let dir = Broker::dir();
+    let work = tempfile::tempdir().unwrap();
+    let k = keys(work.path(), "k");
+    let (open, locked) = (crate::util::free_port(), crate::util::free_port());
+    let config = write_config(
+        work.path(),
+        locked,
+        &updates(&k, "require_signed_requests = false"),
+    );
+    let id = client_id(&config);
+    let passwords = dir.path().join("passwords");
+    for (n, (user, pw)) in [
+        (id.as_str(), "dev-pw-1"),
+        ("slmd-updater", "up-pw"),
+        ("intruder", "in-pw"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = std::process::Command::new("mosquitto_passwd");
+        cmd.arg("-b");
+        if n == 0 {
+            cmd.arg("-c");
+        }
+        assert!(cmd
+            .arg(&passwords)
+            .args([user, pw])
+            .status()
+            .unwrap()
+            .success());
+    }
+    // The example, with the test task's topics for the device's.
+    let acl = std::fs::read_to_string(crate::util::repo_root().join("configs/mosquitto/slmd.acl"))
+        .unwrap()
+        .replace("kitchen-pi", &id)
+        .replace("home/+/command", "test/home/+")
+        .replace("slmd/home/#", "test/#");
+    std::fs::write(dir.path().join("slmd.acl"), acl).unwrap();
+    for f in ["passwords", "slmd.acl"] {
+        let perms = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+        std::fs::set_permissions(dir.path().join(f), perms).unwrap();
+    }
+    let conf = format!(
+        "per_listener_settings true\nlistener {locked} 127.0.0.1\nallow_anonymous false\n\
+         password_file {d}/passwords\nacl_file {d}/slmd.acl\n",
+        d = dir.path().display()
+    );
+    let _broker = Broker::start_in(dir, open, &conf);
+    crate::util::wait_for_port(locked, Duration::from_secs(10));
+    let pw_file = work.path().join("mqtt-password");
+    std::fs::write(&pw_file, "dev-pw-1\n").unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "keep_alive_secs = 30\n",
+        &format!(
+            "keep_alive_secs = 30\nusername = \"{id}\"\npassword_file = \"{}\"\n",
+            pw_file.display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let status = format!("slmd/{id}/model/status");
+    let control = format!("slmd/{id}/model/update");
+    let mut sub = Client::connect(open, &[&status]).await;
+    let mut daemon = Daemon::start(&config, &format!("mqtt://127.0.0.1:{locked}"));
+    daemon.wait_subscribed().await;
+    status_until(&mut sub, &status, |s| s["state"] == "idle").await;
+
+    let publish = |user: &str, pw: &str, source: &str| {
+        let ok = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &locked.to_string(), "-q", "1"])
+            .args(["-u", user, "-P", pw, "-t", &control])
+            .args(["-m", &json!({"source": source}).to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    publish("intruder", "in-pw", "/from/intruder");
+    let said = sub.extra(Duration::from_secs(3)).await;
+    assert!(
+        said.is_empty(),
+        "{:?}",
+        said.iter().map(|m| m.json()).collect::<Vec<_>>()
+    );
+    publish("slmd-updater", "up-pw", "/from/updater");
+    status_until(&mut sub, &status, |s| s["state"] == "received").await;
+    // Taken, then refused by slmd's own rule (no source_dir).
+    let s = status_until(&mut sub, &status, |s| s["last"]["outcome"] == "refused").await;
+    assert!(
+        s["last"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("not_allowed"),
+        "{s}"
+    );
+    assert!(!daemon.log_text().contains("dev-pw-1"));
+}
