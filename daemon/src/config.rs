@@ -1076,6 +1076,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_defaults_are_the_safe_ones_and_opting_out_is_warned_about() {
+        let c = config(r#"kind = "classify""#);
+        let u = &c.updates;
+        assert!(u.require_signed_requests && u.require_signed_injection);
+        assert!(u.url_prefixes.is_empty() && u.source_dir.is_none());
+        assert!(c.limits.response_topics.is_empty());
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let open: Config = toml::from_str(&format!(
+            "{}\n[updates]\nrequire_signed_requests = false\nallow_unsigned = true\n",
+            "[broker]\nclient_id = \"t\"\npassword = \"p\"\nusername = \"u\"\n\
+             [state]\ndir = \"/x\"\n[model]\npath = \"/m\"\n[limits]\nresponse_topics = [\"#\"]"
+        ))
+        .unwrap();
+        let w = open.warnings().join("\n");
+        for key in [
+            "require_signed_requests",
+            "allow_unsigned",
+            "response_topics",
+            "broker.password",
+        ] {
+            assert!(w.contains(key), "{key}: {w}");
+        }
+        // A prefix must close the host name.
+        let mut c = config(r#"kind = "classify""#);
+        c.updates.url_prefixes = vec!["https://updates.example.org".into(), "https://h/d/".into()];
+        assert_eq!(keys(&c), ["updates.url_prefixes[0]"]);
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_or_a_systemd_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let mut c = config(r#"kind = "classify""#);
+        c.broker.username = Some("u".into());
+        c.broker.password_file = Some(dir.path().join("pw"));
+        assert_eq!(c.broker_password().unwrap().as_deref(), Some("s3cret"));
+        c.broker.password = Some("x".into());
+        assert_eq!(keys(&c), ["broker.password"]);
+        c.broker.password = None;
+        c.broker.password_file = Some(dir.path().join("missing"));
+        assert!(c.broker_password().is_err());
+        c.broker.password_file = None;
+        c.broker.password_credential = Some("a/b".into());
+        assert_eq!(keys(&c), ["broker.password_credential"]);
+    }
+
+    #[test]
     fn a_monitor_task_needs_its_table_and_only_it_has_one() {
         assert_eq!(keys(&config(r#"kind = "monitor""#)), ["tasks[0].monitor"]);
         let with = |kind: &str| {

@@ -240,3 +240,41 @@ fn download_to(
     }
     Err(fail(last))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_sources_need_a_prefix_or_the_source_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("in");
+        std::fs::create_dir(&inside).unwrap();
+        std::fs::write(inside.join("b.slmdb"), b"x").unwrap();
+        std::fs::write(dir.path().join("out.slmdb"), b"x").unwrap();
+        let reason = |n: &Network, s: &str| n.check(s).err().map(|e| e.reason());
+        let none = Network::default();
+        assert_eq!(reason(&none, "https://h/x.slmdb"), Some("not_allowed"));
+        let b = inside.join("b.slmdb");
+        assert_eq!(reason(&none, b.to_str().unwrap()), Some("not_allowed"));
+        let n = Network {
+            url_prefixes: vec!["https://h/slmd/".into()],
+            source_dir: Some(inside.clone()),
+        };
+        assert_eq!(reason(&n, "https://h/slmd/x.slmdb"), None);
+        for bad in [
+            "https://h/other/x.slmdb",
+            "https://h/slmd/../admin",
+            "https://h/slmd/x y",
+            "https://user@h/slmd/x",
+            "http://h/slmd/x",
+        ] {
+            assert_eq!(reason(&n, bad), Some("not_allowed"), "{bad}");
+        }
+        assert_eq!(reason(&n, b.to_str().unwrap()), None);
+        assert_eq!(reason(&n, &format!("file://{}", b.display())), None);
+        let escape = format!("{}/../out.slmdb", inside.display());
+        assert_eq!(reason(&n, &escape), Some("not_allowed"));
+        assert_eq!(reason(&n, "/nonexistent/x"), Some("not_a_bundle"));
+    }
+}
