@@ -613,3 +613,103 @@ async fn the_acl_example_keeps_other_clients_off_the_control_topic() {
     );
     assert!(!daemon.log_text().contains("dev-pw-1"));
 }
+
+/// Entity injection changes what slmd answers, so it falls under the same
+/// rule as model control: unsigned requests are refused by default, a
+/// signed one is applied, a replayed one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_injection_must_be_signed_by_default() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path(), "k");
+    let id = format!(
+        "slmd-inject-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
+    let config = dir.path().join("slmd.toml");
+    let text = format!(
+        r#"
+[broker]
+port = {port}
+client_id = "{id}"
+max_backoff_secs = 1
+[state]
+dir = "{state}"
+[model]
+path = "{model}"
+threads = 2
+[log]
+level = "debug"
+[updates]
+trusted_keys = ["{key}"]
+[[tasks]]
+name = "assist"
+kind = "extract"
+protocol = "hermes"
+topics = ["hermes/nlu/query"]
+output_topic = "hermes/intent"
+examples_file = "{examples}"
+slots = [
+  {{ name = "area", type = "enum", values = ["Kitchen", "Living Room", "Bedroom"] }},
+  {{ name = "floor", type = "enum", values = ["First Floor", "Second Floor"] }},
+  {{ name = "domain", type = "enum", open = true, values = ["light", "fan", "script"] }},
+  {{ name = "name", type = "string" }},
+  {{ name = "brightness", type = "number" }},
+  {{ name = "color", type = "string" }},
+]
+labels = [
+  {{ name = "HassTurnOn" }}, {{ name = "HassTurnOff" }},
+  {{ name = "HassLightSet" }}, {{ name = "HassMediaPause", slots = ["area", "name"] }},
+]
+"#,
+        port = broker.port,
+        state = dir.path().join("state").display(),
+        model = crate::util::model_path().display(),
+        key = k.public,
+        examples = crate::util::repo_root()
+            .join("tests/fixtures/ha-lights.jsonl")
+            .display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut sub = Client::connect(
+        broker.port,
+        &["hermes/injection/complete", "hermes/error/#"],
+    )
+    .await;
+    let mut daemon = Daemon::start(&config, &broker.url());
+    daemon.wait_subscribed().await;
+
+    let request = json!({"id": "inj1", "operations": [["add", {"area": ["Attic"]}]]});
+    sub.publish("hermes/injection/perform", request.to_string())
+        .await;
+    let m = sub
+        .next(Duration::from_secs(180))
+        .await
+        .expect("an injection answer");
+    assert_eq!(m.topic, "hermes/error/injection");
+    assert_eq!(m.json()["context"], "unsigned", "{}", m.json());
+    assert!(!dir.path().join("state/injections.json").exists());
+
+    let request = json!({"id": "inj2", "operations": [["add", {"area": ["Attic"]}]],
+                         "seq": 1, "device": id});
+    let wrapped = signed(&k, &request);
+    sub.publish("hermes/injection/perform", wrapped.clone())
+        .await;
+    let m = sub
+        .next(Duration::from_secs(180))
+        .await
+        .expect("an injection answer");
+    assert_eq!(m.topic, "hermes/injection/complete", "{}", m.json());
+    assert_eq!(m.json()["requestId"], "inj2");
+    let saved = std::fs::read_to_string(dir.path().join("state/injections.json")).unwrap();
+    assert!(saved.contains("Attic"), "{saved}");
+
+    sub.publish("hermes/injection/perform", wrapped).await;
+    let m = sub
+        .next(Duration::from_secs(180))
+        .await
+        .expect("an injection answer");
+    assert_eq!(m.topic, "hermes/error/injection");
+    assert_eq!(m.json()["context"], "replayed", "{}", m.json());
+    assert!(daemon.is_running());
+}
