@@ -253,28 +253,19 @@ impl Router {
             require_signed: c.require_signed_injection,
             device: &c.device,
         };
-        let checked = crate::bundle::control::unwrap_signed(&entry.payload, &rules).and_then(
-            |(payload, seq)| {
-                if let Some(seq) = seq {
-                    c.sequence.advance(seq)?;
-                }
-                Ok(payload)
-            },
-        );
-        let payload = match checked {
-            Ok(p) => p,
-            Err(e) => {
-                let out = refused(e.reason(), e.to_string());
-                self.settle(key, out);
-                return;
-            }
-        };
-        let out = match (injection::parse(&payload), &self.control) {
-            (Err(e), _) => refused(e.reason(), e.to_string()),
-            (Ok(_), None) => refused("unavailable", "this router has no supervisor".into()),
-            (Ok(req), Some(c)) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
-                Ok(()) => None,
-                Err(_) => refused("unavailable", "the supervisor has stopped".into()),
+        // Signature and device first; the sequence number advances only
+        // for a request that parses.
+        let out = match crate::bundle::control::unwrap_signed(&entry.payload, &rules) {
+            Err(e) => refused(e.reason(), e.to_string()),
+            Ok((payload, seq)) => match injection::parse(&payload) {
+                Err(e) => refused(e.reason(), e.to_string()),
+                Ok(req) => match seq.map_or(Ok(()), |n| c.sequence.advance(n)) {
+                    Err(e) => refused(e.reason(), e.to_string()),
+                    Ok(()) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
+                        Ok(()) => None,
+                        Err(_) => refused("unavailable", "the supervisor has stopped".into()),
+                    },
+                },
             },
         };
         self.settle(key, out);
