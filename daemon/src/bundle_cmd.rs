@@ -104,10 +104,12 @@ pub fn run(
         } => {
             let config = load(&config)?;
             let store = store(&config)?;
+            // The operator at the command line may name any source.
             let req = update::Request {
                 source,
                 activate,
                 force,
+                network: None,
             };
             let (outcome, _engine) = update::run(&config, &store, &req)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);

@@ -87,6 +87,12 @@ pub struct BrokerConfig {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Or the password is the first line of this file (relative to the
+    /// config), kept out of the config and readable by slmd alone.
+    pub password_file: Option<PathBuf>,
+    /// Or a systemd credential (`LoadCredential=NAME:...` in the unit):
+    /// the password is read from `$CREDENTIALS_DIRECTORY/NAME`.
+    pub password_credential: Option<String>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
     /// Upper bound on the reconnect backoff.
@@ -215,8 +221,9 @@ pub struct Limits {
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
     /// Topic filters an MQTT 5 request may name as its response topic; the
-    /// default allows any (leave access control to the broker's ACL). An
-    /// empty list refuses every response topic.
+    /// default (empty) refuses every response topic, since any client could
+    /// otherwise make slmd publish on another consumer's topic. slmd's own
+    /// topics and `$` topics are refused whatever this allows.
     #[serde(default = "default_response_topics")]
     pub response_topics: Vec<String>,
     /// The MQTT 5 Maximum Packet Size slmd advertises: the largest message
@@ -285,9 +292,30 @@ pub struct UpdatesConfig {
     #[serde(default)]
     pub allow_unsigned: bool,
     /// Control-topic requests (installs, transfer announcements) must be
-    /// signed by a trusted key.
-    #[serde(default)]
+    /// signed by a trusted key. On by default: anyone who can publish to
+    /// the broker could otherwise install a model (docs/SECURITY.md).
+    #[serde(default = "yes")]
     pub require_signed_requests: bool,
+    /// Entity injection requests (`hermes/injection/perform`) must be
+    /// signed like control requests: they change what slmd answers.
+    #[serde(default = "yes")]
+    pub require_signed_injection: bool,
+    /// URL prefixes an http(s) source named over MQTT must start with;
+    /// none by default (a network request cannot make slmd fetch a URL).
+    #[serde(default)]
+    pub url_prefixes: Vec<String>,
+    /// Directory a local source named over MQTT must lie under (after
+    /// resolving symlinks); none by default (no local path is accepted).
+    pub source_dir: Option<PathBuf>,
+    /// Largest bundle accepted from the network (download or transfer).
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: u64,
+    /// Chunked transfers that may be open at once.
+    #[serde(default = "default_max_transfers")]
+    pub max_transfers: usize,
+    /// A transfer with no chunk for this long is deleted.
+    #[serde(default = "default_transfer_expiry")]
+    pub transfer_expiry_secs: u64,
     /// Previously active bundles kept for rollback.
     #[serde(default = "default_keep")]
     pub keep: usize,
@@ -340,6 +368,18 @@ impl Default for UpdatesConfig {
 
 fn default_keep() -> usize {
     2
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_bundle() -> u64 {
+    2 << 30
+}
+fn default_max_transfers() -> usize {
+    2
+}
+fn default_transfer_expiry() -> u64 {
+    24 * 3600
 }
 fn default_reserve() -> u64 {
     64 << 20
@@ -554,7 +594,7 @@ fn default_dead_letter_topic() -> String {
     "slmd/dead-letter".into()
 }
 fn default_response_topics() -> Vec<String> {
-    vec!["#".into()]
+    Vec::new()
 }
 fn default_log_level() -> String {
     "info".into()
@@ -618,6 +658,74 @@ impl Config {
         }
     }
 
+    /// Settings that are valid but open the device to anyone who can
+    /// publish to the broker (docs/SECURITY.md); `check-config` prints them
+    /// and the daemon logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let u = &self.updates;
+        let mut w = Vec::new();
+        if !u.require_signed_requests {
+            w.push(
+                "updates.require_signed_requests = false: any client of the broker may install \
+                 (signed) bundles over the control topic"
+                    .to_owned(),
+            );
+        }
+        if !u.require_signed_injection && self.tasks.iter().any(|t| t.protocol == Protocol::Hermes)
+        {
+            w.push(
+                "updates.require_signed_injection = false: any client of the broker may change \
+                 the entities slmd recognises (restrict hermes/injection/perform in the broker's ACL)"
+                    .to_owned(),
+            );
+        }
+        if u.allow_unsigned {
+            w.push("updates.allow_unsigned = true: bundles need no signature".to_owned());
+        }
+        if u.url_prefixes.iter().any(|p| p.starts_with("http://")) {
+            w.push(
+                "updates.url_prefixes: plain http can be changed in transit (bundles are still \
+                 verified by signature)"
+                    .to_owned(),
+            );
+        }
+        if self.limits.response_topics.iter().any(|f| f == "#") {
+            w.push(
+                "limits.response_topics allows \"#\": any MQTT 5 request may make slmd publish \
+                 on another consumer's topic"
+                    .to_owned(),
+            );
+        }
+        if self.broker.password.is_some() {
+            w.push(
+                "broker.password is in the config file: prefer password_file or \
+                 password_credential"
+                    .to_owned(),
+            );
+        }
+        w
+    }
+
+    /// The broker password from wherever the config says it is.
+    pub fn broker_password(&self) -> Result<Option<String>, (PathBuf, std::io::Error)> {
+        let b = &self.broker;
+        let path = if let Some(f) = &b.password_file {
+            self.resolve(f)
+        } else if let Some(name) = &b.password_credential {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                (
+                    PathBuf::from(format!("$CREDENTIALS_DIRECTORY/{name}")),
+                    std::io::Error::other("CREDENTIALS_DIRECTORY is not set (LoadCredential=)"),
+                )
+            })?;
+            PathBuf::from(dir).join(name)
+        } else {
+            return Ok(b.password.clone());
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| (path, e))?;
+        Ok(Some(text.lines().next().unwrap_or("").to_owned()))
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.resolve(&self.state.dir)
     }
@@ -638,8 +746,28 @@ impl Config {
         if self.broker.port == 0 {
             p.add("broker.port", "must be 1-65535");
         }
-        if self.broker.username.is_none() && self.broker.password.is_some() {
+        let b = &self.broker;
+        let passwords = [
+            b.password.is_some(),
+            b.password_file.is_some(),
+            b.password_credential.is_some(),
+        ];
+        if b.username.is_none() && passwords.contains(&true) {
             p.add("broker.password", "set without broker.username");
+        }
+        if passwords.iter().filter(|x| **x).count() > 1 {
+            p.add(
+                "broker.password",
+                "set one of password, password_file and password_credential",
+            );
+        }
+        if let Some(name) = &b.password_credential {
+            if name.is_empty() || name.contains('/') {
+                p.add(
+                    "broker.password_credential",
+                    "a credential name, without '/'",
+                );
+            }
         }
         if let Err(why) = crate::topic::check_name(&self.broker.status_topic()) {
             p.add("broker.status_topic", why);
@@ -671,6 +799,23 @@ impl Config {
                     "not a minisign public key (the base64 line of a .pub file)",
                 );
             }
+        }
+        for (i, prefix) in self.updates.url_prefixes.iter().enumerate() {
+            let scheme = ["https://", "http://"]
+                .iter()
+                .find(|s| prefix.starts_with(*s));
+            // The host must be whole: "https://host" would also match
+            // "https://host.example.org".
+            let host_closed = scheme.is_some_and(|s| prefix[s.len()..].contains('/'));
+            if !host_closed {
+                p.add(
+                    format!("updates.url_prefixes[{i}]"),
+                    "an http(s) URL with a path, e.g. \"https://updates.example.org/slmd/\"",
+                );
+            }
+        }
+        if self.updates.max_transfers == 0 {
+            p.add("updates.max_transfers", "must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.updates.canary_min_accuracy) {
             p.add("updates.canary_min_accuracy", "must be between 0 and 1");
@@ -980,6 +1125,53 @@ pub(crate) mod tests {
 
     fn keys(c: &Config) -> Vec<String> {
         c.validate().into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn the_defaults_are_the_safe_ones_and_opting_out_is_warned_about() {
+        let c = config(r#"kind = "classify""#);
+        let u = &c.updates;
+        assert!(u.require_signed_requests && u.require_signed_injection);
+        assert!(u.url_prefixes.is_empty() && u.source_dir.is_none());
+        assert!(c.limits.response_topics.is_empty());
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let open: Config = toml::from_str(&format!(
+            "{}\n[updates]\nrequire_signed_requests = false\nallow_unsigned = true\n",
+            "[broker]\nclient_id = \"t\"\npassword = \"p\"\nusername = \"u\"\n\
+             [state]\ndir = \"/x\"\n[model]\npath = \"/m\"\n[limits]\nresponse_topics = [\"#\"]"
+        ))
+        .unwrap();
+        let w = open.warnings().join("\n");
+        for key in [
+            "require_signed_requests",
+            "allow_unsigned",
+            "response_topics",
+            "broker.password",
+        ] {
+            assert!(w.contains(key), "{key}: {w}");
+        }
+        // A prefix must close the host name.
+        let mut c = config(r#"kind = "classify""#);
+        c.updates.url_prefixes = vec!["https://updates.example.org".into(), "https://h/d/".into()];
+        assert_eq!(keys(&c), ["updates.url_prefixes[0]"]);
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_or_a_systemd_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let mut c = config(r#"kind = "classify""#);
+        c.broker.username = Some("u".into());
+        c.broker.password_file = Some(dir.path().join("pw"));
+        assert_eq!(c.broker_password().unwrap().as_deref(), Some("s3cret"));
+        c.broker.password = Some("x".into());
+        assert_eq!(keys(&c), ["broker.password"]);
+        c.broker.password = None;
+        c.broker.password_file = Some(dir.path().join("missing"));
+        assert!(c.broker_password().is_err());
+        c.broker.password_file = None;
+        c.broker.password_credential = Some("a/b".into());
+        assert_eq!(keys(&c), ["broker.password_credential"]);
     }
 
     #[test]

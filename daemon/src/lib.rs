@@ -418,6 +418,21 @@ pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
 
 /// Runs the daemon until `shutdown` turns true; applies the configurations
 /// sent on `reloads` (SIGHUP) while it runs.
+/// Topics an MQTT 5 response topic may never name, whatever
+/// `limits.response_topics` allows: slmd's own control, status,
+/// injection and dead-letter topics (input topics are checked per task).
+fn reserved_topics(config: &Config) -> Vec<String> {
+    vec![
+        config.updates.control_topic(&config.broker),
+        config.updates.status_topic(&config.broker),
+        config.broker.status_topic(),
+        config.limits.dead_letter_topic.clone(),
+        "hermes/injection/#".to_owned(),
+        "hermes/error/#".to_owned(),
+        format!("slmd/{}/#", config.broker.client_id),
+    ]
+}
+
 pub async fn run(
     config: Config,
     broker: Option<mqtt::BrokerAddr>,
@@ -428,6 +443,9 @@ pub async fn run(
     // State files (store, status snapshot, heads) readable by the group only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     let notifier = notify::Notifier::from_env();
+    for w in config.warnings() {
+        log::warn!("{w}");
+    }
     notifier.status("opening the store");
     let _lock = lock::StateLock::acquire(&config.state_dir())?;
     let store = store::Store::open_with(
@@ -535,7 +553,14 @@ pub async fn run(
             status_topic: config.updates.status_topic(&config.broker),
             trust: config.updates.trust(),
             require_signed: config.updates.require_signed_requests,
-            transfers: Arc::new(bundle::transfer::Transfers::open(&config.state_dir())?),
+            require_signed_injection: config.updates.require_signed_injection,
+            device: config.broker.client_id.clone(),
+            sequence: bundle::control::Sequence::open(&config.state_dir().join("bundles"))?,
+            transfers: Arc::new(bundle::transfer::Transfers::open(
+                &config.state_dir(),
+                bundle::transfer::Bounds::of(&config.updates),
+            )?),
+            reserved: reserved_topics(&config),
             tx: requests_tx,
         }),
     );

@@ -344,6 +344,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into());
             }
             println!("{}: valid ({} task(s))", config.display(), c.tasks.len());
+            for w in c.warnings() {
+                println!("warning: {w}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

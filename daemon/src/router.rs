@@ -75,7 +75,17 @@ pub struct Control {
     pub status_topic: String,
     pub trust: crate::bundle::Trust,
     pub require_signed: bool,
+    /// Entity injections must be signed too (they change what slmd
+    /// answers).
+    pub require_signed_injection: bool,
+    /// This device's client id: a signed request naming another device is
+    /// refused.
+    pub device: String,
+    /// The highest sequence number of a signed request accepted (replays).
+    pub sequence: crate::bundle::control::Sequence,
     pub transfers: Arc<crate::bundle::transfer::Transfers>,
+    /// Topic filters no response topic may match (slmd's own topics).
+    pub reserved: Vec<String>,
     pub tx: tokio::sync::mpsc::Sender<crate::supervisor::Job>,
 }
 
@@ -122,13 +132,32 @@ impl Router {
         }
     }
 
+    /// The chunked transfers the control topic receives.
+    pub fn transfers(&self) -> Option<Arc<crate::bundle::transfer::Transfers>> {
+        self.control.as_ref().map(|c| c.transfers.clone())
+    }
+
     /// A model update request: parsed (and its signature checked), then
     /// queued for the updater or written as a transfer chunk; acknowledged
     /// with a retained status.
     async fn control(&self, c: &Control, key: u64, entry: InboxEntry) {
         use crate::bundle::control::{self, Request};
         use crate::bundle::transfer::Progress;
-        let parsed = control::parse(&entry.payload, &c.trust, c.require_signed);
+        let rules = control::Rules {
+            trust: &c.trust,
+            require_signed: c.require_signed,
+            device: &c.device,
+        };
+        // A signed request with a sequence number must be newer than any
+        // accepted before; announcing an open transfer again (to resume
+        // it) is the one repeat allowed.
+        let parsed = control::parse(&entry.payload, &rules).and_then(|p| {
+            let resume = matches!(&p.request, Request::Start(s) if c.transfers.is_open(s));
+            match p.seq {
+                Some(seq) if !resume => c.sequence.advance(seq).map(|()| p),
+                _ => Ok(p),
+            }
+        });
         let job = |req, transfer| crate::supervisor::Job::Update { req, transfer };
         let queue = |j: crate::supervisor::Job| match c.tx.try_send(j) {
             Ok(()) => serde_json::json!({"state": "received"}),
@@ -136,17 +165,19 @@ impl Router {
                 "state": "refused", "reason": "busy", "detail": "an update is already queued"
             }),
         };
-        let status = match parsed {
+        let status = match parsed.map(|p| p.request) {
             Err(e) => refusal(&e),
             Ok(Request::Install {
                 source,
                 activate,
                 force,
+                size,
             }) => queue(job(
                 crate::bundle::update::Request {
                     source,
                     activate,
                     force,
+                    network: Some(size.unwrap_or(u64::MAX)),
                 },
                 None,
             )),
@@ -162,6 +193,10 @@ impl Router {
                 .unwrap_or_else(|e| Err(crate::bundle::BundleError::BadRequest(e.to_string())));
                 match progress {
                     Err(e) => refusal(&e),
+                    Ok(Progress::Ignored) => {
+                        self.settle(key, None);
+                        return;
+                    }
                     Ok(Progress::Receiving {
                         id,
                         received,
@@ -185,10 +220,12 @@ impl Router {
                         force,
                     }) => {
                         let id = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                        // The file is slmd's own, its size bounded already.
                         let req = crate::bundle::update::Request {
                             source: path.to_string_lossy().into_owned(),
                             activate,
                             force,
+                            network: None,
                         };
                         queue(job(req, id))
                     }
@@ -211,12 +248,29 @@ impl Router {
             let body = injection::refusal(id.as_deref(), reason, &why);
             Some(json_entry(injection::ERROR_TOPIC, &body))
         };
-        let out = match (injection::parse(&entry.payload), &self.control) {
-            (Err(e), _) => refused(e.reason(), e.to_string()),
-            (Ok(_), None) => refused("unavailable", "this router has no supervisor".into()),
-            (Ok(req), Some(c)) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
-                Ok(()) => None,
-                Err(_) => refused("unavailable", "the supervisor has stopped".into()),
+        let Some(c) = &self.control else {
+            let out = refused("unavailable", "this router has no supervisor".into());
+            self.settle(key, out);
+            return;
+        };
+        let rules = crate::bundle::control::Rules {
+            trust: &c.trust,
+            require_signed: c.require_signed_injection,
+            device: &c.device,
+        };
+        // Signature and device first; the sequence number advances only
+        // for a request that parses.
+        let out = match crate::bundle::control::unwrap_signed(&entry.payload, &rules) {
+            Err(e) => refused(e.reason(), e.to_string()),
+            Ok((payload, seq)) => match injection::parse(&payload) {
+                Err(e) => refused(e.reason(), e.to_string()),
+                Ok(req) => match seq.map_or(Ok(()), |n| c.sequence.advance(n)) {
+                    Err(e) => refused(e.reason(), e.to_string()),
+                    Ok(()) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
+                        Ok(()) => None,
+                        Err(_) => refused("unavailable", "the supervisor has stopped".into()),
+                    },
+                },
             },
         };
         self.settle(key, out);
@@ -507,7 +561,8 @@ impl Router {
             self.settle(key, before);
             return Ok(());
         }
-        let reply = routing.reply_to(&entry);
+        let reserved = self.control.as_ref().map_or(&[][..], |c| &c.reserved[..]);
+        let reply = routing.reply_to(&entry, reserved);
         // A Hermes task's `hermes/nlu/intentParsed` copy, when it asks for one.
         let mut announce = None;
         let parsed = match &entry.truncated {
@@ -745,13 +800,39 @@ impl Routing {
         }
     }
 
-    /// The request's response topic, if it has one slmd may publish to.
-    fn reply_to<'a>(&self, entry: &'a InboxEntry) -> Result<Option<&'a Reply>, String> {
+    /// The request's response topic, if it has one slmd may publish to:
+    /// allowed by `limits.response_topics`, and none of slmd's own topics
+    /// (`reserved`, its input topics) nor a `$` topic.
+    fn reply_to<'a>(
+        &self,
+        entry: &'a InboxEntry,
+        reserved: &[String],
+    ) -> Result<Option<&'a Reply>, String> {
         let Some(reply) = &entry.reply else {
             return Ok(None);
         };
         let name = &reply.topic;
         topic::check_name(name).map_err(|why| format!("response topic {name:?}: {why}"))?;
+        if name.starts_with('$') {
+            return Err(format!(
+                "response topic {name:?}: a $ topic is the broker's"
+            ));
+        }
+        let own = |f: &String| topic::matches(f, name);
+        let state = |t: &TaskConfig| {
+            let filter = t.policy.as_ref().and_then(|p| p.state_topic.as_deref());
+            filter.is_some_and(|f| topic::matches(f, name))
+        };
+        if reserved.iter().any(own)
+            || name == injection::PERFORM_TOPIC
+            || name == &self.limits.dead_letter_topic
+            || self.tasks.iter().any(state)
+        {
+            return Err(format!(
+                "response topic {name:?} is one of slmd's own topics (control, status, \
+                 injection or state)"
+            ));
+        }
         if !self
             .limits
             .response_topics

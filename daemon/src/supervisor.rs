@@ -170,10 +170,18 @@ impl Supervisor {
             let config = self.config.clone();
             let root = self.config.state_dir();
             let bundles = self.bundles.clone();
+            let transfers = self.router.transfers();
             tokio::task::spawn_blocking(move || {
                 let result = update::run(&config, &bundles, &req);
                 if let Some(id) = transfer {
-                    crate::bundle::transfer::Transfers::open(&root)?.finish(&id);
+                    match &transfers {
+                        Some(t) => t.finish(&id),
+                        None => crate::bundle::transfer::Transfers::open(
+                            &root,
+                            crate::bundle::transfer::Bounds::of(&config.updates),
+                        )?
+                        .finish(&id),
+                    }
                 }
                 result
             })

@@ -9,6 +9,7 @@ mod mqtt5;
 mod packaging;
 mod packs;
 mod proxy;
+mod security;
 mod systemd;
 mod updates;
 mod util;

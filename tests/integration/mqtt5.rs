@@ -6,7 +6,17 @@ use crate::util::{make_certs, write_config, Broker, Client, Daemon, Running, V5C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_topic_gets_the_result_with_its_correlation_data() {
-    let mut run = Running::start().await;
+    // No response topic is allowed by default (security.rs).
+    let mut run = Running::with(&["test/out/#", "test/err/#"], |dir, port| {
+        let config = write_config(dir, port, "");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "[limits]\n",
+            "[limits]\nresponse_topics = [\"app/replies/#\", \"test/home/#\"]\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        config
+    })
+    .await;
     let port = run.broker.port;
     let mut app = V5Client::connect(port, &["app/replies/#"]).await;
     let t = Duration::from_secs(60);

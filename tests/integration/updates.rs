@@ -10,12 +10,12 @@ use serde_json::Value;
 
 use crate::util::{model_path, serve_file, write_config, Broker, Client, Daemon};
 
-struct Keys {
-    public: String,
-    secret: PathBuf,
+pub(crate) struct Keys {
+    pub public: String,
+    pub secret: PathBuf,
 }
 
-fn keys(dir: &Path, name: &str) -> Keys {
+pub(crate) fn keys(dir: &Path, name: &str) -> Keys {
     let out = slmd_cmd(&["model", "keygen"], &[dir.join(name).to_str().unwrap()]);
     let public = out
         .lines()
@@ -30,7 +30,7 @@ fn keys(dir: &Path, name: &str) -> Keys {
 }
 
 /// Runs slmd, asserting success; returns stdout.
-fn slmd_cmd(args: &[&str], more: &[&str]) -> String {
+pub(crate) fn slmd_cmd(args: &[&str], more: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_slmd"))
         .args(args)
         .args(more)
@@ -55,7 +55,7 @@ fn slmd_fails(args: &[&str]) -> String {
 }
 
 /// A bundle of the test model at `version`, signed with `keys` (or not).
-fn bundle(dir: &Path, version: &str, keys: Option<&Keys>) -> PathBuf {
+pub(crate) fn bundle(dir: &Path, version: &str, keys: Option<&Keys>) -> PathBuf {
     let out = dir.join(format!("smol-{version}.slmdb"));
     let model = model_path();
     let mut args = vec![
@@ -107,12 +107,24 @@ fn tamper(file: &Path, out: &Path, member: &str, f: impl FnOnce(&mut Vec<u8>)) -
     out.to_path_buf()
 }
 
-fn updates(keys: &Keys, extra: &str) -> String {
+pub(crate) fn updates(keys: &Keys, extra: &str) -> String {
     // The latency gate is not under test; CI runs two tests at once on two
-    // cores, so a canary there is slow.
+    // cores, so a canary there is slow. These tests send unsigned requests
+    // naming bundles in the temporary directory unless `extra` says
+    // otherwise (the defaults are tested in security.rs).
+    let mut open = String::new();
+    if !extra.contains("require_signed_requests") {
+        open.push_str("require_signed_requests = false\n");
+    }
+    if !extra.contains("source_dir") {
+        open.push_str(&format!(
+            "source_dir = \"{}\"\n",
+            std::env::temp_dir().display()
+        ));
+    }
     format!(
         "\n[updates]\ntrusted_keys = [\"{}\"]\ntrial_secs = 2\nmax_trial_starts = 2\n\
-         canary_max_p95_ms = 60000\n{extra}\n",
+         canary_max_p95_ms = 60000\n{open}{extra}\n",
         keys.public
     )
 }
@@ -126,7 +138,7 @@ fn rig(extra: &str) -> (Broker, tempfile::TempDir, Keys, PathBuf) {
     (broker, dir, k, config)
 }
 
-fn client_id(config: &Path) -> String {
+pub(crate) fn client_id(config: &Path) -> String {
     let text = std::fs::read_to_string(config).unwrap();
     let line = text
         .lines()
@@ -138,7 +150,7 @@ fn client_id(config: &Path) -> String {
 }
 
 /// Sends one message and returns its result's `model` object.
-async fn serving_model(sub: &mut Client, id: &str) -> Value {
+pub(crate) async fn serving_model(sub: &mut Client, id: &str) -> Value {
     let msg = format!(r#"{{"id": "{id}", "text": "turn off the lights"}}"#);
     sub.publish("test/home/x", msg).await;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -155,7 +167,11 @@ async fn serving_model(sub: &mut Client, id: &str) -> Value {
 
 /// The next model status (retained, on `slmd/<id>/model/status`) for which
 /// `until` holds.
-async fn status_until(sub: &mut Client, topic: &str, until: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn status_until(
+    sub: &mut Client,
+    topic: &str,
+    until: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut seen = Vec::new();
     loop {
@@ -172,7 +188,7 @@ async fn status_until(sub: &mut Client, topic: &str, until: impl Fn(&Value) -> b
     }
 }
 
-fn last_reason(s: &Value) -> String {
+pub(crate) fn last_reason(s: &Value) -> String {
     s["last"]["reason"].as_str().unwrap_or("").to_owned()
 }
 
@@ -671,7 +687,7 @@ async fn a_crash_loop_after_activation_rolls_back() {
 }
 
 /// A request wrapped with its minisign signature.
-fn signed(k: &Keys, request: &Value) -> String {
+pub(crate) fn signed(k: &Keys, request: &Value) -> String {
     let text = request.to_string();
     let sig = slmd::bundle::sign::sign(text.as_bytes(), &k.secret, None).unwrap();
     serde_json::json!({"signed": text, "signature": sig}).to_string()

@@ -539,9 +539,10 @@ impl V5Client {
     }
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
-/// with the openssl command in `dir`: `ca.crt`, `server.{crt,key}`,
-/// `client.{crt,key}` (world-readable, for a broker running as mosquitto).
+/// A CA, a server certificate for 127.0.0.1, a client certificate and a
+/// server certificate for another name, made with the openssl command in
+/// `dir`: `ca.crt`, `server.{crt,key}`, `client.{crt,key}`,
+/// `wrong.{crt,key}` (world-readable, for a broker running as mosquitto).
 pub fn make_certs(dir: &Path) {
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
@@ -581,7 +582,12 @@ pub fn make_certs(dir: &Path) {
     );
     std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, cn) in [("server", "/CN=127.0.0.1"), ("client", "/CN=slmd")] {
+    std::fs::write(dir.join("wrong.ext"), "subjectAltName=DNS:wrong.example\n").unwrap();
+    for (name, cn) in [
+        ("server", "/CN=127.0.0.1"),
+        ("client", "/CN=slmd"),
+        ("wrong", "/CN=wrong.example"),
+    ] {
         let (key, csr, crt, ext) = (
             format!("{name}.key"),
             format!("{name}.csr"),
@@ -644,7 +650,7 @@ impl Running {
         Running::with(filters, |dir, port| pack_config(dir, port, pack)).await
     }
 
-    async fn with(filters: &[&str], config: impl FnOnce(&Path, u16) -> PathBuf) -> Running {
+    pub async fn with(filters: &[&str], config: impl FnOnce(&Path, u16) -> PathBuf) -> Running {
         let broker = Broker::start();
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path(), broker.port);

@@ -93,6 +93,14 @@ pub enum BundleError {
     Busy(PathBuf),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("the request is unsigned and [updates] requires signed requests")]
+    UnsignedRequest,
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    #[error("request sequence number {seq} is not above {last}, the last accepted (a replay?)")]
+    Replayed { seq: u64, last: u64 },
+    #[error("larger than the {limit} bytes allowed: {what}")]
+    TooLarge { limit: u64, what: String },
 }
 
 impl BundleError {
@@ -117,6 +125,10 @@ impl BundleError {
             BundleError::Canary(_) => "canary_failed",
             BundleError::Busy(_) => "busy",
             BundleError::BadRequest(_) => "bad_request",
+            BundleError::UnsignedRequest => "unsigned",
+            BundleError::NotAllowed(_) => "not_allowed",
+            BundleError::Replayed { .. } => "replayed",
+            BundleError::TooLarge { .. } => "too_large",
         }
     }
 }

@@ -20,6 +20,10 @@ pub struct Request {
     pub activate: bool,
     /// Accept an older version than the active one.
     pub force: bool,
+    /// Set when the request came over MQTT: the source is held to the
+    /// `[updates]` rules for network sources, and a download stops at
+    /// this size (the request's declared size, else `max_bundle_bytes`).
+    pub network: Option<u64>,
 }
 
 /// How an update ended.
@@ -40,16 +44,27 @@ pub fn install(
     store: &BundleStore,
     req: &Request,
 ) -> Result<Installed, BundleError> {
+    let u = &config.updates;
+    if req.network.is_some() {
+        source::Network {
+            url_prefixes: u.url_prefixes.clone(),
+            source_dir: u.source_dir.as_ref().map(|d| config.resolve(d)),
+        }
+        .check(&req.source)?;
+    }
     let _lock = store.lock()?;
-    let fetched = source::fetch(&req.source, &store.staging())?;
-    let result = install_file(
-        store,
-        &fetched.path,
-        &config.updates.trust(),
-        req.force,
-        config.updates.reserve_bytes,
-    );
-    if fetched.downloaded && result.is_ok() {
+    // What the file system can take beside the reserve, and what the
+    // request allows.
+    let free = super::store::free_bytes(store.root())?.saturating_sub(u.reserve_bytes);
+    let limit = req
+        .network
+        .map_or(u64::MAX, |declared| declared.min(u.max_bundle_bytes))
+        .min(free);
+    let fetched = source::fetch(&req.source, &store.staging(), limit, req.network.is_some())?;
+    let result = install_file(store, &fetched.path, &u.trust(), req.force, u.reserve_bytes);
+    // A download is deleted whatever became of it (installing unpacks a
+    // copy).
+    if fetched.downloaded {
         let _ = std::fs::remove_file(&fetched.path);
     }
     result

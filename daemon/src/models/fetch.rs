@@ -31,12 +31,15 @@ pub fn pypi_index_from_env() -> String {
 }
 
 pub fn new_agent() -> ureq::Agent {
+    agent_builder().build()
+}
+
+pub fn agent_builder() -> ureq::AgentBuilder {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(30))
         // Per read, not overall: a slow but live 250 MB download is fine, a stall is not.
         .timeout_read(Duration::from_secs(60))
         .user_agent(concat!("slmd/", env!("CARGO_PKG_VERSION")))
-        .build()
 }
 
 /// What one fetch needs from the store.

@@ -40,7 +40,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-pub use fetch::{new_agent, normalize_dist, pypi_index_from_env, DEFAULT_PYPI_INDEX};
+pub use fetch::{
+    agent_builder, new_agent, normalize_dist, pypi_index_from_env, DEFAULT_PYPI_INDEX,
+};
 pub use manifest::{find_manifest, list_manifests, Manifest, PromptFormat, Source};
 
 /// Everything that can go wrong loading manifests or fetching models.

@@ -74,9 +74,9 @@ use crate::config::Config;
 use crate::store::{now_ms, InboxEntry, Reply, Store};
 use delivery::{Delivery, Flushed, Grant, Hold, Receive, Room, Sent};
 
-/// A TLS file named in the config could not be read.
+/// A TLS or password file named in the config could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read TLS file {path}: {source}")]
+#[error("cannot read {path}: {source}")]
 pub struct TlsFileError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -172,8 +172,11 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
             true,
             None,
         ));
-    if let (Some(u), p) = (&cfg.username, &cfg.password) {
-        o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+    if let Some(u) = &cfg.username {
+        let password = config
+            .broker_password()
+            .map_err(|(path, source)| TlsFileError { path, source })?;
+        o.set_credentials(u.clone(), password.unwrap_or_default());
     }
     if let Some(tls) = &cfg.tls {
         let read = |p: &Path| {
