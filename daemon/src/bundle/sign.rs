@@ -13,6 +13,17 @@ use super::BundleError;
 /// refused, as minisign itself does by default.
 pub fn verify(data: &[u8], sig: &str, keys: &[String]) -> Result<(), BundleError> {
     let bad = |m: String| BundleError::BadSignature(m);
+    // minisign 0.10 panics on a global signature (the fourth line) that
+    // is not 64 bytes (found by fuzz/control): refuse it before.
+    use base64::Engine as _;
+    let global = sig.lines().nth(3).map(|l| {
+        base64::engine::general_purpose::STANDARD
+            .decode(l.trim())
+            .map(|b| b.len())
+    });
+    if !matches!(global, Some(Ok(64))) {
+        return Err(bad("unreadable: no 64-byte global signature".into()));
+    }
     let sig = SignatureBox::from_string(sig).map_err(|e| bad(format!("unreadable: {e}")))?;
     if keys.is_empty() {
         return Err(bad(
@@ -23,9 +34,7 @@ pub fn verify(data: &[u8], sig: &str, keys: &[String]) -> Result<(), BundleError
     for key in keys {
         let pk = PublicKey::from_base64(key.trim())
             .map_err(|e| bad(format!("trusted key {key:?}: {e}")))?;
-        // minisign 0.10 panics on a global signature shorter than 64 bytes
-        // (found by fuzz/control): a malformed signature from the network
-        // must be a refusal, not a panic.
+        // A backstop: whatever else minisign may panic on is a refusal.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             minisign::verify(&pk, &sig, std::io::Cursor::new(data), true, false, false)
         }));
