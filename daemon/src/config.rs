@@ -75,6 +75,18 @@ pub struct Config {
     pub base_dir: PathBuf,
 }
 
+/// A password: read from the file like any string, never printed (its
+/// `Debug` says only that it is set).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -86,7 +98,7 @@ pub struct BrokerConfig {
     /// messages queued for us while we were away) under this id.
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Or the password is the first line of this file (relative to the
     /// config), kept out of the config and readable by slmd alone.
     pub password_file: Option<PathBuf>,
@@ -720,7 +732,7 @@ impl Config {
             })?;
             PathBuf::from(dir).join(name)
         } else {
-            return Ok(b.password.clone());
+            return Ok(b.password.as_ref().map(|p| p.0.clone()));
         };
         let text = std::fs::read_to_string(&path).map_err(|e| (path, e))?;
         Ok(Some(text.lines().next().unwrap_or("").to_owned()))
@@ -1164,7 +1176,7 @@ pub(crate) mod tests {
         c.broker.username = Some("u".into());
         c.broker.password_file = Some(dir.path().join("pw"));
         assert_eq!(c.broker_password().unwrap().as_deref(), Some("s3cret"));
-        c.broker.password = Some("x".into());
+        c.broker.password = Some(Secret("x".into()));
         assert_eq!(keys(&c), ["broker.password"]);
         c.broker.password = None;
         c.broker.password_file = Some(dir.path().join("missing"));
@@ -1202,6 +1214,15 @@ pub(crate) mod tests {
                 "tasks[0].monitor.detectors[0].max_per_sec"
             ]
         );
+    }
+
+    #[test]
+    fn a_password_is_never_in_the_debug_output() {
+        let mut c = config("kind = \"classify\"");
+        c.broker.password = Some(Secret("hunter2-secret".into()));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Secret(..)"));
     }
 
     #[test]
