@@ -502,8 +502,14 @@ pub async fn run(
     let (link, eventloop) = mqtt::Link::new(
         mqtt::options(&config, &addr)?,
         store.clone(),
-        config.limits.max_store_bytes,
-        config.limits.max_payload_bytes,
+        mqtt::Intake {
+            quota: config.limits.max_store_bytes,
+            max_payload: config.limits.max_payload_bytes,
+            whole: vec![
+                config.updates.control_topic(&config.broker),
+                injection::PERFORM_TOPIC.to_owned(),
+            ],
+        },
     );
     let (filters_tx, filters) = watch::channel(topic_filters(&config));
     let inbox_wake = Arc::new(Notify::new());

@@ -300,9 +300,13 @@ impl Trees {
         let existed = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
         // sled panics on some damaged files rather than returning an error.
         let opened = std::panic::catch_unwind(|| {
+            // No background flush every 500 ms: every write that must be
+            // durable is flushed by the code that needs it, and an idle
+            // device then writes nothing (flash wear).
             sled::Config::new()
                 .path(path)
                 .cache_capacity(settings.cache_bytes)
+                .flush_every_ms(None)
                 .open()
         })
         .map_err(|_| fail("sled could not read its files".into()))?;

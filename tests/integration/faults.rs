@@ -1264,7 +1264,11 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
          plus the dedup bound), RSS {rss_1} -> {rss_2} KiB; {elapsed:?}",
         store_2 as f64 / bound as f64
     );
-    if store_2 > store_1 + store_1 / 10 + (256 << 10) {
+    // sled's file moves in 512 KiB segments and swings by several of them
+    // as it cleans (3.7-8.4 MB seen on the same run): a quarter plus four
+    // segments is noise; unbounded dedup records (529 bytes per message
+    // before they were bounded) would add over 10 MB here.
+    if store_2 > store_1 + store_1 / 4 + (2 << 20) {
         faults.push(format!(
             "the store's peak grew from {store_1} to {store_2} bytes from the first half to the \
              second ({:.0} bytes per message)",

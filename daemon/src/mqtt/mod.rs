@@ -146,13 +146,32 @@ pub struct Link {
     client: AsyncClient,
     delivery: Mutex<Delivery>,
     store: Store,
-    /// Payload bytes kept of a message; a larger one is stored cut, to be
-    /// answered `too_large`.
-    max_payload: usize,
-    /// Store bytes above which input is held at the broker.
-    quota: u64,
+    intake: Intake,
     /// Woken when the outbox has something new or room to send.
     pub publisher_wake: Notify,
+}
+
+/// What the receiver takes in.
+pub struct Intake {
+    /// Store bytes above which input is held at the broker.
+    pub quota: u64,
+    /// Payload bytes kept of a task's message; a larger one is stored cut,
+    /// to be answered `too_large`.
+    pub max_payload: usize,
+    /// Topics whose messages are kept whole whatever their size (model
+    /// control and entity injection, which bound their own requests).
+    pub whole: Vec<String>,
+}
+
+impl Intake {
+    /// The payload bytes kept of a message on `topic`.
+    fn keeps(&self, topic: &[u8]) -> usize {
+        if self.whole.iter().any(|t| t.as_bytes() == topic) {
+            usize::MAX
+        } else {
+            self.max_payload
+        }
+    }
 }
 
 pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFileError> {
@@ -199,12 +218,7 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
 }
 
 impl Link {
-    pub fn new(
-        mut opts: MqttOptions,
-        store: Store,
-        quota: u64,
-        max_payload: usize,
-    ) -> (Arc<Link>, EventLoop) {
+    pub fn new(mut opts: MqttOptions, store: Store, intake: Intake) -> (Arc<Link>, EventLoop) {
         let max_inflight = opts.get_outgoing_inflight_upper_limit().unwrap_or(32) as usize;
         // Small packets (a PUBACK, then a result) must not wait for the
         // broker's delayed TCP ACK: with Nagle's algorithm on, each result
@@ -218,8 +232,7 @@ impl Link {
             client,
             delivery: Mutex::new(Delivery::new(max_inflight)),
             store,
-            max_payload,
-            quota,
+            intake,
             publisher_wake: Notify::new(),
         };
         (Arc::new(link), eventloop)
@@ -321,7 +334,8 @@ impl Link {
                     match receive {
                         Receive::Store => {
                             let (qos, pkid) = (p.qos, p.pkid);
-                            let entry = inbox_entry(p, self.max_payload);
+                            let keep = self.intake.keeps(&p.topic);
+                            let entry = inbox_entry(p, keep);
                             match self.store.append_inbox(&entry) {
                                 Ok(_) => self.delivery().stored(qos, pkid),
                                 // Not acknowledged: the broker redelivers it.
@@ -433,8 +447,8 @@ impl Link {
     fn room(&self) -> Room {
         let bytes = self.store.bytes();
         Room {
-            over_quota: bytes >= self.quota,
-            below_resume: bytes < self.quota / 10 * 9,
+            over_quota: bytes >= self.intake.quota,
+            below_resume: bytes < self.intake.quota / 10 * 9,
             failed: self.store.failed(),
         }
     }
@@ -449,7 +463,7 @@ impl Link {
             Hold::Quota => log::warn!(
                 "store quota of {} bytes reached: not acknowledging new messages (the broker \
                  keeps them) until results drain",
-                self.quota
+                self.intake.quota
             ),
         }
     }
