@@ -303,9 +303,24 @@ pub async fn serve(
         };
         let (metrics, store, link) = (metrics.clone(), store.clone(), link.clone());
         tokio::spawn(async move {
+            // The request line and headers, however they are split into
+            // segments (1 KiB and 5 s at most).
             let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf));
-            let Ok(Ok(n)) = read.await else { return };
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(got) => n += got,
+                    }
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = if request.starts_with("GET ") && path == "/metrics" {

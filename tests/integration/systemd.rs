@@ -117,7 +117,9 @@ async fn a_second_instance_on_one_state_directory_is_refused() {
 fn http_get(port: u16, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    // One write, as curl sends it (the server copes with pieces too).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    conn.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
