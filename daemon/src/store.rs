@@ -239,18 +239,23 @@ struct Tally {
 }
 
 impl Tally {
-    /// One entry of `len` bytes entered (`+1`) or left (`-1`) `tree`.
+    /// One inbox or outbox entry of `len` bytes entered (`+1`) or left
+    /// (`-1`) `tree`.
     fn entry(&self, tree: &AtomicU64, len: usize, sign: i8) {
-        let bytes = if std::ptr::eq(tree, &self.seen) {
-            &self.seen_bytes
-        } else {
-            &self.bytes
-        };
+        Tally::count(tree, &self.bytes, len, sign);
+    }
+
+    /// One dedup record of `len` bytes entered or left.
+    fn seen_entry(&self, len: usize, sign: i8) {
+        Tally::count(&self.seen, &self.seen_bytes, len, sign);
+    }
+
+    fn count(entries: &AtomicU64, bytes: &AtomicU64, len: usize, sign: i8) {
         if sign > 0 {
-            tree.fetch_add(1, Ordering::Relaxed);
+            entries.fetch_add(1, Ordering::Relaxed);
             bytes.fetch_add(len as u64, Ordering::Relaxed);
         } else {
-            tree.fetch_sub(1, Ordering::Relaxed);
+            entries.fetch_sub(1, Ordering::Relaxed);
             bytes.fetch_sub(len as u64, Ordering::Relaxed);
         }
     }
@@ -373,7 +378,7 @@ impl Trees {
         let index = self.seen_order.is_empty();
         for kv in self.seen.iter() {
             let (k, v) = kv?;
-            t.entry(&t.seen, k.len() + v.len(), 1);
+            t.seen_entry(k.len() + v.len(), 1);
             if index {
                 self.seen_order.insert(order_key(decode_u64(&v), &k), &[])?;
             }
@@ -691,9 +696,9 @@ impl Store {
         t.entry(&t.outbox, v.len(), 1);
         if let Some(s) = seen {
             if let Some(len) = seen_replaced {
-                t.entry(&t.seen, len, -1);
+                t.seen_entry(len, -1);
             }
-            t.entry(&t.seen, s.len() + v.len(), 1);
+            t.seen_entry(s.len() + v.len(), 1);
         }
         Ok(())
     }
@@ -744,9 +749,7 @@ impl Store {
             }
             let key = &ok[8..];
             if let Some(v) = t.seen.remove(key)? {
-                self.shared
-                    .tally
-                    .entry(&self.shared.tally.seen, key.len() + v.len(), -1);
+                self.shared.tally.seen_entry(key.len() + v.len(), -1);
             }
             t.seen_order.remove(&ok)?;
             n += 1;

@@ -478,19 +478,9 @@ kind = "extract"
 topics = ["assist/+"]
 output_topic = "out/assist"
 examples_file = "{examples}"
-slots = [
-  {{ name = "area", type = "enum", values = ["Kitchen", "Living Room", "Bedroom"] }},
-  {{ name = "floor", type = "enum", values = ["First Floor", "Second Floor"] }},
-  {{ name = "domain", type = "enum", open = true, values = ["light", "fan", "script"] }},
-  {{ name = "name", type = "string" }},
-  {{ name = "brightness", type = "number" }},
-  {{ name = "color", type = "string" }},
-]
-labels = [
-  {{ name = "HassTurnOn" }}, {{ name = "HassTurnOff" }},
-  {{ name = "HassLightSet" }}, {{ name = "HassMediaPause", slots = ["area", "name"] }},
-]
+{schema}
 "#,
+        schema = crate::util::HA_EXTRACT_SCHEMA,
         state = dir.join("state").display(),
         model = crate::util::model_path().display(),
         examples = repo_root().join("tests/fixtures/ha-lights.jsonl").display(),

@@ -649,19 +649,9 @@ protocol = "hermes"
 topics = ["hermes/nlu/query"]
 output_topic = "hermes/intent"
 examples_file = "{examples}"
-slots = [
-  {{ name = "area", type = "enum", values = ["Kitchen", "Living Room", "Bedroom"] }},
-  {{ name = "floor", type = "enum", values = ["First Floor", "Second Floor"] }},
-  {{ name = "domain", type = "enum", open = true, values = ["light", "fan", "script"] }},
-  {{ name = "name", type = "string" }},
-  {{ name = "brightness", type = "number" }},
-  {{ name = "color", type = "string" }},
-]
-labels = [
-  {{ name = "HassTurnOn" }}, {{ name = "HassTurnOff" }},
-  {{ name = "HassLightSet" }}, {{ name = "HassMediaPause", slots = ["area", "name"] }},
-]
+{schema}
 "#,
+        schema = crate::util::HA_EXTRACT_SCHEMA,
         port = broker.port,
         state = dir.path().join("state").display(),
         model = crate::util::model_path().display(),

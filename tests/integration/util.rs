@@ -160,6 +160,22 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
+/// The slots and labels of the extract tasks over four Home Assistant
+/// intents (TOML, inside a `[[tasks]]` table).
+pub const HA_EXTRACT_SCHEMA: &str = r#"slots = [
+  { name = "area", type = "enum", values = ["Kitchen", "Living Room", "Bedroom"] },
+  { name = "floor", type = "enum", values = ["First Floor", "Second Floor"] },
+  { name = "domain", type = "enum", open = true, values = ["light", "fan", "script"] },
+  { name = "name", type = "string" },
+  { name = "brightness", type = "number" },
+  { name = "color", type = "string" },
+]
+labels = [
+  { name = "HassTurnOn" }, { name = "HassTurnOff" },
+  { name = "HassLightSet" }, { name = "HassMediaPause", slots = ["area", "name"] },
+]
+"#;
+
 /// The smart-home task used by most tests; `extra` is appended to the file.
 pub fn write_config(dir: &Path, broker_port: u16, extra: &str) -> PathBuf {
     let root = repo_root();
