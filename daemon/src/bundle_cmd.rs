@@ -82,7 +82,7 @@ fn store(config: &Config) -> anyhow::Result<BundleStore> {
 
 /// Asks a running daemon to reload (and so to pick up the pointer).
 fn tell_daemon(config: &Config) {
-    match slmd::lock::holder(&config.state_dir()) {
+    match slmd_store::lock::holder(&config.state_dir()) {
         Some(pid) => match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
             Ok(()) => println!("told slmd (pid {pid}) to switch models (SIGHUP)"),
             Err(e) => eprintln!("cannot signal slmd (pid {pid}): {e}; reload it to switch"),

@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use slmd_core::examples::{read_jsonl, Example, ExamplesError};
 
 /// Exit code for an invalid configuration (sysexits.h EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
@@ -661,6 +662,25 @@ impl Config {
         }
     }
 
+    /// All examples of a task: each label's inline examples and description,
+    /// then the rows of its examples files.
+    pub fn examples_of(&self, task: &TaskConfig) -> Result<Vec<Example>, ExamplesError> {
+        let mut out = Vec::new();
+        for label in &task.labels {
+            let texts = label.examples.iter().chain(label.description.iter());
+            out.extend(texts.map(|t| Example {
+                text: t.clone(),
+                label: label.name.clone(),
+                slots: None,
+            }));
+        }
+        for file in &task.examples_file {
+            let rows = read_jsonl(&self.resolve(file))?;
+            out.extend(rows.into_iter().map(Example::from));
+        }
+        Ok(out)
+    }
+
     /// Resolves a path from the file relative to the file's directory.
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -781,7 +801,7 @@ impl Config {
                 );
             }
         }
-        if let Err(why) = crate::topic::check_name(&self.broker.status_topic()) {
+        if let Err(why) = slmd_core::topic::check_name(&self.broker.status_topic()) {
             p.add("broker.status_topic", why);
         }
         if self.broker.max_inflight == 0 {
@@ -841,7 +861,7 @@ impl Config {
                 );
             }
         }
-        if let Err(why) = crate::topic::check_name(&self.updates.control_topic(&self.broker)) {
+        if let Err(why) = slmd_core::topic::check_name(&self.updates.control_topic(&self.broker)) {
             p.add("updates.control_topic", why);
         }
         if self.limits.max_in_flight == 0 {
@@ -864,11 +884,11 @@ impl Config {
                  properties of the largest accepted message)",
             );
         }
-        if let Err(e) = crate::topic::check_name(&self.limits.dead_letter_topic) {
+        if let Err(e) = slmd_core::topic::check_name(&self.limits.dead_letter_topic) {
             p.add("limits.dead_letter_topic", e);
         }
         for (i, f) in self.limits.response_topics.iter().enumerate() {
-            if let Err(why) = crate::topic::check_filter(f) {
+            if let Err(why) = slmd_core::topic::check_filter(f) {
                 p.add(format!("limits.response_topics[{i}]"), why);
             }
         }
@@ -937,7 +957,7 @@ impl Config {
             );
         }
         for (j, t) in task.topics.iter().enumerate() {
-            if let Err(why) = crate::topic::check_filter(t) {
+            if let Err(why) = slmd_core::topic::check_filter(t) {
                 p.add(format!("{key}.topics[{j}]"), why);
             }
         }
@@ -946,9 +966,13 @@ impl Config {
             ("error_topic", task.error_topic.clone()),
         ] {
             if let Some(topic) = topic {
-                if let Err(why) = crate::topic::check_name(&topic) {
+                if let Err(why) = slmd_core::topic::check_name(&topic) {
                     p.add(format!("{key}.{field}"), why);
-                } else if task.topics.iter().any(|f| crate::topic::matches(f, &topic)) {
+                } else if task
+                    .topics
+                    .iter()
+                    .any(|f| slmd_core::topic::matches(f, &topic))
+                {
                     p.add(
                         format!("{key}.{field}"),
                         "matches the task's own input topics (results would loop back in)",
@@ -1004,7 +1028,7 @@ impl Config {
             }
         }
         // One read of the examples file serves both checks.
-        match crate::examples::for_task(self, task) {
+        match self.examples_of(task) {
             Err(e) => p.add(format!("{key}.examples_file"), e.to_string()),
             Ok(examples) => {
                 for e in examples.iter().filter(|e| !seen.contains(e.label.as_str())) {
@@ -1030,7 +1054,7 @@ impl Config {
     fn validate_policy(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
         let Some(policy) = &task.policy else { return };
         if let Some(t) = &policy.state_topic {
-            if let Err(why) = crate::topic::check_filter(t) {
+            if let Err(why) = slmd_core::topic::check_filter(t) {
                 p.add(format!("{key}.policy.state_topic"), why);
             }
         }
@@ -1043,7 +1067,7 @@ impl Config {
                 );
             }
             for (j, f) in rule.topics.iter().enumerate() {
-                if let Err(why) = crate::topic::check_filter(f) {
+                if let Err(why) = slmd_core::topic::check_filter(f) {
                     p.add(format!("{at}.topics[{j}]"), why);
                 }
             }

@@ -25,10 +25,8 @@ pub mod bundle;
 pub mod config;
 pub mod engine;
 pub mod eval;
-pub mod examples;
 pub mod hermes;
 pub mod injection;
-pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod models;
@@ -39,9 +37,7 @@ pub mod payload;
 pub mod policy;
 pub mod router;
 pub mod status;
-pub mod store;
 pub mod supervisor;
-pub mod topic;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,13 +58,13 @@ pub enum RunError {
     #[error(transparent)]
     Bundle(#[from] bundle::BundleError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] slmd_store::StoreError),
     #[error(transparent)]
-    Examples(#[from] examples::ExamplesError),
+    Examples(#[from] slmd_core::examples::ExamplesError),
     #[error(transparent)]
     Tls(#[from] mqtt::TlsFileError),
     #[error(transparent)]
-    Lock(#[from] lock::LockError),
+    Lock(#[from] slmd_store::lock::LockError),
     #[error(transparent)]
     Injection(#[from] injection::InjectionError),
     #[error(
@@ -336,7 +332,7 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
         instruction: t.instruction.clone(),
         cue: t.cue.clone(),
         labels: t.labels.iter().map(|l| l.name.clone()).collect(),
-        examples: examples::for_task(config, t)?,
+        examples: config.examples_of(t)?,
         lexical_weight: t.lexical_weight,
         concept_weight: t.concept_weight,
         concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
@@ -447,10 +443,10 @@ pub async fn run(
         log::warn!("{w}");
     }
     notifier.status("opening the store");
-    let _lock = lock::StateLock::acquire(&config.state_dir())?;
-    let store = store::Store::open_with(
+    let _lock = slmd_store::lock::StateLock::acquire(&config.state_dir())?;
+    let store = slmd_store::Store::open_with(
         &config.state_dir(),
-        store::Settings {
+        slmd_store::Settings {
             cache_bytes: config.state.cache_bytes,
             max_seen_bytes: config.limits.max_dedup_bytes,
         },
@@ -522,7 +518,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let publisher = tokio::spawn(link.clone().run_publisher(shutdown.clone()));
-    let healer = tokio::spawn(store::heal(store.clone(), shutdown.clone()));
+    let healer = tokio::spawn(slmd_store::heal(store.clone(), shutdown.clone()));
     let status = tokio::spawn(status::run_writer(
         config.state_dir(),
         store.clone(),

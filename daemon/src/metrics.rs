@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::mqtt::Link;
-use crate::store::Store;
+use slmd_store::Store;
 
 /// Upper bounds (ms) of the inference latency histogram's buckets.
 const BUCKETS_MS: [f64; 10] = [

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::store::now_ms;
+use slmd_core::now_ms;
 
 /// A handle on `$NOTIFY_SOCKET`; cheap to share.
 #[derive(Clone)]

@@ -30,8 +30,9 @@ use crate::hermes;
 use crate::injection;
 use crate::monitor::{MonitorError, Monitors, Verdict};
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
-use crate::store::{self, now_ms, InboxEntry, OutboxEntry, Reply, Store};
-use crate::topic;
+use slmd_core::now_ms;
+use slmd_core::topic;
+use slmd_store::{self as store, InboxEntry, OutboxEntry, Reply, Store};
 
 /// What a configuration reload replaces, as one unit: the engine (with the
 /// tasks' trained heads), the tasks and the limits. A message takes the

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::mqtt::Link;
-use crate::store::{now_ms, Stats, Store, StoreError};
+use slmd_core::now_ms;
+use slmd_store::{Stats, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
@@ -81,7 +82,7 @@ fn snapshot_candidates(state_dir: &Path) -> Vec<PathBuf> {
 pub fn read(state_dir: &Path) -> Result<Status, StatusError> {
     // A running daemon's snapshot first: opening sled also writes, which a
     // full disk refuses before the store's own lock is even tried.
-    if crate::lock::holder(state_dir).is_some() {
+    if slmd_store::lock::holder(state_dir).is_some() {
         return read_snapshot(state_dir);
     }
     match Store::open(state_dir) {

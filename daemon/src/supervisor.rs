@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::engine::{Engine, ModelInfo};
 use crate::injection::{self, Injected};
 use crate::router::{Router, Routing};
-use crate::store::{OutboxEntry, Store};
 use crate::{build_engine, topic_filters, Inference};
+use slmd_store::{OutboxEntry, Store};
 
 pub struct Supervisor {
     pub config: Config,

@@ -535,8 +535,8 @@ async fn a_damaged_store_is_refused_by_name_and_kept() {
     let config = write_config(dir.path(), port, "");
     let state = dir.path().join("state");
     {
-        let s = slmd::store::Store::open(&state).unwrap();
-        s.append_inbox(&slmd::store::InboxEntry {
+        let s = slmd_store::Store::open(&state).unwrap();
+        s.append_inbox(&slmd_store::InboxEntry {
             received_ms: 1,
             dup: false,
             reply: None,
@@ -1153,13 +1153,18 @@ fn mtimes(dir: &Path, into: &mut Vec<(PathBuf, std::time::SystemTime)>) {
 }
 
 /// Resident set of a process, KiB.
-fn rss_kib(pid: u32) -> u64 {
+/// A number from /proc/PID/status (`VmRSS:` in KiB, `Threads:`); 0 when gone.
+fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
 }
 
 /// Issue 28, fault 4: steady traffic of unique messages, inference off.
@@ -1168,7 +1173,13 @@ fn rss_kib(pid: u32) -> u64 {
 /// bounded at 1 MiB here (reached within the first half) and the quota at
 /// 1 MiB. The state directory must not be written while the daemon is
 /// idle (flash wear).
+///
+/// Memory is only comparable between halves when the daemon keeps up: run
+/// beside other tests on 2 cores it fell behind, and a backlog is not steady
+/// traffic (RSS +36% in CI, +12% locally with three busy loops beside it).
+/// So it runs alone: scripts/test.sh runs the ignored tests after the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the machine to itself; scripts/test.sh runs it after the other tests"]
 async fn store_and_rss_stay_bounded_under_steady_traffic() {
     // RSS rises over the first 25,000 or so messages (allocator and sled
     // warming up; measured flat from there to 100,000), so the bounded run
@@ -1190,14 +1201,17 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
     let inputs = inputs("steady", messages);
     let started = Instant::now();
     // 400 messages/s: well within the message path's speed, so the store
-    // holds only what is on its way and all growth is bookkeeping.
+    // holds only what is on its way and all growth is bookkeeping. After a
+    // stall (CI runs other tests beside this one) the pacer does not catch
+    // up in a burst: a backlog is not steady traffic.
     let pacer = {
         let client = s.producer.client.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
-            let t0 = tokio::time::Instant::now();
+            let mut pace = tokio::time::interval(Duration::from_micros(2500));
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for (i, (_, payload)) in inputs.into_iter().enumerate() {
-                tokio::time::sleep_until(t0 + Duration::from_micros(2500 * i as u64)).await;
+                pace.tick().await;
                 let topic = format!("test/home/room{}", i % 4);
                 client
                     .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
@@ -1207,8 +1221,8 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
         })
     };
     let mut ledger = Ledger::default();
-    // (delivered, store bytes, store blocks, RSS KiB)
-    let mut samples: Vec<(usize, u64, u64, u64)> = Vec::new();
+    // (delivered, store bytes, store blocks, RSS KiB, threads)
+    let mut samples: Vec<(usize, u64, u64, u64, u64)> = Vec::new();
     let mut last_progress = Instant::now();
     while ledger.first.len() < messages && last_progress.elapsed() < Duration::from_secs(30) {
         let before = ledger.first.len();
@@ -1223,20 +1237,22 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
             last_progress = Instant::now();
         }
         let (bytes, blocks) = disk_usage(&store);
-        samples.push((ledger.first.len(), bytes, blocks, rss_kib(pid)));
+        let threads = proc_status(pid, "Threads:");
+        samples.push((ledger.first.len(), bytes, blocks, rss_kib(pid), threads));
     }
     pacer.await.unwrap();
     ledger
         .collect(&mut s.sub, &inputs, Duration::from_secs(10))
         .await;
     let (bytes, blocks) = disk_usage(&store);
-    samples.push((ledger.first.len(), bytes, blocks, rss_kib(pid)));
+    let threads = proc_status(pid, "Threads:");
+    samples.push((ledger.first.len(), bytes, blocks, rss_kib(pid), threads));
     let elapsed = started.elapsed();
     for (i, s) in samples.iter().enumerate() {
         if i % 5 == 0 || i + 1 == samples.len() {
             eprintln!(
-                "GROWTH | {} delivered | store {} bytes ({} allocated) | RSS {} KiB |",
-                s.0, s.1, s.2, s.3
+                "GROWTH | {} delivered | store {} bytes ({} allocated) | RSS {} KiB | {} threads |",
+                s.0, s.1, s.2, s.3, s.4
             );
         }
     }
@@ -1247,7 +1263,7 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
     // Peaks, not points: sled's log file grows and shrinks as it cleans
     // segments (3.7-5.2 MB measured on a bounded store), so two single
     // samples could differ by a third either way.
-    let peak = |second: bool, f: fn(&(usize, u64, u64, u64)) -> u64| {
+    let peak = |second: bool, f: fn(&(usize, u64, u64, u64, u64)) -> u64| {
         samples
             .iter()
             .filter(|s| (s.0 >= messages / 2) == second)
@@ -1257,11 +1273,12 @@ async fn store_and_rss_stay_bounded_under_steady_traffic() {
     };
     let (store_1, store_2) = (peak(false, |s| s.1), peak(true, |s| s.1));
     let (rss_1, rss_2) = (peak(false, |s| s.3), peak(true, |s| s.3));
+    let threads = peak(false, |s| s.4).max(peak(true, |s| s.4));
     // What the configuration bounds: quota plus dedup records.
     let bound = 2u64 << 20;
     eprintln!(
         "peaks, first half -> second half: store {store_1} -> {store_2} bytes ({:.1}x the quota \
-         plus the dedup bound), RSS {rss_1} -> {rss_2} KiB; {elapsed:?}",
+         plus the dedup bound), RSS {rss_1} -> {rss_2} KiB, at most {threads} threads; {elapsed:?}",
         store_2 as f64 / bound as f64
     );
     // sled's file moves in 512 KiB segments and swings by several of them

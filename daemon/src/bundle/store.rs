@@ -91,11 +91,7 @@ pub struct StoreLock {
     _flock: nix::fcntl::Flock<File>,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use slmd_core::now_ms;
 
 fn sync_dir(dir: &Path) -> Result<(), BundleError> {
     File::open(dir)

@@ -35,8 +35,8 @@ use std::sync::Arc;
 use super::ground::Grounding;
 use super::schema::{SlotKind, SlotSpec};
 use super::EngineError;
-use crate::examples::{slot_text, Example};
 use crate::models::PromptFormat;
+use slmd_core::examples::{slot_text, Example};
 
 /// Intent prompts kept decoded at once.
 pub const CACHED_PROMPTS: usize = 64;

@@ -36,7 +36,7 @@ use std::ops::Range;
 
 use super::number_slots::{overlap, NumberCues};
 use super::schema::{add_value, find_span, find_word, Slot, SlotKind, SlotSpec, SlotValue, Span};
-use crate::examples::{slot_text, slot_values_match, Example};
+use slmd_core::examples::{slot_text, slot_values_match, Example};
 
 /// A slot is said when at least this share of its example values can be
 /// found in their example's text.

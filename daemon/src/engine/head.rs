@@ -141,7 +141,7 @@ impl Head {
         if folds < 2 || xs.len() < 2 * folds {
             return head;
         }
-        let fold_of = crate::eval::folds::stratified_folds(&names, folds, 0x5eed);
+        let fold_of = slmd_core::folds::stratified_folds(&names, folds, 0x5eed);
         let mut held_out = Vec::with_capacity(xs.len());
         for f in 0..folds {
             let (train_x, train_y): (Vec<Vec<f32>>, Vec<usize>) = xs

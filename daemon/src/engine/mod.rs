@@ -41,12 +41,12 @@ use llama_cpp_2::model::LlamaModel;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::examples::Example;
 use crate::models::{requant, PromptFormat};
 use embed::{DecodeOptions, Embedder, States, Template};
 use extract::{Generator, IntentPrompt};
 use head::{Head, TrainOptions};
 use schema::{Slot, SlotSpec};
+use slmd_core::examples::Example;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {

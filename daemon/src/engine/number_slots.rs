@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use super::numbers::{said_numbers, separates};
 use super::schema::{SlotKind, SlotSpec};
-use crate::examples::{slot_text, Example};
+use slmd_core::examples::{slot_text, Example};
 
 /// Score of a unit that fits the slot; without it a slot scores 0.
 const UNIT: u32 = 4;

@@ -26,13 +26,13 @@ use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::eval::metrics::{harmonic, ratio};
-use crate::examples::Row;
 use crate::monitor::detect::SensorDetector;
 use crate::monitor::note::{ungrounded, Facts};
 use crate::monitor::reading::{parse_time, Reading};
 use crate::monitor::replay;
 use crate::monitor::settings::{DetectorConfig, MonitorConfig};
 use crate::monitor::{TaskMonitor, Verdict};
+use slmd_core::examples::Row;
 
 /// After a fault interval, notes this late still belong to it.
 pub const GRACE_SECS: f64 = 120.0;

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::engine::embed::DecodeOptions;
 use crate::engine::{Engine, EngineError, EngineOptions, TaskSpec};
-use crate::examples::Row;
+use slmd_core::examples::Row;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {

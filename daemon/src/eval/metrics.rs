@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::examples::slot_values_match;
+use slmd_core::examples::slot_values_match;
 
 /// Name of the confusion-matrix column counting abstentions.
 pub const ABSTAIN_COLUMN: &str = "(abstain)";
@@ -576,7 +576,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::examples::slot_values_match;
+    use slmd_core::examples::slot_values_match;
 
     fn row(truth: &str, top: &str, abstained: bool) -> Outcome {
         Outcome {

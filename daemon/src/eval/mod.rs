@@ -9,7 +9,7 @@
 
 pub mod anomaly;
 pub mod bench;
-pub mod folds;
+
 pub mod metrics;
 pub mod slots;
 
@@ -18,8 +18,8 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use crate::engine::{Engine, EngineError, Query, TaskSpec};
-use crate::examples::{slot_text, Example, Row};
 use metrics::{Outcome, Report};
+use slmd_core::examples::{slot_text, Example, Row};
 
 /// A task to evaluate: the engine's spec, the rows it is tested on.
 pub struct Trial {
@@ -74,7 +74,7 @@ pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings)
     let several = seeds.len() > 1;
     let mut trials = Vec::with_capacity(k * seeds.len());
     for &seed in seeds {
-        let fold_of = folds::stratified_folds(&labels, k, seed);
+        let fold_of = slmd_core::folds::stratified_folds(&labels, k, seed);
         for f in 0..k {
             let in_fold = |want: bool| -> Vec<Row> {
                 rows.iter()
@@ -184,7 +184,7 @@ pub fn read_extra(path: &std::path::Path, exclude: &[Row]) -> anyhow::Result<Ext
         }
         rows
     } else {
-        crate::examples::read_jsonl(path)?
+        slmd_core::examples::read_jsonl(path)?
     };
     let tested: std::collections::HashSet<String> = exclude
         .iter()

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::engine::schema::{SlotKind, SlotSpec};
-use crate::examples::{slot_text, Row};
+use slmd_core::examples::{slot_text, Row};
 
 /// Known values of some slots: name -> (values, open).
 pub type Known = BTreeMap<String, (Vec<String>, bool)>;

@@ -71,8 +71,9 @@ use tokio::sync::{watch, Notify};
 mod delivery;
 
 use crate::config::Config;
-use crate::store::{now_ms, InboxEntry, Reply, Store};
 use delivery::{Delivery, Flushed, Grant, Hold, Receive, Room, Sent};
+use slmd_core::now_ms;
+use slmd_store::{InboxEntry, Reply, Store};
 
 /// A TLS or password file named in the config could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -532,7 +533,7 @@ impl Link {
         (d.connected(), d.holding().is_some())
     }
 
-    async fn publish_some(&self) -> Result<(), crate::store::StoreError> {
+    async fn publish_some(&self) -> Result<(), slmd_store::StoreError> {
         let batch = {
             let d = self.delivery();
             match d.room() {
@@ -739,7 +740,7 @@ fn inbox_entry(p: Publish, max_payload: usize) -> InboxEntry {
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
     let truncated = (p.payload.len() > max_payload).then(|| {
         let id = crate::payload::id_of(&topic, &p.payload);
-        crate::store::Truncated {
+        slmd_store::Truncated {
             size: p.payload.len() as u64,
             // An id the size of a payload is no id to store.
             id: if id.len() <= 256 {

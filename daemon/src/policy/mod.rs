@@ -150,7 +150,7 @@ impl PolicyConfig {
             && !rule
                 .topics
                 .iter()
-                .any(|f| crate::topic::matches(f, c.topic))
+                .any(|f| slmd_core::topic::matches(f, c.topic))
         {
             return (Refuse, "topic_not_allowed", Some(c.topic.to_owned()));
         }

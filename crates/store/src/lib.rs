@@ -64,10 +64,13 @@
 //!
 //! Nothing else in slmd touches sled: the engine under this module can change.
 
+pub mod lock;
+
+use slmd_core::now_ms;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The layout above; a store written in another one is refused, not guessed.
 const FORMAT: u32 = 3;
@@ -288,12 +291,6 @@ fn order_key(at_ms: u64, seen: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&at_ms.to_be_bytes());
     k.extend_from_slice(seen);
     k
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Trees {

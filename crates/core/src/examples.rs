@@ -6,8 +6,6 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{Config, TaskConfig};
-
 /// A line of a labelled JSONL file (the datasets' format: extra keys ignored).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Row {
@@ -128,23 +126,4 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, ExamplesError> {
         rows.push(row);
     }
     Ok(rows)
-}
-
-/// All examples of a task: each label's inline examples and description,
-/// then the rows of its examples files.
-pub fn for_task(config: &Config, task: &TaskConfig) -> Result<Vec<Example>, ExamplesError> {
-    let mut out = Vec::new();
-    for label in &task.labels {
-        let texts = label.examples.iter().chain(label.description.iter());
-        out.extend(texts.map(|t| Example {
-            text: t.clone(),
-            label: label.name.clone(),
-            slots: None,
-        }));
-    }
-    for file in &task.examples_file {
-        let rows = read_jsonl(&config.resolve(file))?;
-        out.extend(rows.into_iter().map(Example::from));
-    }
-    Ok(out)
 }
