@@ -164,7 +164,7 @@ pub fn run(
             secret_key,
             out,
         } => {
-            let sha = slmd::models::sha256_file(&model)
+            let sha = slmd_engine::models::sha256_file(&model)
                 .with_context(|| format!("hashing {}", model.display()))?;
             let size = std::fs::metadata(&model)?.len();
             let manifest = BundleManifest {

@@ -429,7 +429,7 @@ pub struct TaskConfig {
     pub kind: TaskKind,
     /// `head` (default) or `label_scoring`.
     #[serde(default)]
-    pub strategy: crate::engine::Strategy,
+    pub strategy: slmd_engine::Strategy,
     /// MQTT topic filters (`+` and `#` allowed) this task consumes.
     pub topics: Vec<String>,
     pub output_topic: String,
@@ -450,7 +450,7 @@ pub struct TaskConfig {
     #[serde(default = "default_lexical_weight")]
     pub lexical_weight: f32,
     /// Weight of the command concepts (groups of words that say the same
-    /// thing to a device, [`crate::engine::concepts`]) in the head (0 turns
+    /// thing to a device, [`slmd_engine::concepts`]) in the head (0 turns
     /// them off).
     #[serde(default = "default_concept_weight")]
     pub concept_weight: f32,
@@ -475,7 +475,7 @@ pub struct TaskConfig {
     /// Extract tasks: the slot schema, `{ name, type = "string" | "number"
     /// | "enum", values = [...], open = false }`.
     #[serde(default)]
-    pub slots: Vec<crate::engine::schema::SlotSpec>,
+    pub slots: Vec<slmd_engine::schema::SlotSpec>,
     /// Extract tasks: what the model is told before an intent's examples.
     #[serde(default = "default_slot_instruction")]
     pub slot_instruction: String,
@@ -561,7 +561,7 @@ fn default_context() -> u32 {
     512
 }
 fn default_head_depth() -> f32 {
-    crate::engine::HEAD_DEPTH
+    slmd_engine::HEAD_DEPTH
 }
 fn default_head_requantize() -> bool {
     true
@@ -571,7 +571,7 @@ fn default_extract_context() -> u32 {
     8192
 }
 fn default_slot_instruction() -> String {
-    crate::engine::extract::DEFAULT_INSTRUCTION.into()
+    slmd_engine::extract::DEFAULT_INSTRUCTION.into()
 }
 fn default_max_payload() -> usize {
     16 * 1024
@@ -1104,7 +1104,7 @@ impl Config {
                 if task.slots.is_empty() {
                     p.add(format!("{key}.slots"), "an extract task needs slots");
                 }
-                if let Err(e) = crate::engine::schema::validate_schema(&task.slots) {
+                if let Err(e) = slmd_engine::schema::validate_schema(&task.slots) {
                     p.add(format!("{key}.slots"), e.to_string());
                 }
             }

@@ -27,15 +27,15 @@
 //! this; its dialogue manager does not need it), see [`parsed`].
 //!
 //! `intentFilter` restricts the intents chosen among (see
-//! [`crate::engine::Engine::infer_among`]); `null` and `[]` both mean no
+//! [`slmd_engine::Engine::infer_among`]); `null` and `[]` both mean no
 //! filter, as in Rhasspy, whose dialogue manager sends `[]` when nothing
 //! restricts the next turn. Entity injection (`hermes/injection/perform`)
 //! is in [`crate::injection`].
 
 use serde_json::{json, Value};
 
-use crate::engine::schema::{Slot, SlotValue};
-use crate::engine::Scores;
+use slmd_engine::schema::{Slot, SlotValue};
+use slmd_engine::Scores;
 
 pub const NOT_RECOGNIZED_TOPIC: &str = "hermes/nlu/intentNotRecognized";
 pub const ERROR_TOPIC: &str = "hermes/error/nlu";
@@ -102,7 +102,7 @@ impl Session {
 
     /// The area the query's site is in: its `siteId`, unless Hermes'
     /// placeholder "default". It fills an `area` slot only when it is one
-    /// of the task's areas ([`crate::engine::context`]).
+    /// of the task's areas ([`slmd_engine::context`]).
     pub fn area(&self) -> Option<String> {
         (self.site_id != "default").then(|| self.site_id.clone())
     }
@@ -210,7 +210,7 @@ fn round4(x: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::schema::Span;
+    use slmd_engine::schema::Span;
 
     fn scores(label: Option<&str>, slots: Vec<Slot>) -> Scores {
         Scores {

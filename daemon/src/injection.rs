@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::schema::{add_value, SlotKind, MAX_STRING_CHARS};
+use slmd_engine::schema::{add_value, SlotKind, MAX_STRING_CHARS};
 
 pub const PERFORM_TOPIC: &str = "hermes/injection/perform";
 pub const COMPLETE_TOPIC: &str = "hermes/injection/complete";

@@ -23,13 +23,11 @@
 
 pub mod bundle;
 pub mod config;
-pub mod engine;
 pub mod eval;
 pub mod hermes;
 pub mod injection;
 pub mod logging;
 pub mod metrics;
-pub mod models;
 pub mod monitor;
 pub mod mqtt;
 pub mod notify;
@@ -46,8 +44,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use config::Config;
-use engine::{Engine, EngineError, EngineOptions, ModelInfo, TaskSpec};
-use models::{ModelError, ModelStore, PromptFormat};
+use slmd_engine::models::{ModelError, ModelStore, PromptFormat};
+use slmd_engine::{Engine, EngineError, EngineOptions, ModelInfo, TaskSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -145,13 +143,13 @@ pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
     };
     if let Some(path) = &config.model.path {
         let path = config.resolve(path);
-        match models::gguf::describe(&path) {
+        match slmd_engine::models::gguf::describe(&path) {
             Ok(_) => {}
             Err(e) => problem("model.path", format!("{}: {e}", path.display())),
         }
     } else if let Some(name) = &config.model.name {
         let manifests = config.resolve(&config.model.manifests);
-        match models::find_manifest(&manifests, name) {
+        match slmd_engine::models::find_manifest(&manifests, name) {
             Err(e) => problem("model.name", e.to_string()),
             Ok(m) => {
                 if ModelStore::installed_in(&config.state_dir(), &m).is_none() {
@@ -226,10 +224,11 @@ pub enum ModelRef<'a> {
 pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
     match r {
         ModelRef::Path(path) => {
-            let sha256 = models::sha256_file(&path).map_err(|source| RunError::Hash {
-                path: path.clone(),
-                source,
-            })?;
+            let sha256 =
+                slmd_engine::models::sha256_file(&path).map_err(|source| RunError::Hash {
+                    path: path.clone(),
+                    source,
+                })?;
             let name = path
                 .file_stem()
                 .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
@@ -245,7 +244,7 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
             state_dir,
             manifests,
         } => {
-            let manifest = models::find_manifest(&manifests, name)?;
+            let manifest = slmd_engine::models::find_manifest(&manifests, name)?;
             let store = ModelStore::open(&state_dir)?;
             let path = store
                 .installed(&manifest)
@@ -293,7 +292,7 @@ pub fn start_engine_with(
         extract_context: config.model.extract_context_size,
         head_depth: config.model.head_depth,
         head_requantize: config.model.head_requantize,
-        tuning: engine::Tuning {
+        tuning: slmd_engine::Tuning {
             mlock: config.model.mlock,
             nice: config.model.nice,
             cpus: config.model.cpus.clone(),
@@ -338,7 +337,7 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
         concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
         abstain_below: t.abstain_below,
         reject_label: t.reject_label.clone(),
-        extract: (t.kind == config::TaskKind::Extract).then(|| engine::ExtractSpec {
+        extract: (t.kind == config::TaskKind::Extract).then(|| slmd_engine::ExtractSpec {
             slots: t.slots.clone(),
             instruction: t.slot_instruction.clone(),
             label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
@@ -664,7 +663,7 @@ mod tests {
         assert_eq!(spec.concept_weight, config::default_concept_weight());
         let built_in = config("kind = \"classify\"\nconcept_weight = 0.5");
         let spec = task_spec(&built_in, &built_in.tasks[0]).unwrap();
-        assert_eq!(spec.concepts, engine::concepts::Concepts::default());
+        assert_eq!(spec.concepts, slmd_engine::concepts::Concepts::default());
         assert_eq!(spec.concept_weight, 0.5);
     }
 }

@@ -119,7 +119,7 @@ struct EvalArgs {
     #[arg(long)]
     extra_train: Option<PathBuf>,
     /// Extract: what the model is told before an intent's examples.
-    #[arg(long, default_value = slmd::engine::extract::DEFAULT_INSTRUCTION)]
+    #[arg(long, default_value = slmd_engine::extract::DEFAULT_INSTRUCTION)]
     slot_instruction: String,
     /// Anomaly: a labelled series (CSV as `slmd replay` reads) to score the
     /// detector grid on, with --faults.
@@ -142,7 +142,7 @@ struct EvalArgs {
     seed: Vec<u64>,
     /// How labels are chosen.
     #[arg(long, value_enum, default_value = "head")]
-    strategy: slmd::engine::Strategy,
+    strategy: slmd_engine::Strategy,
     #[arg(
         long,
         default_value = "You are a voice assistant. Classify the intent of the user's command."
@@ -193,7 +193,7 @@ struct EngineArgs {
     extract_context_size: u32,
     /// Share of the model's blocks classifier heads read (1: all; see the
     /// `model.head_depth` setting).
-    #[arg(long, default_value_t = slmd::engine::HEAD_DEPTH)]
+    #[arg(long, default_value_t = slmd_engine::HEAD_DEPTH)]
     head_depth: f32,
     /// Requantise a Q4_1 model's cut for heads to Q4_0 (see the
     /// `model.head_requantize` setting); `--head-requantize false` keeps Q4_1.
@@ -437,8 +437,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench(args),
         Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
             let (state, manifests) = dirs(d)?;
-            let manifest = slmd::models::find_manifest(&manifests, &name)?;
-            let store = slmd::models::ModelStore::open(&state)?;
+            let manifest = slmd_engine::models::find_manifest(&manifests, &name)?;
+            let store = slmd_engine::models::ModelStore::open(&state)?;
             let started = std::time::Instant::now();
             let path = store
                 .fetch(&manifest)
@@ -459,8 +459,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model(ModelCommand::Bundle(cmd)) => bundle_cmd::run(cmd, load),
         Command::Model(ModelCommand::List { dirs: d }) => {
             let (state, manifests) = dirs(d)?;
-            let store = slmd::models::ModelStore::open(&state)?;
-            for m in slmd::models::list_manifests(&manifests)? {
+            let store = slmd_engine::models::ModelStore::open(&state)?;
+            for m in slmd_engine::models::list_manifests(&manifests)? {
                 let status = match store.installed(&m) {
                     Some(p) => format!("installed at {}", p.display()),
                     None => "not installed".into(),
@@ -560,7 +560,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             .map(|t| (t.spec.name.clone(), t.test.clone()))
             .collect();
         let engine =
-            slmd::engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
+            slmd_engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
         (engine, names, a.reject_label.clone())
     };
     let (mut report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
@@ -611,7 +611,7 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
         _ => anyhow::bail!("--config and --task go together"),
     };
     let engine = match &config {
-        Some((c, t)) => Some(slmd::engine::Engine::start(
+        Some((c, t)) => Some(slmd_engine::Engine::start(
             engine_options(&a.engine)?,
             vec![slmd::task_spec(c, t)?],
         )?),
@@ -652,7 +652,7 @@ fn known_values(path: Option<&Path>) -> anyhow::Result<slmd::eval::slots::Known>
 
 /// Engine options for `eval` and `bench`: the model by name or path; no
 /// head cache, so what is measured includes training.
-fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions> {
+fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd_engine::EngineOptions> {
     anyhow::ensure!(
         a.head_depth > 0.0 && a.head_depth <= 1.0,
         "--head-depth {}: must be above 0 and at most 1",
@@ -673,7 +673,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd::engine::EngineOptions>
         }
     };
     let (model_path, model, format) = slmd::locate_model(model)?;
-    Ok(slmd::engine::EngineOptions {
+    Ok(slmd_engine::EngineOptions {
         model_path,
         model,
         format,
@@ -703,7 +703,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         extract: match a.kind {
             BenchKind::Classify => None,
             BenchKind::Extract => Some(slmd::eval::ExtractSettings {
-                instruction: slmd::engine::extract::DEFAULT_INSTRUCTION.into(),
+                instruction: slmd_engine::extract::DEFAULT_INSTRUCTION.into(),
                 known: known_values(a.slot_values.as_deref())?,
                 intent_slots: Default::default(),
             }),

@@ -217,7 +217,7 @@ impl Metrics {
             (
                 "tokens_per_second",
                 "Tokens the inference thread put through the model per second busy, since start.",
-                crate::engine::THROUGHPUT.tokens_per_second(),
+                slmd_engine::THROUGHPUT.tokens_per_second(),
             ),
             (
                 "model_load_seconds",

@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::config::{Limits, Protocol};
 use std::collections::BTreeMap;
 
-use crate::engine::schema::{SlotValue, Span};
-use crate::engine::{ModelInfo, Query, Scores};
+use slmd_engine::schema::{SlotValue, Span};
+use slmd_engine::{ModelInfo, Query, Scores};
 
 /// A message ready for inference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub struct Request {
     pub text: String,
     /// A Hermes query's session (site, session id, intent filter).
     pub session: Option<crate::hermes::Session>,
-    /// Slot values the sender's situation gives (see [`crate::engine::context`]).
+    /// Slot values the sender's situation gives (see [`slmd_engine::context`]).
     pub context: BTreeMap<String, String>,
 }
 

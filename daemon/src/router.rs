@@ -25,13 +25,13 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Limits, Protocol, TaskConfig};
-use crate::engine::{Engine, EngineError};
 use crate::hermes;
 use crate::injection;
 use crate::monitor::{MonitorError, Monitors, Verdict};
 use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
 use slmd_core::now_ms;
 use slmd_core::topic;
+use slmd_engine::{Engine, EngineError};
 use slmd_store::{self as store, InboxEntry, OutboxEntry, Reply, Store};
 
 /// What a configuration reload replaces, as one unit: the engine (with the
@@ -745,8 +745,8 @@ impl Router {
         key: u64,
         routing: &Routing,
         task: &str,
-        query: impl Into<crate::engine::Query>,
-    ) -> Result<crate::engine::Scores, EngineError> {
+        query: impl Into<slmd_engine::Query>,
+    ) -> Result<slmd_engine::Scores, EngineError> {
         if let Err(e) = self.store.mark_dispatched(key).await {
             // Inference goes ahead: the store's trouble is reported and
             // healed elsewhere, and a lost mark only spares it a blame.

@@ -19,10 +19,10 @@ use tokio::sync::{mpsc, watch};
 use crate::bundle::store::BundleStore;
 use crate::bundle::update;
 use crate::config::Config;
-use crate::engine::{Engine, ModelInfo};
 use crate::injection::{self, Injected};
 use crate::router::{Router, Routing};
 use crate::{build_engine, topic_filters, Inference};
+use slmd_engine::{Engine, ModelInfo};
 use slmd_store::{OutboxEntry, Store};
 
 pub struct Supervisor {

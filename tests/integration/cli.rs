@@ -259,7 +259,7 @@ fn cut_model(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// The GGML type of tensor `name` in the model at `path`.
 fn tensor_type(path: &std::path::Path, name: &str) -> Option<u32> {
-    slmd::models::gguf::describe(path)
+    slmd_engine::models::gguf::describe(path)
         .unwrap()
         .tensors
         .into_iter()
@@ -269,7 +269,7 @@ fn tensor_type(path: &std::path::Path, name: &str) -> Option<u32> {
 
 /// The GGML types of the transformer blocks' matrices in the model at `path`.
 fn block_matrix_types(path: &std::path::Path) -> Vec<u32> {
-    let mut kinds: Vec<u32> = slmd::models::gguf::describe(path)
+    let mut kinds: Vec<u32> = slmd_engine::models::gguf::describe(path)
         .unwrap()
         .tensors
         .into_iter()

@@ -813,7 +813,7 @@ fn signatures_interoperate_with_the_minisign_tool() {
     let manifest = format!(
         "name = \"smol\"\nversion = \"1.0.0\"\nmodel_sha256 = \"{}\"\nmodel_size = {}\n\
          licence = \"Apache-2.0\"\nprompt_format = \"chatml\"\n",
-        slmd::models::sha256_file(&model).unwrap(),
+        slmd_engine::models::sha256_file(&model).unwrap(),
         std::fs::metadata(&model).unwrap().len()
     );
     std::fs::write(d.join("manifest.toml"), &manifest).unwrap();

@@ -43,8 +43,9 @@ pub fn model_path() -> PathBuf {
     }
     let root = repo_root();
     let manifest =
-        slmd::models::find_manifest(&root.join("models"), "smollm2-135m-instruct-q4_1").unwrap();
-    let store = slmd::models::ModelStore::open(&root.join(".cache/state")).unwrap();
+        slmd_engine::models::find_manifest(&root.join("models"), "smollm2-135m-instruct-q4_1")
+            .unwrap();
+    let store = slmd_engine::models::ModelStore::open(&root.join(".cache/state")).unwrap();
     let path = match store.installed(&manifest) {
         Some(p) => p,
         None => store.fetch(&manifest).expect("fetching the test model"),

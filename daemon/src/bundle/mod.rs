@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::PromptFormat;
+use slmd_engine::models::PromptFormat;
 
 pub const MANIFEST: &str = "manifest.toml";
 pub const SIGNATURE: &str = "manifest.toml.minisig";
@@ -351,7 +351,8 @@ pub fn verify_staged(dir: &Path, trust: &Trust) -> Result<Verified, BundleError>
             actual,
         });
     }
-    let sha = crate::models::sha256_file(&model).map_err(|e| io_err("hashing model.gguf", e))?;
+    let sha =
+        slmd_engine::models::sha256_file(&model).map_err(|e| io_err("hashing model.gguf", e))?;
     if sha != manifest.model_sha256 {
         return Err(BundleError::ShaMismatch {
             expected: manifest.model_sha256.clone(),

@@ -139,9 +139,9 @@ fn download_to(
     let done = part.with_extension("slmdb");
     let agent = if network {
         // A redirect could lead anywhere, past the allowed prefixes.
-        crate::models::agent_builder().redirects(0).build()
+        slmd_engine::models::agent_builder().redirects(0).build()
     } else {
-        crate::models::new_agent()
+        slmd_engine::models::new_agent()
     };
     let too_large = |what: String| BundleError::TooLarge {
         limit: max_bytes,

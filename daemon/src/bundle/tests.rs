@@ -23,7 +23,7 @@ fn manifest_for(model: &Path, version: &str) -> String {
     toml::to_string(&BundleManifest {
         name: "test".into(),
         version: version.into(),
-        model_sha256: crate::models::sha256_file(model).unwrap(),
+        model_sha256: slmd_engine::models::sha256_file(model).unwrap(),
         model_size: std::fs::metadata(model).unwrap().len(),
         licence: "MIT".into(),
         prompt_format: PromptFormat::Chatml,

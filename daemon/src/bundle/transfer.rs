@@ -398,7 +398,7 @@ impl Transfers {
         st.received = bits.encode();
         self.save(&state, &st)?;
         if bits.count() == chunks {
-            let whole = crate::models::sha256_file(&file)
+            let whole = slmd_engine::models::sha256_file(&file)
                 .map_err(|e| io_err(format!("hashing {}", file.display()), e))?;
             if !whole.eq_ignore_ascii_case(&st.start.sha256) {
                 let _ = std::fs::remove_file(&file);

@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::engine::Engine;
+use slmd_engine::Engine;
 
 use super::canary::{self, Gate, Report};
 use super::store::{install_file, BundleStore, Installed};

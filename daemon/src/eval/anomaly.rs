@@ -24,7 +24,6 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::engine::Engine;
 use crate::eval::metrics::{harmonic, ratio};
 use crate::monitor::detect::SensorDetector;
 use crate::monitor::note::{ungrounded, Facts};
@@ -33,6 +32,7 @@ use crate::monitor::replay;
 use crate::monitor::settings::{DetectorConfig, MonitorConfig};
 use crate::monitor::{TaskMonitor, Verdict};
 use slmd_core::examples::Row;
+use slmd_engine::Engine;
 
 /// After a fault interval, notes this late still belong to it.
 pub const GRACE_SECS: f64 = 120.0;
@@ -46,7 +46,7 @@ pub enum AnomalyEvalError {
     #[error(transparent)]
     Replay(#[from] replay::ReplayError),
     #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    Engine(#[from] slmd_engine::EngineError),
 }
 
 /// One NAB dev row, parsed.

@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::embed::DecodeOptions;
-use crate::engine::{Engine, EngineError, EngineOptions, TaskSpec};
 use slmd_core::examples::Row;
+use slmd_engine::embed::DecodeOptions;
+use slmd_engine::{Engine, EngineError, EngineOptions, TaskSpec};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
@@ -43,7 +43,7 @@ pub fn run(
         o.decode = DecodeOptions {
             prefix_cache,
             max_batch: if batching {
-                crate::engine::embed::MAX_SEQUENCES
+                slmd_engine::embed::MAX_SEQUENCES
             } else {
                 1
             },

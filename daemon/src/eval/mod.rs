@@ -17,9 +17,9 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-use crate::engine::{Engine, EngineError, Query, TaskSpec};
 use metrics::{Outcome, Report};
 use slmd_core::examples::{slot_text, Example, Row};
+use slmd_engine::{Engine, EngineError, Query, TaskSpec};
 
 /// A task to evaluate: the engine's spec, the rows it is tested on.
 pub struct Trial {
@@ -31,7 +31,7 @@ pub struct Trial {
 /// from the config file instead).
 #[derive(Debug, Clone)]
 pub struct TaskSettings {
-    pub strategy: crate::engine::Strategy,
+    pub strategy: slmd_engine::Strategy,
     pub instruction: String,
     pub cue: String,
     pub lexical_weight: f32,
@@ -115,7 +115,7 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
         concepts: Default::default(),
         abstain_below: s.abstain_below,
         reject_label: s.reject_label.clone(),
-        extract: s.extract.as_ref().map(|x| crate::engine::ExtractSpec {
+        extract: s.extract.as_ref().map(|x| slmd_engine::ExtractSpec {
             slots: slots::infer_schema(train, &x.known),
             instruction: x.instruction.clone(),
             label_slots: labels

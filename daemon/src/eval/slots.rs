@@ -11,8 +11,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::engine::schema::{SlotKind, SlotSpec};
 use slmd_core::examples::{slot_text, Row};
+use slmd_engine::schema::{SlotKind, SlotSpec};
 
 /// Known values of some slots: name -> (values, open).
 pub type Known = BTreeMap<String, (Vec<String>, bool)>;
@@ -173,7 +173,7 @@ mod tests {
             },
             "seen values, trimmed, once ignoring case"
         );
-        crate::engine::schema::validate_schema(&schema).unwrap();
+        slmd_engine::schema::validate_schema(&schema).unwrap();
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub struct Note<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause_confidence: Option<f32>,
     pub sentence: String,
-    pub model: &'a crate::engine::ModelInfo,
+    pub model: &'a slmd_engine::ModelInfo,
     /// From the reading's arrival to the note.
     pub latency_ms: f64,
 }

@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::schema::Slot;
 use quantity::Quantity;
+use slmd_engine::schema::Slot;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,7 +241,7 @@ pub fn instruction_like(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::schema::SlotValue;
+    use slmd_engine::schema::SlotValue;
 
     fn policy() -> PolicyConfig {
         toml::from_str(

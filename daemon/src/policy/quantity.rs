@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::engine::numbers::{number_at, separates};
+use slmd_engine::numbers::{number_at, separates};
 
 /// What a command asks for, normalised.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,7 +29,7 @@ pub enum Quantity {
 
 /// Whole numbers as JSON integers, as slot values are.
 fn number<S: serde::Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
-    crate::engine::schema::SlotValue::Number(*x).serialize(s)
+    slmd_engine::schema::SlotValue::Number(*x).serialize(s)
 }
 
 impl Quantity {

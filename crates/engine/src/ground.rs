@@ -467,7 +467,7 @@ impl Grounding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::schema::parse_output;
+    use crate::schema::parse_output;
 
     fn spec(name: &str, values: &[&str], open: bool) -> SlotSpec {
         SlotSpec {

@@ -23,6 +23,7 @@ pub mod extract;
 pub mod ground;
 pub mod head;
 pub mod lexical;
+pub mod models;
 pub mod number_slots;
 pub mod numbers;
 pub mod schema;

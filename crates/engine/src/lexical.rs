@@ -63,7 +63,7 @@ fn fnv(parts: &[&str]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::head::dot;
+    use crate::head::dot;
 
     #[test]
     fn unit_length_and_case_insensitive() {

@@ -29,13 +29,13 @@ pub fn said_numbers(text: &str) -> Vec<(f64, std::ops::Range<usize>)> {
 }
 
 /// Whether `c` separates the words numbers are read from.
-pub(crate) fn separates(c: char) -> bool {
+pub fn separates(c: char) -> bool {
     c.is_whitespace() || c == ',' || c == '?' || c == '!'
 }
 
 /// A number written in digits ("21", "21.5", "21°c") or words ("twenty
 /// one"); the value and how many words it took.
-pub(crate) fn number_at(words: &[&str]) -> Option<(f64, usize)> {
+pub fn number_at(words: &[&str]) -> Option<(f64, usize)> {
     let first = words.first()?;
     let digits: String = first
         .chars()

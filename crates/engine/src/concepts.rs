@@ -95,7 +95,7 @@ impl Concepts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::head::dot;
+    use crate::head::dot;
 
     #[test]
     fn synonyms_share_a_feature_and_antonyms_do_not() {
