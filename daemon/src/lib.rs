@@ -29,7 +29,6 @@ pub mod injection;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
-pub mod mqtt;
 pub mod notify;
 pub mod payload;
 pub mod policy;
@@ -60,7 +59,7 @@ pub enum RunError {
     #[error(transparent)]
     Examples(#[from] slmd_core::examples::ExamplesError),
     #[error(transparent)]
-    Tls(#[from] mqtt::TlsFileError),
+    Tls(#[from] slmd_link::TlsFileError),
     #[error(transparent)]
     Lock(#[from] slmd_store::lock::LockError),
     #[error(transparent)]
@@ -430,7 +429,7 @@ fn reserved_topics(config: &Config) -> Vec<String> {
 
 pub async fn run(
     config: Config,
-    broker: Option<mqtt::BrokerAddr>,
+    broker: Option<slmd_link::BrokerAddr>,
     inference: Inference,
     reloads: tokio::sync::mpsc::Receiver<Config>,
     shutdown: watch::Receiver<bool>,
@@ -486,18 +485,23 @@ pub async fn run(
     log::info!("serving with {}", supervisor::describe(&engine));
     crash_if_asked(&engine);
 
-    let addr = broker.unwrap_or(mqtt::BrokerAddr {
+    let addr = broker.unwrap_or(slmd_link::BrokerAddr {
         host: config.broker.host.clone(),
         port: config.broker.port,
     });
     let metrics = Arc::new(metrics::Metrics::new(load_started.elapsed().as_secs_f64()));
     // Ready to work: the broker may come later (slmd works offline).
     notifier.send("READY=1\nSTATUS=model loaded, connecting to the broker");
-    let mqtt_beat = Arc::new(notify::Heartbeat::default());
-    let (link, eventloop) = mqtt::Link::new(
-        mqtt::options(&config, &addr)?,
+    let mqtt_beat = Arc::new(slmd_link::Heartbeat::default());
+    let (link, eventloop) = slmd_link::Link::new(
+        slmd_link::options(
+            &config.broker,
+            &config.base_dir,
+            config.limits.max_packet_bytes,
+            &addr,
+        )?,
         store.clone(),
-        mqtt::Intake {
+        slmd_link::Intake {
             quota: config.limits.max_store_bytes,
             max_payload: config.limits.max_payload_bytes,
             whole: vec![

@@ -29,7 +29,7 @@ enum Command {
         config: PathBuf,
         /// Override the broker address: mqtt://HOST:PORT.
         #[arg(long)]
-        broker: Option<slmd::mqtt::BrokerAddr>,
+        broker: Option<slmd_link::BrokerAddr>,
         /// Measure the message path alone: answer every message with its
         /// task's first label, without loading the model.
         #[arg(long, hide = true)]
@@ -73,7 +73,7 @@ enum Command {
         rate: f64,
         /// The broker, HOST:PORT (or mqtt://HOST:PORT).
         #[arg(long, default_value = "127.0.0.1:1883")]
-        broker: slmd::mqtt::BrokerAddr,
+        broker: slmd_link::BrokerAddr,
         /// Sensor name of a lone `value` column (default: the file's stem).
         #[arg(long)]
         sensor: Option<String>,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::mqtt::Link;
+use slmd_link::Link;
 use slmd_store::Store;
 
 /// Upper bounds (ms) of the inference latency histogram's buckets.

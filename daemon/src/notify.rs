@@ -12,13 +12,12 @@
 //! Outside systemd (no `$NOTIFY_SOCKET`) every call is a no-op.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use slmd_core::now_ms;
+use slmd_link::Heartbeat;
 
 /// A handle on `$NOTIFY_SOCKET`; cheap to share.
 #[derive(Clone)]
@@ -75,21 +74,6 @@ impl Notifier {
         }
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
         (usec > 0).then(|| Duration::from_micros(usec))
-    }
-}
-
-/// A liveness beat: the MQTT loop stamps it every time round; the watchdog
-/// reads its age.
-#[derive(Default)]
-pub struct Heartbeat(AtomicU64);
-
-impl Heartbeat {
-    pub fn beat(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn age(&self) -> Duration {
-        Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::mqtt::Link;
 use slmd_core::now_ms;
+use slmd_link::Link;
 use slmd_store::{Stats, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -68,10 +68,13 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Request}
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::{watch, Notify};
 
+pub mod config;
 mod delivery;
+mod heartbeat;
 
-use crate::config::Config;
+pub use config::BrokerConfig;
 use delivery::{Delivery, Flushed, Grant, Hold, Receive, Room, Sent};
+pub use heartbeat::Heartbeat;
 use slmd_core::now_ms;
 use slmd_store::{InboxEntry, Reply, Store};
 
@@ -175,8 +178,15 @@ impl Intake {
     }
 }
 
-pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFileError> {
-    let cfg = &config.broker;
+/// The connection's options. Files the section names are relative to
+/// `base_dir` (the config file's directory); `max_packet_bytes` is the
+/// largest packet slmd accepts (MQTT 5 Maximum Packet Size).
+pub fn options(
+    cfg: &BrokerConfig,
+    base_dir: &Path,
+    max_packet_bytes: u32,
+    addr: &BrokerAddr,
+) -> Result<MqttOptions, TlsFileError> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), addr.host.clone(), addr.port);
     o.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)))
         .set_clean_start(false)
@@ -184,7 +194,7 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
         .set_manual_acks(true)
         .set_outgoing_inflight_upper_limit(cfg.max_inflight)
         .set_receive_maximum(Some(cfg.max_inflight))
-        .set_max_packet_size(Some(config.limits.max_packet_bytes))
+        .set_max_packet_size(Some(max_packet_bytes))
         .set_last_will(LastWill::new(
             cfg.status_topic(),
             presence("offline"),
@@ -193,14 +203,14 @@ pub fn options(config: &Config, addr: &BrokerAddr) -> Result<MqttOptions, TlsFil
             None,
         ));
     if let Some(u) = &cfg.username {
-        let password = config
-            .broker_password()
+        let password = cfg
+            .password(base_dir)
             .map_err(|(path, source)| TlsFileError { path, source })?;
         o.set_credentials(u.clone(), password.unwrap_or_default());
     }
     if let Some(tls) = &cfg.tls {
         let read = |p: &Path| {
-            let path = config.resolve(p);
+            let path = base_dir.join(p);
             std::fs::read(&path).map_err(|source| TlsFileError { path, source })
         };
         let client_auth = match (&tls.client_cert, &tls.client_key) {
@@ -247,7 +257,7 @@ impl Link {
         mut filters: watch::Receiver<Vec<String>>,
         max_backoff: Duration,
         inbox_wake: Arc<Notify>,
-        beat: Arc<crate::notify::Heartbeat>,
+        beat: Arc<Heartbeat>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let addr = {
@@ -739,14 +749,14 @@ fn inbox_entry(p: Publish, max_payload: usize) -> InboxEntry {
     // gets the name stored lossily rather than the message dropped.
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
     let truncated = (p.payload.len() > max_payload).then(|| {
-        let id = crate::payload::id_of(&topic, &p.payload);
+        let id = slmd_core::ids::id_of(&topic, &p.payload);
         slmd_store::Truncated {
             size: p.payload.len() as u64,
             // An id the size of a payload is no id to store.
             id: if id.len() <= 256 {
                 id
             } else {
-                crate::payload::derived_id(&topic, &p.payload)
+                slmd_core::ids::derived_id(&topic, &p.payload)
             },
         }
     });
