@@ -627,10 +627,8 @@ pub async fn run(
 /// kills the daemon (SIGKILL) once a bundle of version V is loaded, as a
 /// model that crashes the process would.
 fn crash_if_asked(engine: &Engine) {
-    let wanted = std::env::var("SLMD_FAULT_CRASH_ON_VERSION").ok();
-    if wanted.is_some() && wanted == engine.model.version {
-        log::error!("SLMD_FAULT_CRASH_ON_VERSION: crashing");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    if let Some(version) = &engine.model.version {
+        slmd_core::fault::kill_if("SLMD_FAULT_CRASH_ON_VERSION", version);
     }
 }
 

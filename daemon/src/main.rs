@@ -262,7 +262,25 @@ struct DirArgs {
     manifests: Option<PathBuf>,
 }
 
+/// glibc gives threads that allocate at the same moment arenas of their
+/// own (up to 8 per core) and keeps what each has touched: the daemon's
+/// memory then follows how many threads once raced, not what it holds.
+/// Two arenas: under steady traffic RSS grew 24.5 -> 30.2 MB between the
+/// halves of the growth test with glibc's default, 21.0 -> 21.5 MB with
+/// two. `MALLOC_ARENA_MAX` in the environment still decides when set.
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it is called
+        // before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

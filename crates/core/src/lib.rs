@@ -2,12 +2,14 @@
 //! other slmd crate.
 //!
 //! - [`examples`]: labelled rows and the examples a task learns from.
+//! - [`fault`]: the test suite's crash and stall hooks (a cargo feature).
 //! - [`folds`]: stratified cross-validation folds (head calibration, eval).
 //! - [`fsutil`]: the one way slmd replaces a file durably.
 //! - [`ids`]: message ids, brought or derived.
 //! - [`topic`]: MQTT topic names and filters.
 
 pub mod examples;
+pub mod fault;
 pub mod folds;
 pub mod fsutil;
 pub mod ids;

@@ -493,25 +493,14 @@ impl Engine {
     }
 }
 
-/// Fault injection for the watchdog and dead-letter tests: with
-/// `SLMD_FAULT_STALL_ON` set, a message whose text equals it stalls the
-/// inference thread for an hour, as a wedged backend would; with
-/// `SLMD_FAULT_CRASH_ON`, it kills the process (SIGKILL), as a message
-/// that crashes llama.cpp would.
+/// Test hooks (compiled in by the test build only, see `slmd_core::fault`):
+/// a message whose text is `SLMD_FAULT_STALL_ON` stalls the inference
+/// thread, as a wedged backend would; one whose text is
+/// `SLMD_FAULT_CRASH_ON` kills the process, as a message that crashes
+/// llama.cpp would.
 fn stall_if_asked(text: &str) {
-    static STALL: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
-    let (stall, crash) = STALL.get_or_init(|| {
-        let var = |name| std::env::var(name).ok();
-        (var("SLMD_FAULT_STALL_ON"), var("SLMD_FAULT_CRASH_ON"))
-    });
-    if stall.as_deref() == Some(text) {
-        log::warn!("SLMD_FAULT_STALL_ON matched: stalling the inference thread");
-        std::thread::sleep(std::time::Duration::from_secs(3600));
-    }
-    if crash.as_deref() == Some(text) {
-        log::warn!("SLMD_FAULT_CRASH_ON matched: crashing");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
+    slmd_core::fault::stall_if("SLMD_FAULT_STALL_ON", text);
+    slmd_core::fault::kill_if("SLMD_FAULT_CRASH_ON", text);
 }
 
 /// Everything the inference thread owns once set up.

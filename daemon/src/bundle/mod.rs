@@ -399,11 +399,9 @@ pub fn check_gguf_header(path: &Path) -> Result<(), BundleError> {
 /// Test hook: `SLMD_FAULT_KILL_AT=<step>` kills the process with SIGKILL
 /// when an update reaches `step` (`downloaded`, `unpacked`, `verified`,
 /// `installed`, `canary`, `pointer-written`, `activated`), so tests can
-/// check what each crash leaves.
+/// check what each crash leaves (test builds only: `slmd_core::fault`).
 pub fn fault(step: &str) {
-    if std::env::var("SLMD_FAULT_KILL_AT").is_ok_and(|s| s == step) {
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
+    slmd_core::fault::kill_if("SLMD_FAULT_KILL_AT", step);
 }
 
 #[cfg(test)]
