@@ -3,7 +3,7 @@
 # sets, one JSON report per line into $OUT (default .cache/eval). Needs the
 # model fetched (scripts/test.sh or `slmd model fetch`) and the datasets in
 # $DATA (default ../shared/datasets). SLMD names the binary (default the
-# debug build; the figures in docs/EVAL.md since session 14 are of
+# debug build; the figures in docs/EVAL.md are of
 # SLMD=target/release/slmd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
