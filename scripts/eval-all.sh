@@ -23,7 +23,7 @@ run hwu64-head --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
 # The same over four fold seeds: accuracy is their mean, the figure to hold
 # against a target (one seed's draw moves it by +-3 points on 118 rows).
 run hwu64-head-seeds --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --seed 1,2,3,4
-# Without the command concepts (engine/concepts.rs), for comparison.
+# Without the command concepts (crates/engine/src/concepts.rs), for comparison.
 run hwu64-head-seeds-no-concepts --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --seed 1,2,3,4 --concept-weight 0
 run automotive-head-seeds --train "$DATA/ms_automotive_poi.jsonl" --cv 5 --seed 1,2,3,4
 run hwu64-head-cue --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --cue "The intent of this command is:"

@@ -183,17 +183,9 @@ impl Injected {
 
     /// Atomically: a crash leaves the old file or the new one.
     pub fn save(&self, state_dir: &Path) -> Result<(), InjectionError> {
-        use std::io::Write;
         let path = Injected::path(state_dir);
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(self).expect("serialisable"))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(state_dir)?.sync_all()
-        };
-        write().map_err(|source| InjectionError::Write {
+        let bytes = serde_json::to_vec_pretty(self).expect("serialisable");
+        slmd_core::fsutil::write_atomic(&path, &bytes).map_err(|source| InjectionError::Write {
             path: path.clone(),
             source,
         })

@@ -195,7 +195,6 @@ pub async fn run_writer(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let path = snapshot_path(&state_dir);
-    let tmp = path.with_extension("json.tmp");
     let mut written: Option<Status> = None;
     let mut said = None;
     loop {
@@ -223,11 +222,13 @@ pub async fn run_writer(
                 notifier.status(&status.line());
             }
             let bytes = serde_json::to_vec_pretty(&status).expect("status serialises");
-            let write = async {
-                tokio::fs::write(&tmp, bytes).await?;
-                tokio::fs::rename(&tmp, &path).await
-            };
-            match write.await {
+            let to = path.clone();
+            let write =
+                tokio::task::spawn_blocking(move || slmd_core::fsutil::write_atomic(&to, &bytes));
+            match write
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            {
                 Ok(()) => {
                     written = Some(status);
                     said = None;

@@ -1135,9 +1135,7 @@ fn cached_or_train(
     // A cache that cannot be written costs only time at the next start.
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&head)?)?;
-        std::fs::rename(&tmp, &path)
+        slmd_core::fsutil::write_atomic(&path, &serde_json::to_vec(&head)?)
     };
     if let Err(e) = write() {
         log::warn!(

@@ -209,20 +209,6 @@ pub fn unwrap_signed(payload: &[u8], rules: &Rules) -> Result<(Vec<u8>, Option<u
     Ok((text.into_bytes(), seq))
 }
 
-/// Writes a temporary file, fsyncs it and renames it over `path`.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 /// The highest sequence number of a signed request this device accepted,
 /// kept across restarts.
 pub struct Sequence {
@@ -255,7 +241,7 @@ impl Sequence {
         if seq <= *last {
             return Err(BundleError::Replayed { seq, last: *last });
         }
-        write_synced(&self.path, seq.to_string().as_bytes())
+        slmd_core::fsutil::write_atomic(&self.path, seq.to_string().as_bytes())
             .map_err(|e| io_err(format!("writing {}", self.path.display()), e))?;
         *last = seq;
         Ok(())

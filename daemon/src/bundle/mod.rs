@@ -304,8 +304,9 @@ pub fn pack(
         add(&mut b, SIGNATURE, sig.as_bytes()).map_err(w)?;
     }
     b.append_path_with_name(model, MODEL).map_err(w)?;
-    b.into_inner().and_then(|f| f.sync_all()).map_err(w)?;
-    std::fs::rename(&tmp, out).map_err(|e| io_err(format!("renaming {}", tmp.display()), e))
+    b.into_inner().map_err(w)?;
+    slmd_core::fsutil::commit(&tmp, out)
+        .map_err(|e| io_err(format!("renaming {}", tmp.display()), e))
 }
 
 /// Verifies an unpacked bundle in `dir` (see the module doc).

@@ -227,14 +227,14 @@ fn download_to(
             (Some(e), _) => last = format!("broke off after {got} bytes: {e}"),
             (None, Some(t)) if got != t => last = format!("{got} of {t} bytes"),
             (None, _) => {
-                std::fs::rename(part, &done)
+                slmd_core::fsutil::commit(part, &done)
                     .map_err(|e| io_err(format!("renaming {}", part.display()), e))?;
                 return Ok(done);
             }
         }
     }
     if part.exists() && last.is_empty() {
-        std::fs::rename(part, &done)
+        slmd_core::fsutil::commit(part, &done)
             .map_err(|e| io_err(format!("renaming {}", part.display()), e))?;
         return Ok(done);
     }

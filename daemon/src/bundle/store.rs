@@ -175,9 +175,8 @@ impl BundleStore {
             .and_then(|()| f.sync_all())
             .map_err(|e| io_err(format!("writing {}", tmp.display()), e))?;
         crate::bundle::fault("pointer-written");
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| io_err(format!("renaming {}", tmp.display()), e))?;
-        sync_dir(&self.root)
+        slmd_core::fsutil::commit(&tmp, &path)
+            .map_err(|e| io_err(format!("renaming {}", tmp.display()), e))
     }
 
     /// Every installed bundle, oldest version first.

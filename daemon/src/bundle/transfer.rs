@@ -24,7 +24,6 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -267,12 +266,9 @@ impl Transfers {
     }
 
     fn save(&self, path: &Path, s: &State) -> Result<(), BundleError> {
-        let tmp = path.with_extension("json.tmp");
-        let mut f = File::create(&tmp).map_err(|e| io_err("writing transfer state", e))?;
-        f.write_all(&serde_json::to_vec(s).expect("state serializes"))
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_err("writing transfer state", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err("writing transfer state", e))
+        let bytes = serde_json::to_vec(s).expect("state serializes");
+        slmd_core::fsutil::write_atomic(path, &bytes)
+            .map_err(|e| io_err("writing transfer state", e))
     }
 
     fn load(&self, path: &Path) -> Result<Option<State>, BundleError> {

@@ -268,7 +268,7 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32, own_output: bool) -> Res
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    std::fs::rename(&tmp, dst)?;
+    slmd_core::fsutil::commit(&tmp, dst)?;
     Ok(())
 }
 

@@ -356,20 +356,15 @@ impl ModelStore {
                 magic: String::from_utf8_lossy(&magic).into_owned(),
             });
         }
-        out.sync_all()
-            .map_err(|e| io_err(format!("syncing {}", part.display()), e))?;
         drop(out);
         let dest = self.path_for(m);
-        std::fs::rename(&part, &dest).map_err(|e| {
+        slmd_core::fsutil::commit(&part, &dest).map_err(|e| {
             io_err(
-                format!("renaming {} to {}", part.display(), dest.display()),
+                format!("installing {} as {}", part.display(), dest.display()),
                 e,
             )
         })?;
         guard.0 = None;
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(format!("syncing directory {}", self.root.display()), e))?;
         (self.progress)(&format!("{}: installed at {}", m.name, dest.display()));
         Ok(dest)
     }

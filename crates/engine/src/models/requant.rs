@@ -83,8 +83,7 @@ pub fn to_q4_0(src: &Path, dst: &Path, threads: i32) -> Result<(), GgufError> {
             src.display()
         )));
     }
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dst)?;
+    slmd_core::fsutil::commit(&tmp, dst)?;
     Ok(())
 }
 

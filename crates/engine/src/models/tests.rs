@@ -434,7 +434,7 @@ fn find_and_list_manifests() {
 
 #[test]
 fn shipped_manifests_load() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let all = list_manifests(&dir).unwrap();
     let smol = find_manifest(&dir, "smollm2-135m-instruct-q4_1").unwrap();
     assert_eq!(smol.prompt_format, PromptFormat::Chatml);
