@@ -1,25 +1,36 @@
 //! slmd: an offline small-language-model daemon for embedded Linux.
 //!
 //! ```text
-//!  MQTT broker ──► mqtt (receiver) ──► store: inbox ──► router ──► engine
-//!      ▲            persist, flush,     (sled, durable)   task,     (llama.cpp
-//!      │            then PUBACK                           payload    thread,
-//!      │                                                  checks     batched)
-//!      │                                                     │
-//!      └──────────── mqtt (publisher) ◄── store: outbox ◄────┘
-//!                    removed on PUBACK     (same key, one transaction)
+//!  MQTT broker ──► slmd_link (receiver) ──► slmd_store: inbox ──► router ──► slmd_engine
+//!      ▲            persist, flush,          (sled, durable)       task,     (llama.cpp
+//!      │            then PUBACK                                    payload    thread,
+//!      │                                                           checks     batched)
+//!      │                                                              │
+//!      └──────────── slmd_link (publisher) ◄── slmd_store: outbox ◄───┘
+//!                    removed on PUBACK          (same key, one transaction)
 //! ```
 //!
+//! The stages outside this crate: [`slmd_link`] (the broker link),
+//! [`slmd_store`] (the durable inbox and outbox), [`slmd_engine`] (the
+//! llama.cpp model, heads, slots and the model store), [`slmd_core`]
+//! (shared types). This crate is the daemon around them:
+//!
 //! - [`config`]: the TOML file, validated whole before anything starts.
-//! - [`mqtt`]: the broker link; receive, acknowledge, publish, reconnect.
-//! - [`store`]: the durable inbox and outbox, and what a crash leaves.
-//! - [`router`]: inbox to outbox: payload checks, task choice, results.
-//! - [`engine`]: the llama.cpp model on its own thread; classification heads
-//!   and grammar-constrained slot generation.
-//! - [`models`]: manifests, fetching and verifying GGUF files.
+//! - [`router`]: inbox to outbox: dedup, payload checks, task choice,
+//!   results.
+//! - [`payload`], [`hermes`]: slmd's own JSON and the Hermes protocol.
+//! - [`policy`]: a task's safety rules (vehicle speed, quantities, refusals).
+//! - [`injection`]: Hermes entity injection.
 //! - [`monitor`]: factory-line anomaly notes: sensor windows, detectors,
 //!   notes whose cause the model picks.
-//! - [`status`]: the store's figures for `slmd status`, while running too.
+//! - [`supervisor`]: every engine change: reloads, injections, model
+//!   updates, health checks, rollback.
+//! - [`bundle`]: signed model bundles, their store, downloads, transfers,
+//!   the canary.
+//! - [`notify`]: systemd's notify socket and watchdog.
+//! - [`metrics`], [`status`]: the Prometheus endpoint; `slmd status`.
+//! - [`eval`]: `slmd eval` and `slmd bench`.
+//! - [`logging`]: the journal or stderr.
 
 pub mod bundle;
 pub mod config;

@@ -650,7 +650,9 @@ async fn a_crash_loop_after_activation_rolls_back() {
             daemon.log_text()
         );
         assert!(
-            daemon.log_text().contains("crashing"),
+            daemon
+                .log_text()
+                .contains("SLMD_FAULT_CRASH_ON_VERSION=2.0.0: killing the process"),
             "{}",
             daemon.log_text()
         );
