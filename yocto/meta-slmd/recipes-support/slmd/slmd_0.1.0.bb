@@ -12,8 +12,24 @@ LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
 # llama-cpp-sys-2 builds llama.cpp with CMake and generates its bindings with
-# bindgen, which loads libclang (meta-clang).
+# bindgen, which loads libclang (oe-core from whinlatter on, meta-clang on
+# scarthgap).
 DEPENDS += "clang-native cmake-native"
+
+# The oldest Rust the locked crates build with (rust-version in Cargo.toml).
+SLMD_MIN_RUST = "1.88"
+
+# Skip, with the way out, rather than fail in do_compile when the build's
+# Rust is older: scarthgap ships 1.75.
+# nooelint: oelint.task.noanonpython - only parse time can skip a recipe
+python () {
+    rust = (d.getVar('RUSTVERSION') or '').rstrip('%')
+    need = d.getVar('SLMD_MIN_RUST')
+    if rust and bb.utils.vercmp_string_op(rust, need, '<'):
+        raise bb.parse.SkipRecipe('slmd needs Rust %s or newer and this build has %s; '
+                                  'on scarthgap add the scarthgap/rust branch of '
+                                  'https://git.yoctoproject.org/meta-lts-mixins' % (need, rust))
+}
 
 # Point SLMD_SRC_URI/SRCREV at your mirror or a release tag (keep
 # destsuffix=git); for development use externalsrc (docs/YOCTO.md).
