@@ -323,7 +323,8 @@ fn check_memlock(model: &Path) -> Result<(), RunError> {
         needed,
         limit: format!("unknown ({e})"),
     })?;
-    if soft != RLIM_INFINITY && soft < needed {
+    // rlim_t is 32 bits on 32-bit Arm glibc and 64 elsewhere: compare wide.
+    if soft != RLIM_INFINITY && u128::from(soft) < u128::from(needed) {
         return Err(RunError::Memlock {
             needed,
             limit: format!("{soft} bytes"),

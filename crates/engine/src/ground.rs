@@ -397,7 +397,7 @@ impl Grounding {
                     })
             };
             match found.iter_mut().find(|s| s.name == spec.name) {
-                Some(s) if s.span.as_ref().map_or(true, |span| m.covers(span)) || widened(s) => {
+                Some(s) if s.span.as_ref().is_none_or(|span| m.covers(span)) || widened(s) => {
                     *s = slot;
                     claimed.push(m);
                 }

@@ -352,7 +352,7 @@ impl BundleStore {
     /// The bundle on trial ran healthy: it stays.
     pub fn confirm(&self, id: &str) -> Result<bool, BundleError> {
         let mut p = self.pointer()?;
-        if !p.trial.as_ref().is_some_and(|t| t.id == id) {
+        if p.trial.as_ref().is_none_or(|t| t.id != id) {
             return Ok(false);
         }
         p.trial = None;

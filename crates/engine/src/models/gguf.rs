@@ -239,7 +239,7 @@ pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32, own_output: bool) -> Res
     let kept: Vec<&TensorInfo> = h
         .tensors
         .iter()
-        .filter(|t| block_of(&t.name).map_or(true, |b| b < blocks))
+        .filter(|t| block_of(&t.name).is_none_or(|b| b < blocks))
         .chain(&output)
         .collect();
 
