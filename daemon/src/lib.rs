@@ -32,8 +32,10 @@
 //! - [`eval`]: `slmd eval` and `slmd bench`.
 //! - [`logging`]: the journal or stderr.
 
+pub mod answer;
 pub mod bundle;
 pub mod config;
+pub mod control;
 pub mod eval;
 pub mod hermes;
 pub mod injection;
@@ -557,30 +559,29 @@ pub async fn run(
     let (requests_tx, requests) = tokio::sync::mpsc::channel(1);
     let wake_link = link.clone();
     let routing = router::Routing::new(engine, config.tasks.clone(), config.limits.clone());
-    let router = Arc::new(
-        router::Router::new(
-            store.clone(),
-            routing,
-            inbox_wake,
-            Arc::new(move || wake_link.publisher_wake.notify_one()),
-            metrics.clone(),
-        )
-        .with_control(router::Control {
-            topic: config.updates.control_topic(&config.broker),
-            status_topic: config.updates.status_topic(&config.broker),
-            trust: config.updates.trust(),
-            require_signed: config.updates.require_signed_requests,
-            require_signed_injection: config.updates.require_signed_injection,
-            device: config.broker.client_id.clone(),
-            sequence: bundle::control::Sequence::open(&config.state_dir().join("bundles"))?,
-            transfers: Arc::new(bundle::transfer::Transfers::open(
-                &config.state_dir(),
-                bundle::transfer::Bounds::of(&config.updates),
-            )?),
-            reserved: reserved_topics(&config),
-            tx: requests_tx,
-        }),
-    );
+    let control = control::Control {
+        topic: config.updates.control_topic(&config.broker),
+        status_topic: config.updates.status_topic(&config.broker),
+        trust: config.updates.trust(),
+        require_signed: config.updates.require_signed_requests,
+        require_signed_injection: config.updates.require_signed_injection,
+        device: config.broker.client_id.clone(),
+        sequence: bundle::control::Sequence::open(&config.state_dir().join("bundles"))?,
+        transfers: Arc::new(bundle::transfer::Transfers::open(
+            &config.state_dir(),
+            bundle::transfer::Bounds::of(&config.updates),
+        )?),
+        reserved: reserved_topics(&config),
+        tx: requests_tx,
+    };
+    let router = Arc::new(router::Router::new(
+        store.clone(),
+        routing,
+        control,
+        inbox_wake,
+        Arc::new(move || wake_link.publisher_wake.notify_one()),
+        metrics.clone(),
+    ));
     let watchdog = notify::Notifier::watchdog_interval().map(|interval| {
         log::info!(
             "systemd watchdog: pinging every {} ms",

@@ -319,6 +319,16 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// An outbox entry carrying `value` as JSON.
+pub fn json_entry(topic: &str, value: &impl Serialize) -> slmd_store::OutboxEntry {
+    slmd_store::OutboxEntry {
+        topic: topic.to_owned(),
+        correlation: None,
+        payload: serde_json::to_vec(value).expect("results always serialise"),
+        retain: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

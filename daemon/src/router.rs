@@ -18,17 +18,20 @@
 //! topic and it is not one of slmd's own input topics; otherwise it gets a
 //! `response_topic_refused` error on the task's error topic.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 
+use crate::answer;
 use crate::config::{Limits, Protocol, TaskConfig};
-use crate::hermes;
+use crate::control::Control;
 use crate::injection;
+use crate::metrics::{Metrics, Observed};
 use crate::monitor::{MonitorError, Monitors, Verdict};
-use crate::payload::{self, DeadLetter, ErrorBody, ErrorResult, TaskResult};
+use crate::payload::{self, json_entry, DeadLetter};
+use crate::policy::state::Speeds;
 use slmd_core::now_ms;
 use slmd_core::topic;
 use slmd_engine::{Engine, EngineError};
@@ -57,37 +60,15 @@ pub struct Router {
     pub outbox_wake: Arc<dyn Fn() + Send + Sync>,
     /// `seen` keys of messages being processed: a redelivery that arrives
     /// while its original is still in flight is a duplicate too.
-    in_flight: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    in_flight: Mutex<HashSet<Vec<u8>>>,
     /// Inbox keys of messages being processed, so that re-reading the
     /// inbox after the store was reopened does not start them twice.
-    running: std::sync::Mutex<std::collections::HashSet<u64>>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Model update requests: the control topic and where they go.
-    control: Option<Control>,
-    /// The last speed (km/h) each policy state topic reported, and when.
-    speeds: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
-}
-
-/// Model update requests arrive on `topic`. Installs go to the updater
-/// (`tx`); transfer chunks are written here. Each request is answered
-/// with a retained status on `status_topic`.
-pub struct Control {
-    pub topic: String,
-    pub status_topic: String,
-    pub trust: crate::bundle::Trust,
-    pub require_signed: bool,
-    /// Entity injections must be signed too (they change what slmd
-    /// answers).
-    pub require_signed_injection: bool,
-    /// This device's client id: a signed request naming another device is
-    /// refused.
-    pub device: String,
-    /// The highest sequence number of a signed request accepted (replays).
-    pub sequence: crate::bundle::control::Sequence,
-    pub transfers: Arc<crate::bundle::transfer::Transfers>,
-    /// Topic filters no response topic may match (slmd's own topics).
-    pub reserved: Vec<String>,
-    pub tx: tokio::sync::mpsc::Sender<crate::supervisor::Job>,
+    running: Mutex<HashSet<u64>>,
+    pub metrics: Arc<Metrics>,
+    /// Model update requests and entity injections.
+    pub control: Control,
+    /// The vehicle's speed, for the tasks' policies.
+    speeds: Speeds,
 }
 
 /// Where a message goes; decided once, in inbox order, as it leaves the
@@ -109,9 +90,10 @@ impl Router {
     pub fn new(
         store: Store,
         routing: Routing,
+        control: Control,
         inbox_wake: Arc<Notify>,
         outbox_wake: Arc<dyn Fn() + Send + Sync>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<Metrics>,
     ) -> Router {
         Router {
             store,
@@ -121,198 +103,9 @@ impl Router {
             in_flight: Default::default(),
             running: Default::default(),
             metrics,
-            control: None,
-            speeds: Default::default(),
+            control,
+            speeds: Speeds::default(),
         }
-    }
-
-    pub fn with_control(self, control: Control) -> Router {
-        Router {
-            control: Some(control),
-            ..self
-        }
-    }
-
-    /// The chunked transfers the control topic receives.
-    pub fn transfers(&self) -> Option<Arc<crate::bundle::transfer::Transfers>> {
-        self.control.as_ref().map(|c| c.transfers.clone())
-    }
-
-    /// A model update request: parsed (and its signature checked), then
-    /// queued for the updater or written as a transfer chunk; acknowledged
-    /// with a retained status.
-    async fn control(&self, c: &Control, key: u64, entry: InboxEntry) {
-        use crate::bundle::control::{self, Request};
-        use crate::bundle::transfer::Progress;
-        let rules = control::Rules {
-            trust: &c.trust,
-            require_signed: c.require_signed,
-            device: &c.device,
-        };
-        // A signed request with a sequence number must be newer than any
-        // accepted before; announcing an open transfer again (to resume
-        // it) is the one repeat allowed.
-        let parsed = control::parse(&entry.payload, &rules).and_then(|p| {
-            let resume = matches!(&p.request, Request::Start(s) if c.transfers.is_open(s));
-            match p.seq {
-                Some(seq) if !resume => c.sequence.advance(seq).map(|()| p),
-                _ => Ok(p),
-            }
-        });
-        let job = |req, transfer| crate::supervisor::Job::Update { req, transfer };
-        let queue = |j: crate::supervisor::Job| match c.tx.try_send(j) {
-            Ok(()) => serde_json::json!({"state": "received"}),
-            Err(_) => serde_json::json!({
-                "state": "refused", "reason": "busy", "detail": "an update is already queued"
-            }),
-        };
-        let status = match parsed.map(|p| p.request) {
-            Err(e) => refusal(&e),
-            Ok(Request::Install {
-                source,
-                activate,
-                force,
-                size,
-            }) => queue(job(
-                crate::bundle::update::Request {
-                    source,
-                    activate,
-                    force,
-                    network: Some(size.unwrap_or(u64::MAX)),
-                },
-                None,
-            )),
-            Ok(request) => {
-                let transfers = c.transfers.clone();
-                let chunk = matches!(request, Request::Chunk(_));
-                let progress = tokio::task::spawn_blocking(move || match request {
-                    Request::Start(s) => transfers.start(s),
-                    Request::Chunk(ch) => transfers.chunk(ch),
-                    Request::Install { .. } => unreachable!("handled above"),
-                })
-                .await
-                .unwrap_or_else(|e| Err(crate::bundle::BundleError::BadRequest(e.to_string())));
-                match progress {
-                    Err(e) => refusal(&e),
-                    Ok(Progress::Ignored) => {
-                        self.settle(key, None);
-                        return;
-                    }
-                    Ok(Progress::Receiving {
-                        id,
-                        received,
-                        chunks,
-                        missing,
-                    }) => {
-                        // Every 16th chunk is answered, and every
-                        // announcement (which is how a sender asks again).
-                        if chunk && received % 16 != 0 {
-                            self.settle(key, None);
-                            return;
-                        }
-                        serde_json::json!({
-                            "state": "receiving", "transfer": id, "received": received,
-                            "chunks": chunks, "missing": missing
-                        })
-                    }
-                    Ok(Progress::Complete {
-                        path,
-                        activate,
-                        force,
-                    }) => {
-                        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                        // The file is slmd's own, its size bounded already.
-                        let req = crate::bundle::update::Request {
-                            source: path.to_string_lossy().into_owned(),
-                            activate,
-                            force,
-                            network: None,
-                        };
-                        queue(job(req, id))
-                    }
-                }
-            }
-        };
-        let out = OutboxEntry {
-            retain: true,
-            ..json_entry(&c.status_topic, &status)
-        };
-        self.settle(key, Some(out));
-    }
-
-    /// An entity injection request: checked here, applied by the
-    /// supervisor (which answers it once the new engine serves).
-    async fn inject(&self, key: u64, entry: InboxEntry) {
-        let id = injection::request_id(&entry.payload);
-        let refused = |reason: &str, why: String| {
-            log::warn!(reason = reason; "entity injection refused: {why}");
-            let body = injection::refusal(id.as_deref(), reason, &why);
-            Some(json_entry(injection::ERROR_TOPIC, &body))
-        };
-        let Some(c) = &self.control else {
-            let out = refused("unavailable", "this router has no supervisor".into());
-            self.settle(key, out);
-            return;
-        };
-        let rules = crate::bundle::control::Rules {
-            trust: &c.trust,
-            require_signed: c.require_signed_injection,
-            device: &c.device,
-        };
-        // Signature and device first; the sequence number advances only
-        // for a request that parses.
-        let out = match crate::bundle::control::unwrap_signed(&entry.payload, &rules) {
-            Err(e) => refused(e.reason(), e.to_string()),
-            Ok((payload, seq)) => match injection::parse(&payload) {
-                Err(e) => refused(e.reason(), e.to_string()),
-                Ok(req) => match seq.map_or(Ok(()), |n| c.sequence.advance(n)) {
-                    Err(e) => refused(e.reason(), e.to_string()),
-                    Ok(()) => match c.tx.send(crate::supervisor::Job::Inject(req)).await {
-                        Ok(()) => None,
-                        Err(_) => refused("unavailable", "the supervisor has stopped".into()),
-                    },
-                },
-            },
-        };
-        self.settle(key, out);
-    }
-
-    /// A vehicle state report `{"speed_kmh": N}` for `task`'s policy; a
-    /// report that cannot be read gets an error result.
-    fn vehicle_state(&self, task: &TaskConfig, entry: &InboxEntry) -> Option<OutboxEntry> {
-        let speed = serde_json::from_slice::<serde_json::Value>(&entry.payload)
-            .ok()
-            .and_then(|v| v.get("speed_kmh")?.as_f64())
-            .filter(|s| s.is_finite() && *s >= 0.0);
-        match speed {
-            Some(s) => {
-                let now = std::time::Instant::now();
-                self.speeds
-                    .lock()
-                    .unwrap()
-                    .insert(entry.topic.clone(), (s, now));
-                None
-            }
-            None => Some(self.error(
-                task,
-                entry,
-                "bad_state",
-                "a vehicle state is {\"speed_kmh\": <number >= 0>}".into(),
-            )),
-        }
-    }
-
-    /// The freshest speed reported on `policy`'s state topic, if recent.
-    fn speed(&self, policy: &crate::policy::PolicyConfig) -> Option<f64> {
-        let filter = policy.state_topic.as_deref()?;
-        let max_age = std::time::Duration::from_secs(policy.state_max_age_secs);
-        self.speeds
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, (_, at))| topic::matches(filter, t) && at.elapsed() <= max_age)
-            .max_by_key(|(_, (_, at))| *at)
-            .map(|(_, (s, _))| *s)
     }
 
     /// Removes a message from the inbox, with an answer or without.
@@ -438,7 +231,7 @@ impl Router {
     /// (unless it is bound for the dead letters).
     fn route(&self, routing: &Routing, entry: &InboxEntry, attempts: u32) -> Route {
         let topic = entry.topic.as_str();
-        if self.control.as_ref().is_some_and(|c| c.topic == topic) {
+        if self.control.topic == topic {
             return Route::Control;
         }
         let tasks = &routing.tasks;
@@ -483,17 +276,21 @@ impl Router {
     ) -> Result<(), EngineError> {
         let (task, verdict) = match route {
             Route::Control => {
-                if let Some(c) = &self.control {
-                    self.control(c, key, entry).await;
-                }
+                let out = self.control.request(&entry.payload).await;
+                self.settle(key, out);
                 return Ok(());
             }
             Route::Inject => {
-                self.inject(key, entry).await;
+                let out = self.control.inject(&entry.payload).await;
+                self.settle(key, out);
                 return Ok(());
             }
             Route::State(i) => {
-                let out = self.vehicle_state(&routing.tasks[i], &entry);
+                let out = self
+                    .speeds
+                    .report(&entry.topic, &entry.payload)
+                    .err()
+                    .map(|why| self.reject(&routing.tasks[i], &entry, "bad_state", why.into()));
                 self.settle(key, out);
                 return Ok(());
             }
@@ -505,37 +302,13 @@ impl Router {
             Route::Task(i, verdict) => (&routing.tasks[i], verdict),
         };
         if attempts >= routing.limits.max_attempts {
-            let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
-            log::error!(
-                task = task.name.as_str(),
-                msg_id = dead.id.as_str(),
-                topic = entry.topic.as_str(),
-                reason = "too_many_attempts";
-                "interrupted by {attempts} crash(es); sent to {}",
-                routing.limits.dead_letter_topic
-            );
-            let report = json_entry(&routing.limits.dead_letter_topic, &dead);
-            match self.store.dead_letter(key, &report) {
-                Ok(()) => (self.outbox_wake)(),
-                Err(e) => log::error!("cannot commit dead letter {key}: {e}"),
-            }
+            self.dead_letter(key, &entry, task, &routing.limits, attempts);
             return Ok(());
         }
         if let Some(verdict) = verdict {
             return self.monitored(key, &entry, task, &routing, verdict).await;
         }
-        let own_id = match &entry.truncated {
-            Some(t) => Some(t.id.clone()),
-            None => payload::own_id(&entry.payload),
-        };
-        // An id-less copy the broker does not call a redelivery may be the
-        // user repeating themselves: only a short window applies to it.
-        let window_secs = if own_id.is_some() || entry.dup {
-            routing.limits.dedup_window_secs
-        } else {
-            routing.limits.content_dedup_window_secs
-        };
-        let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
+        let (id, window_secs) = self.dedup_identity(&entry, &routing.limits);
         let seen = store::seen_key(&task.name, &dedup_id(&id, entry.reply.as_ref()));
         let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
         let before = if racing {
@@ -562,89 +335,7 @@ impl Router {
             self.settle(key, before);
             return Ok(());
         }
-        let reserved = self.control.as_ref().map_or(&[][..], |c| &c.reserved[..]);
-        let reply = routing.reply_to(&entry, reserved);
-        // A Hermes task's `hermes/nlu/intentParsed` copy, when it asks for one.
-        let mut announce = None;
-        let parsed = match &entry.truncated {
-            Some(t) => Err(payload::InputError::TooLarge {
-                size: t.size as usize,
-                limit: routing.limits.max_payload_bytes,
-            }),
-            None => payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
-        };
-        let out = match (&reply, parsed) {
-            (Err(why), _) => self.error(task, &entry, "response_topic_refused", why.clone()),
-            (_, Err(e)) => self.error(task, &entry, e.reason(), e.to_string()),
-            (Ok(_), Ok(req)) => match self.dispatch(key, &routing, &task.name, req.query()).await {
-                Ok(scores) => {
-                    let latency = now_ms().saturating_sub(entry.received_ms) as f64;
-                    let mut result = TaskResult::new(
-                        req.id.clone(),
-                        &task.name,
-                        &scores,
-                        &routing.engine.model,
-                        latency,
-                    );
-                    log::info!(
-                        task = task.name.as_str(),
-                        msg_id = req.id.as_str(),
-                        topic = entry.topic.as_str(),
-                        label = scores.label.as_deref().unwrap_or("-"),
-                        confidence:% = result.confidence,
-                        latency_ms = result.latency_ms,
-                        model_sha256 = routing.engine.model.sha256.as_str();
-                        "result"
-                    );
-                    self.metrics.result(
-                        &task.name,
-                        &crate::metrics::Observed {
-                            recognised: scores.label.is_some(),
-                            latency_ms: result.latency_ms,
-                            inference_ms: scores.inference_ms,
-                            tokens: scores.tokens,
-                        },
-                    );
-                    match &req.session {
-                        None => {
-                            // Hermes answers carry no action; only JSON results decide one.
-                            result.action = task.policy.as_ref().map(|p| {
-                                p.decide(&crate::policy::Command {
-                                    topic: &entry.topic,
-                                    text: &req.text,
-                                    intent: scores.label.as_deref(),
-                                    confidence: result.confidence,
-                                    slots: scores.slots.as_deref().unwrap_or_default(),
-                                    speed_kmh: self.speed(p),
-                                })
-                            });
-                            json_entry(&task.output_topic, &result)
-                        }
-                        Some(session) => {
-                            let (topic, body) =
-                                hermes::answer(&task.output_topic, session, &req.text, &scores);
-                            if task.hermes_intent_parsed {
-                                announce = hermes::parsed(&body).map(|(t, b)| json_entry(&t, &b));
-                            }
-                            json_entry(&topic, &body)
-                        }
-                    }
-                }
-                Err(EngineError::Stopped) => return Err(EngineError::Stopped),
-                Err(e @ EngineError::TooLong { .. }) => {
-                    self.error(task, &entry, "text_too_long", e.to_string())
-                }
-                Err(e) => self.error(task, &entry, "inference_failed", e.to_string()),
-            },
-        };
-        let out = match reply {
-            Ok(Some(r)) => OutboxEntry {
-                topic: r.topic.clone(),
-                correlation: r.correlation.clone(),
-                ..out
-            },
-            _ => out,
-        };
+        let (out, announce) = self.answer(key, &entry, task, &routing).await?;
         // Queued before the result commits, so a crash in between repeats
         // the announcement with the rerun message rather than losing it.
         if let Some(a) = &announce {
@@ -657,8 +348,132 @@ impl Router {
             // The message stays in the inbox and runs again on restart.
             Err(e) => log::error!("cannot commit the result of message {key}: {e}"),
         }
+        // Only now: a redelivery racing the commit is still a duplicate.
         self.in_flight.lock().unwrap().remove(&seen);
         Ok(())
+    }
+
+    /// The id a message is deduplicated by, and for how long. An id-less
+    /// copy the broker does not call a redelivery may be the user repeating
+    /// themselves: only a short window applies to it.
+    fn dedup_identity(&self, entry: &InboxEntry, limits: &Limits) -> (String, u64) {
+        let own_id = match &entry.truncated {
+            Some(t) => Some(t.id.clone()),
+            None => payload::own_id(&entry.payload),
+        };
+        let window_secs = if own_id.is_some() || entry.dup {
+            limits.dedup_window_secs
+        } else {
+            limits.content_dedup_window_secs
+        };
+        let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
+        (id, window_secs)
+    }
+
+    /// Parses a message, runs it through the engine and shapes the answer
+    /// (with the intentParsed copy a Hermes task may add), addressed to
+    /// the request's response topic when it names an allowed one.
+    async fn answer(
+        &self,
+        key: u64,
+        entry: &InboxEntry,
+        task: &TaskConfig,
+        routing: &Routing,
+    ) -> Result<(OutboxEntry, Option<OutboxEntry>), EngineError> {
+        let reply = routing.reply_to(entry, &self.control.reserved);
+        let parsed = match &entry.truncated {
+            Some(t) => Err(payload::InputError::TooLarge {
+                size: t.size as usize,
+                limit: routing.limits.max_payload_bytes,
+            }),
+            None => payload::parse(task.protocol, &entry.topic, &entry.payload, &routing.limits),
+        };
+        let (out, announce) = match (&reply, parsed) {
+            (Err(why), _) => (
+                self.reject(task, entry, "response_topic_refused", why.clone()),
+                None,
+            ),
+            (_, Err(e)) => (self.reject(task, entry, e.reason(), e.to_string()), None),
+            (Ok(_), Ok(req)) => match self.dispatch(key, routing, &task.name, req.query()).await {
+                Ok(scores) => {
+                    let latency = now_ms().saturating_sub(entry.received_ms) as f64;
+                    let speed = task.policy.as_ref().and_then(|p| self.speeds.latest(p));
+                    let a = answer::result(
+                        task,
+                        entry,
+                        &req,
+                        &scores,
+                        &routing.engine.model,
+                        latency,
+                        speed,
+                    );
+                    log::info!(
+                        task = task.name.as_str(),
+                        msg_id = req.id.as_str(),
+                        topic = entry.topic.as_str(),
+                        label = scores.label.as_deref().unwrap_or("-"),
+                        confidence:% = a.confidence,
+                        latency_ms = a.latency_ms,
+                        model_sha256 = routing.engine.model.sha256.as_str();
+                        "result"
+                    );
+                    self.metrics.result(
+                        &task.name,
+                        &Observed {
+                            recognised: scores.label.is_some(),
+                            latency_ms: a.latency_ms,
+                            inference_ms: scores.inference_ms,
+                            tokens: scores.tokens,
+                        },
+                    );
+                    (a.out, a.announce)
+                }
+                Err(EngineError::Stopped) => return Err(EngineError::Stopped),
+                Err(e @ EngineError::TooLong { .. }) => (
+                    self.reject(task, entry, "text_too_long", e.to_string()),
+                    None,
+                ),
+                Err(e) => (
+                    self.reject(task, entry, "inference_failed", e.to_string()),
+                    None,
+                ),
+            },
+        };
+        let out = match reply {
+            Ok(Some(r)) => OutboxEntry {
+                topic: r.topic.clone(),
+                correlation: r.correlation.clone(),
+                ..out
+            },
+            _ => out,
+        };
+        Ok((out, announce))
+    }
+
+    /// A message interrupted by `attempts` crashes goes to the dead-letter
+    /// topic instead of running again.
+    fn dead_letter(
+        &self,
+        key: u64,
+        entry: &InboxEntry,
+        task: &TaskConfig,
+        limits: &Limits,
+        attempts: u32,
+    ) {
+        let dead = DeadLetter::new(&task.name, &entry.topic, &entry.payload, attempts);
+        log::error!(
+            task = task.name.as_str(),
+            msg_id = dead.id.as_str(),
+            topic = entry.topic.as_str(),
+            reason = "too_many_attempts";
+            "interrupted by {attempts} crash(es); sent to {}",
+            limits.dead_letter_topic
+        );
+        let report = json_entry(&limits.dead_letter_topic, &dead);
+        match self.store.dead_letter(key, &report) {
+            Ok(()) => (self.outbox_wake)(),
+            Err(e) => log::error!("cannot commit dead letter {key}: {e}"),
+        }
     }
 
     /// A monitor task's reading, judged already: nothing to say, an error
@@ -682,7 +497,7 @@ impl Router {
                 return Ok(());
             }
             Err(e) => {
-                let out = self.error(task, entry, e.reason(), e.to_string());
+                let out = self.reject(task, entry, e.reason(), e.to_string());
                 self.settle(key, Some(out));
                 return Ok(());
             }
@@ -706,7 +521,7 @@ impl Router {
         };
         let latency = now_ms().saturating_sub(entry.received_ms) as f64;
         let note = crate::monitor::note::Note {
-            id: message_id(entry),
+            id: answer::message_id(entry),
             task: &task.name,
             sentence: facts.sentence(cause.as_deref()),
             facts: &facts,
@@ -727,7 +542,7 @@ impl Router {
         );
         self.metrics.result(
             &task.name,
-            &crate::metrics::Observed {
+            &Observed {
                 recognised: note.cause.is_some(),
                 latency_ms: latency,
                 inference_ms,
@@ -755,39 +570,16 @@ impl Router {
         routing.engine.infer(task, query).await
     }
 
-    fn error(
+    /// An error result for `task`, counted.
+    fn reject(
         &self,
         task: &TaskConfig,
         entry: &InboxEntry,
         reason: &str,
         message: String,
     ) -> OutboxEntry {
-        let id = message_id(entry);
-        log::warn!(
-            task = task.name.as_str(),
-            msg_id = id.as_str(),
-            topic = entry.topic.as_str(),
-            reason = reason;
-            "rejected: {message}"
-        );
         self.metrics.error(&task.name, reason);
-        if task.protocol == Protocol::Hermes {
-            let session = hermes::Session::of_payload(&entry.payload);
-            return json_entry(
-                &task.error_topic(),
-                &hermes::error(&session, reason, &message),
-            );
-        }
-        let err = ErrorResult {
-            id,
-            task: task.name.clone(),
-            topic: entry.topic.clone(),
-            error: ErrorBody {
-                reason: reason.to_owned(),
-                message,
-            },
-        };
-        json_entry(&task.error_topic(), &err)
+        answer::error(task, entry, reason, message)
     }
 }
 
@@ -854,15 +646,6 @@ impl Routing {
     }
 }
 
-/// The id to report for a message, even one that fails to parse or was
-/// cut (its id was taken from the whole payload).
-fn message_id(entry: &InboxEntry) -> String {
-    match &entry.truncated {
-        Some(t) => t.id.clone(),
-        None => payload::id_of(&entry.topic, &entry.payload),
-    }
-}
-
 /// What identifies a request for dedup: its id, and where its answer goes.
 /// Two requests with the same text (so the same derived id) but different
 /// response topics or correlation data are two requests, each answered.
@@ -880,16 +663,5 @@ fn dedup_id(id: &str, reply: Option<&Reply>) -> String {
     }
 }
 
-fn refusal(e: &crate::bundle::BundleError) -> serde_json::Value {
-    log::warn!(reason = e.reason(); "model control request refused: {e}");
-    serde_json::json!({"state": "refused", "reason": e.reason(), "detail": e.to_string()})
-}
-
-fn json_entry(topic: &str, value: &impl Serialize) -> OutboxEntry {
-    OutboxEntry {
-        topic: topic.to_owned(),
-        correlation: None,
-        payload: serde_json::to_vec(value).expect("results always serialise"),
-        retain: false,
-    }
-}
+#[cfg(test)]
+mod tests;

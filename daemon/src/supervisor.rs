@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use crate::bundle::store::BundleStore;
 use crate::bundle::update;
 use crate::config::Config;
+use crate::control::Job;
 use crate::injection::{self, Injected};
 use crate::router::{Router, Routing};
 use crate::{build_engine, topic_filters, Inference};
@@ -34,19 +35,6 @@ pub struct Supervisor {
     pub bundles: BundleStore,
     /// When the running engine started serving (the trial clock).
     pub since: Instant,
-}
-
-/// What the router hands over from MQTT.
-#[derive(Debug)]
-pub enum Job {
-    /// An install the control topic asked for; `transfer` names the MQTT
-    /// transfer whose file it is (removed afterwards).
-    Update {
-        req: update::Request,
-        transfer: Option<String>,
-    },
-    /// Entity injection (Hermes): new enum values, hence a new engine.
-    Inject(injection::Request),
 }
 
 impl Supervisor {
@@ -168,20 +156,12 @@ impl Supervisor {
         self.publish_status("updating", Some(&req.source));
         let job = {
             let config = self.config.clone();
-            let root = self.config.state_dir();
             let bundles = self.bundles.clone();
-            let transfers = self.router.transfers();
+            let transfers = self.router.control.transfers.clone();
             tokio::task::spawn_blocking(move || {
                 let result = update::run(&config, &bundles, &req);
                 if let Some(id) = transfer {
-                    match &transfers {
-                        Some(t) => t.finish(&id),
-                        None => crate::bundle::transfer::Transfers::open(
-                            &root,
-                            crate::bundle::transfer::Bounds::of(&config.updates),
-                        )?
-                        .finish(&id),
-                    }
+                    transfers.finish(&id);
                 }
                 result
             })

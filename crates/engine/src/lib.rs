@@ -390,23 +390,43 @@ impl Engine {
     /// 1, at once. For measuring the message path alone (`slmd run
     /// --no-inference`); never a substitute for the engine in a result.
     pub fn trivial(tasks: &[(String, Vec<String>)]) -> Engine {
-        let (tx, mut rx) = mpsc::channel::<Command>(64);
         let firsts: Vec<String> = tasks
             .iter()
             .map(|(_, labels)| labels.first().cloned().unwrap_or_default())
             .collect();
+        let names = tasks.iter().map(|(n, _)| n.clone()).collect();
+        let model = ModelInfo {
+            version: None,
+            name: "none (--no-inference)".into(),
+            sha256: "0".repeat(64),
+        };
+        Engine::from_fn(names, model, move |task, _| {
+            let label = firsts[task].clone();
+            Ok(Scores {
+                ranked: vec![(label.clone(), 1.0)],
+                label: Some(label),
+                slots: None,
+                inference_ms: 0.0,
+                tokens: 0,
+            })
+        })
+    }
+
+    /// An engine without a model that answers task `tasks[i]`'s queries
+    /// with `answer(i, query)`: the stand-in that lets the code around the
+    /// engine (routing, dedup, commits) be tested without llama.cpp. Runs
+    /// on the current tokio runtime.
+    pub fn from_fn(
+        tasks: Vec<String>,
+        model: ModelInfo,
+        answer: impl Fn(usize, &Query) -> Result<Scores, EngineError> + Send + 'static,
+    ) -> Engine {
+        let (tx, mut rx) = mpsc::channel::<Command>(64);
         tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
                 match cmd {
                     Command::Infer(job) => {
-                        let label = firsts[job.task].clone();
-                        let _ = job.reply.send(Ok(Scores {
-                            ranked: vec![(label.clone(), 1.0)],
-                            label: Some(label),
-                            slots: None,
-                            inference_ms: 0.0,
-                            tokens: 0,
-                        }));
+                        let _ = job.reply.send(answer(job.task, &job.query));
                     }
                     Command::Warm { reply, .. } => {
                         let _ = reply.send(Ok(()));
@@ -419,12 +439,8 @@ impl Engine {
         });
         Engine {
             tx,
-            tasks: std::sync::Arc::new(tasks.iter().map(|(n, _)| n.clone()).collect()),
-            model: ModelInfo {
-                version: None,
-                name: "none (--no-inference)".into(),
-                sha256: "0".repeat(64),
-            },
+            tasks: std::sync::Arc::new(tasks),
+            model,
         }
     }
 

@@ -20,6 +20,7 @@
 //! So injected text can never get more than the plain command would.
 
 pub mod quantity;
+pub mod state;
 
 use std::collections::BTreeMap;
 
