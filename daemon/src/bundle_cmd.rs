@@ -9,8 +9,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use slmd::bundle::store::BundleStore;
-use slmd::bundle::{self, update, BundleManifest};
+use slmd::bundle::{self, BundleManifest};
 use slmd::config::Config;
+use slmd::update;
 
 #[derive(Subcommand)]
 pub enum BundleCommand {

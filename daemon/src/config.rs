@@ -294,6 +294,16 @@ impl UpdatesConfig {
         format!("slmd/{}/model/status", broker.client_id)
     }
 
+    /// The bounds on chunked transfers over the control topic.
+    pub fn transfer_bounds(&self) -> crate::bundle::transfer::Bounds {
+        crate::bundle::transfer::Bounds {
+            max_size: self.max_bundle_bytes,
+            max_transfers: self.max_transfers,
+            expiry: std::time::Duration::from_secs(self.transfer_expiry_secs),
+            reserve: self.reserve_bytes,
+        }
+    }
+
     pub fn trust(&self) -> crate::bundle::Trust {
         crate::bundle::Trust {
             keys: self.trusted_keys.clone(),

@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use crate::bundle::control::{self, Request, Rules, Sequence};
 use crate::bundle::transfer::{Progress, Transfers};
-use crate::bundle::{update, BundleError, Trust};
+use crate::bundle::{BundleError, Trust};
 use crate::injection;
 use crate::payload::json_entry;
+use crate::update;
 use slmd_store::OutboxEntry;
 
 /// What the control plane hands to the supervisor.

@@ -27,7 +27,7 @@
 //! this; its dialogue manager does not need it), see [`parsed`].
 //!
 //! `intentFilter` restricts the intents chosen among (see
-//! [`slmd_engine::Engine::infer_among`]); `null` and `[]` both mean no
+//! [`slmd_engine::Query::among`]); `null` and `[]` both mean no
 //! filter, as in Rhasspy, whose dialogue manager sends `[]` when nothing
 //! restricts the next turn. Entity injection (`hermes/injection/perform`)
 //! is in [`crate::injection`].

@@ -12,30 +12,37 @@
 //!
 //! The stages outside this crate: [`slmd_link`] (the broker link),
 //! [`slmd_store`] (the durable inbox and outbox), [`slmd_engine`] (the
-//! llama.cpp model, heads, slots and the model store), [`slmd_core`]
-//! (shared types). This crate is the daemon around them:
+//! llama.cpp model, heads, slots and the model store), [`slmd_bundle`]
+//! (signed model bundles and their store, re-exported as [`bundle`]),
+//! [`slmd_core`] (shared types). This crate is the daemon around them;
+//! its modules depend on each other one way, and this file on all of them:
 //!
 //! - [`config`]: the TOML file, validated whole before anything starts.
-//! - [`router`]: inbox to outbox: dedup, payload checks, task choice,
-//!   results.
+//! - [`router`]: inbox to outbox: route, dedup, dispatch, commit.
+//! - [`answer`]: a task's result or error in its protocol.
 //! - [`payload`], [`hermes`]: slmd's own JSON and the Hermes protocol.
 //! - [`policy`]: a task's safety rules (vehicle speed, quantities, refusals).
-//! - [`injection`]: Hermes entity injection.
+//! - [`control`]: model update requests and entity injections from MQTT,
+//!   checked and handed to the supervisor.
+//! - [`injection`]: Hermes entity injection (the stored entities).
 //! - [`monitor`]: factory-line anomaly notes: sensor windows, detectors,
 //!   notes whose cause the model picks.
+//! - [`serving`]: from a configuration to an engine (which model, which
+//!   task specs, which topics).
 //! - [`supervisor`]: every engine change: reloads, injections, model
 //!   updates, health checks, rollback.
-//! - [`bundle`]: signed model bundles, their store, downloads, transfers,
-//!   the canary.
+//! - [`update`]: one model update end to end (fetch, install, canary,
+//!   switch).
 //! - [`notify`]: systemd's notify socket and watchdog.
 //! - [`metrics`], [`status`]: the Prometheus endpoint; `slmd status`.
+//! - [`error`]: why the daemon cannot run, and the exit code it implies.
 //! - [`eval`]: `slmd eval` and `slmd bench`.
 //! - [`logging`]: the journal or stderr.
 
 pub mod answer;
-pub mod bundle;
 pub mod config;
 pub mod control;
+pub mod error;
 pub mod eval;
 pub mod hermes;
 pub mod injection;
@@ -46,89 +53,28 @@ pub mod notify;
 pub mod payload;
 pub mod policy;
 pub mod router;
+pub mod serving;
 pub mod status;
 pub mod supervisor;
+pub mod update;
 
-use std::path::{Path, PathBuf};
+pub use error::RunError;
+use serving::{build_engine, topic_filters};
+pub use serving::{
+    bundle_model, configured_model, locate_model, start_engine, start_engine_with, task_spec,
+    Inference, ModelRef,
+};
+pub use slmd_bundle as bundle;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
 use config::Config;
-use slmd_engine::models::{ModelError, ModelStore, PromptFormat};
-use slmd_engine::{Engine, EngineError, EngineOptions, ModelInfo, TaskSpec};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error(transparent)]
-    Bundle(#[from] bundle::BundleError),
-    #[error(transparent)]
-    Store(#[from] slmd_store::StoreError),
-    #[error(transparent)]
-    Examples(#[from] slmd_core::examples::ExamplesError),
-    #[error(transparent)]
-    Tls(#[from] slmd_link::TlsFileError),
-    #[error(transparent)]
-    Lock(#[from] slmd_store::lock::LockError),
-    #[error(transparent)]
-    Injection(#[from] injection::InjectionError),
-    #[error(
-        "model.mlock needs RLIMIT_MEMLOCK of at least {needed} bytes (the model file); the \
-         limit is {limit}. Raise it (LimitMEMLOCK=infinity in the unit, ulimit -l) or set \
-         model.mlock = false"
-    )]
-    Memlock { needed: u64, limit: String },
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(
-        "model {name:?} is not installed in {store}: run `slmd model fetch {name} --config <this config>`"
-    )]
-    NotInstalled { name: String, store: PathBuf },
-    #[error("cannot hash {path}: {source}")]
-    Hash {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-impl RunError {
-    /// Whether the configuration is at fault, so that starting again
-    /// cannot help: `slmd run` then exits 78 (EX_CONFIG), which the
-    /// systemd unit does not restart on. A model the configuration names
-    /// that is missing, unreadable or not installed, an examples or TLS
-    /// file that cannot be read, and an mlock the limits cannot grant are;
-    /// a busy state directory, a damaged store or a failed load are not.
-    pub fn is_config(&self) -> bool {
-        match self {
-            RunError::Model(e) => matches!(
-                e,
-                ModelError::ManifestNotFound { .. }
-                    | ModelError::ManifestRead { .. }
-                    | ModelError::ManifestParse { .. }
-                    | ModelError::ManifestInvalid { .. }
-            ),
-            RunError::Examples(_)
-            | RunError::Tls(_)
-            | RunError::NotInstalled { .. }
-            | RunError::Hash { .. }
-            | RunError::Memlock { .. } => true,
-            RunError::Engine(_)
-            | RunError::Bundle(_)
-            | RunError::Store(_)
-            | RunError::Lock(_)
-            | RunError::Injection(_)
-            | RunError::Metrics { .. } => false,
-        }
-    }
-}
+use slmd_engine::models::ModelStore;
+use slmd_engine::Engine;
 
 /// What `slmd check-config` finds about the files a valid configuration
 /// names beyond those [`Config::validate`] reads: the model reference.
@@ -191,241 +137,6 @@ pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
     out
 }
 
-/// The model to serve: the active bundle's, else the one `[model]` names.
-pub fn resolve_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
-    let store = bundle::store::BundleStore::open(&config.state_dir())?;
-    if let Some(b) = store.active()? {
-        return Ok(bundle_model(&b));
-    }
-    configured_model(config)
-}
-
-/// How the engine names and prompts an installed bundle's model.
-pub fn bundle_model(b: &bundle::store::Installed) -> (PathBuf, ModelInfo, PromptFormat) {
-    let info = ModelInfo {
-        name: b.manifest.name.clone(),
-        sha256: b.manifest.model_sha256.clone(),
-        version: Some(b.manifest.version.clone()),
-    };
-    (b.model(), info, b.manifest.prompt_format)
-}
-
-/// The model `[model]` names (used while no bundle is active).
-pub fn configured_model(config: &Config) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
-    match &config.model.path {
-        Some(path) => locate_model(ModelRef::Path(config.resolve(path))),
-        None => locate_model(ModelRef::Name {
-            name: config.model.name.as_deref().unwrap_or_default(),
-            state_dir: config.state_dir(),
-            manifests: config.resolve(&config.model.manifests),
-        }),
-    }
-}
-
-/// A model named by the user: a GGUF file, or a manifest name installed in
-/// the model store.
-pub enum ModelRef<'a> {
-    Path(PathBuf),
-    Name {
-        name: &'a str,
-        state_dir: PathBuf,
-        manifests: PathBuf,
-    },
-}
-
-pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat), RunError> {
-    match r {
-        ModelRef::Path(path) => {
-            let sha256 =
-                slmd_engine::models::sha256_file(&path).map_err(|source| RunError::Hash {
-                    path: path.clone(),
-                    source,
-                })?;
-            let name = path
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-            let info = ModelInfo {
-                name,
-                sha256,
-                version: None,
-            };
-            Ok((path, info, PromptFormat::Chatml))
-        }
-        ModelRef::Name {
-            name,
-            state_dir,
-            manifests,
-        } => {
-            let manifest = slmd_engine::models::find_manifest(&manifests, name)?;
-            let store = ModelStore::open(&state_dir)?;
-            let path = store
-                .installed(&manifest)
-                .ok_or_else(|| RunError::NotInstalled {
-                    name: name.to_owned(),
-                    store: store.path_for(&manifest),
-                })?;
-            let info = ModelInfo {
-                name: manifest.name.clone(),
-                sha256: manifest.sha256.clone(),
-                version: None,
-            };
-            Ok((path, info, manifest.prompt_format))
-        }
-    }
-}
-
-/// Loads the model and trains every task's head (blocking; seconds).
-pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
-    start_engine_with(config, resolve_model(config)?)
-}
-
-/// [`start_engine`] with a given model.
-pub fn start_engine_with(
-    config: &Config,
-    (model_path, model, format): (PathBuf, ModelInfo, PromptFormat),
-) -> Result<Engine, RunError> {
-    // Entities injected at run time (Hermes) extend or replace the
-    // configuration's enum values.
-    let config = &injection::Injected::load(&config.state_dir())?.apply(config);
-    let tasks = config
-        .tasks
-        .iter()
-        .map(|t| task_spec(config, t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let opts = EngineOptions {
-        model_path,
-        model,
-        format,
-        context_size: config.model.context_size,
-        threads: config.model.threads,
-        queue: config.limits.max_in_flight * 2,
-        head_cache: Some(config.state_dir().join("heads")),
-        decode: Default::default(),
-        extract_context: config.model.extract_context_size,
-        head_depth: config.model.head_depth,
-        head_requantize: config.model.head_requantize,
-        tuning: slmd_engine::Tuning {
-            mlock: config.model.mlock,
-            nice: config.model.nice,
-            cpus: config.model.cpus.clone(),
-        },
-    };
-    if opts.tuning.mlock {
-        check_memlock(&opts.model_path)?;
-    }
-    Ok(Engine::start(opts, tasks)?)
-}
-
-/// `model.mlock` needs RLIMIT_MEMLOCK to cover the model file; say so
-/// before llama.cpp fails (or silently does not lock).
-fn check_memlock(model: &Path) -> Result<(), RunError> {
-    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
-    let needed = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
-    let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).map_err(|e| RunError::Memlock {
-        needed,
-        limit: format!("unknown ({e})"),
-    })?;
-    // rlim_t is 32 bits on 32-bit Arm glibc and 64 elsewhere: compare wide.
-    if soft != RLIM_INFINITY && u128::from(soft) < u128::from(needed) {
-        return Err(RunError::Memlock {
-            needed,
-            limit: format!("{soft} bytes"),
-        });
-    }
-    Ok(())
-}
-
-/// What the engine needs to know about a configured task (monitor tasks
-/// are classify tasks to it: their labels are the cause categories).
-pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, RunError> {
-    Ok(TaskSpec {
-        name: t.name.clone(),
-        strategy: t.strategy,
-        instruction: t.instruction.clone(),
-        cue: t.cue.clone(),
-        labels: t.labels.iter().map(|l| l.name.clone()).collect(),
-        examples: config.examples_of(t)?,
-        lexical_weight: t.lexical_weight,
-        concept_weight: t.concept_weight,
-        concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
-        abstain_below: t.abstain_below,
-        reject_label: t.reject_label.clone(),
-        extract: (t.kind == config::TaskKind::Extract).then(|| slmd_engine::ExtractSpec {
-            slots: t.slots.clone(),
-            instruction: t.slot_instruction.clone(),
-            label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
-        }),
-    })
-}
-
-/// Whether messages go through the model (always, but for measuring the
-/// message path alone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inference {
-    Model,
-    /// [`Engine::trivial`]: the first label of the task, at once.
-    Skipped,
-}
-
-/// Starts an engine for `config`'s tasks (blocking work off the runtime).
-pub(crate) async fn build_engine(
-    config: &Config,
-    inference: Inference,
-) -> Result<Engine, RunError> {
-    match inference {
-        Inference::Model => {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || start_engine(&config))
-                .await
-                .map_err(|e| EngineError::Backend(e.to_string()))?
-        }
-        Inference::Skipped => {
-            log::warn!("--no-inference: every result is the task's first label, not a model's");
-            let tasks: Vec<_> = config
-                .tasks
-                .iter()
-                .map(|t| {
-                    let labels = t.labels.iter().map(|l| l.name.clone()).collect();
-                    (t.name.clone(), labels)
-                })
-                .collect();
-            Ok(Engine::trivial(&tasks))
-        }
-    }
-}
-
-/// Every task's input topics, the model update control topic, when a task
-/// speaks Hermes its entity injection topic, and the policies' vehicle
-/// state topics.
-pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
-    let control = config.updates.control_topic(&config.broker);
-    let hermes = config
-        .tasks
-        .iter()
-        .any(|t| t.protocol == config::Protocol::Hermes);
-    let all = config
-        .tasks
-        .iter()
-        .flat_map(|t| t.topics.iter().cloned())
-        .chain(std::iter::once(control))
-        .chain(hermes.then(|| injection::PERFORM_TOPIC.to_owned()))
-        .chain(
-            config
-                .tasks
-                .iter()
-                .filter_map(|t| t.policy.as_ref()?.state_topic.clone()),
-        );
-    let mut filters: Vec<String> = Vec::new();
-    for f in all {
-        if !filters.contains(&f) {
-            filters.push(f);
-        }
-    }
-    filters
-}
-
-/// Runs the daemon until `shutdown` turns true; applies the configurations
-/// sent on `reloads` (SIGHUP) while it runs.
 /// Topics an MQTT 5 response topic may never name, whatever
 /// `limits.response_topics` allows: slmd's own control, status,
 /// injection and dead-letter topics (input topics are checked per task).
@@ -441,6 +152,8 @@ fn reserved_topics(config: &Config) -> Vec<String> {
     ]
 }
 
+/// Runs the daemon until `shutdown` turns true; applies the configurations
+/// sent on `reloads` (SIGHUP) while it runs.
 pub async fn run(
     config: Config,
     broker: Option<slmd_link::BrokerAddr>,
@@ -569,7 +282,7 @@ pub async fn run(
         sequence: bundle::control::Sequence::open(&config.state_dir().join("bundles"))?,
         transfers: Arc::new(bundle::transfer::Transfers::open(
             &config.state_dir(),
-            bundle::transfer::Bounds::of(&config.updates),
+            config.updates.transfer_bounds(),
         )?),
         reserved: reserved_topics(&config),
         tx: requests_tx,
@@ -642,43 +355,5 @@ pub async fn run(
 fn crash_if_asked(engine: &Engine) {
     if let Some(version) = &engine.model.version {
         slmd_core::fault::kill_if("SLMD_FAULT_CRASH_ON_VERSION", version);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mlock_is_refused_when_the_memlock_limit_is_below_the_model() {
-        use nix::sys::resource::{getrlimit, setrlimit, Resource};
-        let file = tempfile::NamedTempFile::new().unwrap();
-        file.as_file().set_len(8 << 20).unwrap();
-        let (soft, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap();
-        setrlimit(Resource::RLIMIT_MEMLOCK, (64 << 10).min(hard), hard).unwrap();
-        let refused = check_memlock(file.path());
-        setrlimit(Resource::RLIMIT_MEMLOCK, soft, hard).unwrap();
-        let err = refused.expect_err("the limit is below the model's size");
-        assert!(err.to_string().contains("LimitMEMLOCK"), "{err}");
-        assert!(check_memlock(Path::new("/dev/null")).is_ok());
-    }
-
-    #[test]
-    fn a_configured_task_counts_its_own_concepts_or_the_built_in_ones() {
-        use config::tests::config;
-        let own = config("kind = \"classify\"\nconcepts = { aus = [\"aus\"], an = [\"an\"] }");
-        let spec = task_spec(&own, &own.tasks[0]).unwrap();
-        let names: Vec<&str> = spec
-            .concepts
-            .groups()
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        assert_eq!(names, ["an", "aus"]);
-        assert_eq!(spec.concept_weight, config::default_concept_weight());
-        let built_in = config("kind = \"classify\"\nconcept_weight = 0.5");
-        let spec = task_spec(&built_in, &built_in.tasks[0]).unwrap();
-        assert_eq!(spec.concepts, slmd_engine::concepts::Concepts::default());
-        assert_eq!(spec.concept_weight, 0.5);
     }
 }

@@ -586,7 +586,7 @@ impl Router {
 impl Routing {
     pub fn new(engine: Engine, tasks: Vec<TaskConfig>, limits: Limits) -> Routing {
         Routing {
-            monitors: Monitors::new(&tasks),
+            monitors: Monitors::new(tasks.iter().map(|t| (t.name.as_str(), t.monitor.as_ref()))),
             engine,
             tasks,
             limits,

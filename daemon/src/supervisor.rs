@@ -17,12 +17,12 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::bundle::store::BundleStore;
-use crate::bundle::update;
 use crate::config::Config;
 use crate::control::Job;
 use crate::injection::{self, Injected};
 use crate::router::{Router, Routing};
-use crate::{build_engine, topic_filters, Inference};
+use crate::serving::{build_engine, topic_filters, Inference};
+use crate::update;
 use slmd_engine::{Engine, ModelInfo};
 use slmd_store::{OutboxEntry, Store};
 

@@ -251,13 +251,15 @@ pub struct Monitors {
 }
 
 impl Monitors {
-    pub fn new(tasks: &[crate::config::TaskConfig]) -> Monitors {
+    /// For the monitor tasks among `tasks` (name, settings).
+    pub fn new<'a>(
+        tasks: impl IntoIterator<Item = (&'a str, Option<&'a settings::MonitorConfig>)>,
+    ) -> Monitors {
         Monitors {
             tasks: tasks
-                .iter()
-                .filter_map(|t| {
-                    let m = t.monitor.clone()?;
-                    Some((t.name.clone(), Mutex::new(TaskMonitor::new(m))))
+                .into_iter()
+                .filter_map(|(name, m)| {
+                    Some((name.to_owned(), Mutex::new(TaskMonitor::new(m?.clone()))))
                 })
                 .collect(),
         }

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::bundle::control::Sequence;
-use crate::bundle::transfer::{Bounds, Transfers};
+use crate::bundle::transfer::Transfers;
 use crate::config::Config;
 use slmd_engine::{ModelInfo, Scores};
 
@@ -64,7 +64,7 @@ fn rig(task: &str, tune: impl FnOnce(&mut Config)) -> Rig {
         require_signed_injection: true,
         device: "t".into(),
         sequence: Sequence::open(dir.path()).unwrap(),
-        transfers: Arc::new(Transfers::open(dir.path(), Bounds::of(&config.updates)).unwrap()),
+        transfers: Arc::new(Transfers::open(dir.path(), config.updates.transfer_bounds()).unwrap()),
         reserved: vec!["slmd/t/#".into()],
         tx,
     };

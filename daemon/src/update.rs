@@ -8,9 +8,9 @@ use serde::Serialize;
 use crate::config::Config;
 use slmd_engine::Engine;
 
-use super::canary::{self, Gate, Report};
-use super::store::{install_file, BundleStore, Installed};
-use super::{source, BundleError};
+use crate::bundle::canary::{self, Gate, Report};
+use crate::bundle::store::{install_file, BundleStore, Installed};
+use crate::bundle::{fault, source, BundleError, SIGNATURE};
 
 /// What to do with a source.
 #[derive(Debug, Clone, Default)]
@@ -55,7 +55,7 @@ pub fn install(
     let _lock = store.lock()?;
     // What the file system can take beside the reserve, and what the
     // request allows.
-    let free = super::store::free_bytes(store.root())?.saturating_sub(u.reserve_bytes);
+    let free = crate::bundle::store::free_bytes(store.root())?.saturating_sub(u.reserve_bytes);
     let limit = req
         .network
         .map_or(u64::MAX, |declared| declared.min(u.max_bundle_bytes))
@@ -74,10 +74,10 @@ pub fn install(
 /// golden examples answered (blocking). Without `canary_examples` every
 /// task answers one text of its own examples; no accuracy is asked.
 pub fn canary(config: &Config, bundle: &Installed) -> Result<(Engine, Report), BundleError> {
-    let engine = crate::start_engine_with(config, crate::bundle_model(bundle))
+    let engine = crate::serving::start_engine_with(config, crate::serving::bundle_model(bundle))
         .map_err(|e| BundleError::Canary(format!("the model does not start: {e}")))?;
     let report = check(config, &engine)?;
-    super::fault("canary");
+    fault("canary");
     Ok((engine, report))
 }
 
@@ -152,7 +152,7 @@ pub fn activate(
 pub fn switch(config: &Config, store: &BundleStore, bundle: &Installed) -> Result<(), BundleError> {
     let _lock = store.lock()?;
     store.activate(&bundle.id, &bundle.manifest.version)?;
-    super::fault("activated");
+    fault("activated");
     for id in store.collect(config.updates.keep)? {
         log::info!("model update: removed bundle {id} (no longer kept for rollback)");
     }
@@ -174,7 +174,7 @@ pub fn run(
             return Err(e);
         }
     };
-    let signed = installed.dir.join(super::SIGNATURE).exists();
+    let signed = installed.dir.join(SIGNATURE).exists();
     let mut outcome = Outcome {
         id: installed.id.clone(),
         name: installed.manifest.name.clone(),

@@ -33,7 +33,6 @@ pub mod sign;
 pub mod source;
 pub mod store;
 pub mod transfer;
-pub mod update;
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -329,6 +328,7 @@ pub fn verify_staged(dir: &Path, trust: &Trust) -> Result<Verified, BundleError>
         Err(e) => return Err(io_err("reading manifest.toml.minisig", e)),
     };
     let manifest = BundleManifest::parse(text)?;
+    // The workspace shares one version: this is the daemon's.
     let running = env!("CARGO_PKG_VERSION");
     if Version::parse(&manifest.min_slmd)? > Version::parse(running)? {
         return Err(BundleError::TooNew {

@@ -174,7 +174,7 @@ impl BundleStore {
         f.write_all(&bytes)
             .and_then(|()| f.sync_all())
             .map_err(|e| io_err(format!("writing {}", tmp.display()), e))?;
-        crate::bundle::fault("pointer-written");
+        crate::fault("pointer-written");
         slmd_core::fsutil::commit(&tmp, &path)
             .map_err(|e| io_err(format!("renaming {}", tmp.display()), e))
     }
@@ -273,7 +273,7 @@ impl BundleStore {
         std::fs::rename(&v.dir, &dest)
             .map_err(|e| io_err(format!("moving {} into the store", v.dir.display()), e))?;
         sync_dir(&self.root)?;
-        crate::bundle::fault("installed");
+        crate::fault("installed");
         self.get(&v.id)
     }
 
@@ -432,11 +432,11 @@ pub fn install_file(
     std::fs::create_dir_all(&dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
     let result = super::unpack(file, &dir)
         .and_then(|()| {
-            crate::bundle::fault("unpacked");
+            crate::fault("unpacked");
             super::verify_staged(&dir, trust)
         })
         .and_then(|v| {
-            crate::bundle::fault("verified");
+            crate::fault("verified");
             store.install(&v, force, reserve)
         });
     if result.is_err() {

@@ -55,17 +55,6 @@ pub struct Bounds {
     pub reserve: u64,
 }
 
-impl Bounds {
-    pub fn of(u: &crate::config::UpdatesConfig) -> Bounds {
-        Bounds {
-            max_size: u.max_bundle_bytes,
-            max_transfers: u.max_transfers,
-            expiry: std::time::Duration::from_secs(u.transfer_expiry_secs),
-            reserve: u.reserve_bytes,
-        }
-    }
-}
-
 /// `{"transfer": {...}}`: announces (or resumes) a transfer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
