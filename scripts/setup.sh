@@ -2,9 +2,14 @@
 # Installs what building, testing and running slmd need on Debian (and
 # Raspberry Pi OS), only what is missing: cmake and clang/libclang for
 # llama.cpp's build and bindgen, mosquitto for the broker and its clients.
+# Debian packages named as arguments are installed with them when missing
+# (scripts/cross-check.sh passes its cross compilers this way).
 set -euo pipefail
 
 need=()
+for pkg in "$@"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 have() { command -v "$1" >/dev/null 2>&1; }
 have cmake || need+=(cmake)
 have clang || need+=(clang)

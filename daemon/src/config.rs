@@ -477,7 +477,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D
 fn default_manifests() -> PathBuf {
     PathBuf::from("/usr/share/slmd/models")
 }
-fn default_context() -> u32 {
+pub fn default_context() -> u32 {
     512
 }
 fn default_head_depth() -> f32 {
@@ -487,7 +487,7 @@ fn default_head_requantize() -> bool {
     true
 }
 
-fn default_extract_context() -> u32 {
+pub fn default_extract_context() -> u32 {
     8192
 }
 fn default_slot_instruction() -> String {
@@ -538,7 +538,7 @@ pub fn default_instruction() -> String {
 pub fn default_cue() -> String {
     String::new()
 }
-fn default_lexical_weight() -> f32 {
+pub fn default_lexical_weight() -> f32 {
     1.0
 }
 pub fn default_concept_weight() -> f32 {

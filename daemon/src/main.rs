@@ -143,15 +143,12 @@ struct EvalArgs {
     /// How labels are chosen.
     #[arg(long, value_enum, default_value = "head")]
     strategy: slmd_engine::Strategy,
-    #[arg(
-        long,
-        default_value = "You are a voice assistant. Classify the intent of the user's command."
-    )]
+    #[arg(long, default_value_t = slmd::config::default_instruction())]
     instruction: String,
     /// Words after the input (see the task option `cue`).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value_t = slmd::config::default_cue())]
     cue: String,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = slmd::config::default_lexical_weight())]
     lexical_weight: f32,
     /// Weight of the built-in command concepts (see the task option
     /// `concept_weight`; 0 turns them off).
@@ -177,19 +174,20 @@ enum EvalKind {
     Anomaly,
 }
 
-/// The model and how the engine runs it, for `eval` and `bench`.
+/// The model and how the engine runs it, for `eval` and `bench`: the
+/// defaults are the daemon's (`[model]`), so both measure what it runs.
 #[derive(clap::Args)]
 struct EngineArgs {
     /// A manifest name (installed in the state directory) or a GGUF path.
     #[arg(long, default_value = "smollm2-135m-instruct-q4_1")]
     model: String,
     /// Inference threads (0: one per CPU).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 0)]
     threads: u32,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = slmd::config::default_context())]
     context_size: u32,
     /// Context of the slot generator (extract only).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = slmd::config::default_extract_context())]
     extract_context_size: u32,
     /// Share of the model's blocks classifier heads read (1: all; see the
     /// `model.head_depth` setting).
@@ -714,7 +712,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         strategy: Default::default(),
         instruction: slmd::config::default_instruction(),
         cue: slmd::config::default_cue(),
-        lexical_weight: 1.0,
+        lexical_weight: slmd::config::default_lexical_weight(),
         concept_weight: slmd::config::default_concept_weight(),
         abstain_below: 0.0,
         reject_label: None,
