@@ -37,6 +37,7 @@
 //! - [`metrics`], [`status`]: the Prometheus endpoint; `slmd status`.
 //! - [`error`]: why the daemon cannot run, and the exit code it implies.
 //! - [`eval`]: `slmd eval` and `slmd bench`.
+//! - [`fuzzing`]: the fuzz targets' entry points and the corpus replay.
 //! - [`logging`]: the journal or stderr.
 
 pub mod answer;
@@ -44,6 +45,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod eval;
+pub mod fuzzing;
 pub mod hermes;
 pub mod injection;
 pub mod logging;

@@ -1,10 +1,8 @@
-//! The GGUF pre-check that runs before llama.cpp opens a model.
+//! The GGUF pre-check that runs before llama.cpp opens a model
+//! (`slmd::fuzzing::gguf`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let file = std::env::temp_dir().join(format!("slmd-fuzz-gguf-{}", std::process::id()));
-    std::fs::write(&file, data).unwrap();
-    let _ = slmd::bundle::check_gguf_header(&file);
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let scratch = std::env::temp_dir().join(format!("slmd-fuzz-gguf-{}", std::process::id()));
+    slmd::fuzzing::gguf(data, &scratch);
 });
