@@ -36,7 +36,7 @@
 //! - [`notify`]: systemd's notify socket and watchdog.
 //! - [`metrics`], [`status`]: the Prometheus endpoint; `slmd status`.
 //! - [`error`]: why the daemon cannot run, and the exit code it implies.
-//! - [`eval`]: `slmd eval` and `slmd bench`.
+//! - `eval`: `slmd eval` and `slmd bench` (the `tools` feature).
 //! - [`fuzzing`]: the fuzz targets' entry points and the corpus replay.
 //! - [`logging`]: the journal or stderr.
 
@@ -44,6 +44,7 @@ pub mod answer;
 pub mod config;
 pub mod control;
 pub mod error;
+#[cfg(feature = "tools")]
 pub mod eval;
 pub mod fuzzing;
 pub mod hermes;

@@ -54,9 +54,12 @@ export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${STAGING_DIR_TARGET} --target=${TA
 PACKAGECONFIG ??= ""
 PACKAGECONFIG[cuda] = "--features cuda,,cuda-toolkit"
 PACKAGECONFIG[vulkan] = "--features vulkan,,vulkan-loader vulkan-headers shaderc-native"
+# `slmd eval`, `bench` and `replay` (measuring and demo tools): left out of
+# the device's binary unless asked for.
+PACKAGECONFIG[tools] = "--features tools"
 
 # The workspace's default member is the daemon.
-CARGO_BUILD_FLAGS += "--bins"
+CARGO_BUILD_FLAGS += "--bins --no-default-features"
 
 do_install:append() {
     install -d ${D}${systemd_system_unitdir} ${D}${sysconfdir}/slmd \

@@ -1,0 +1,480 @@
+//! `slmd eval | bench | replay`: the tools for measuring and demonstrating
+//! slmd, built with the `tools` feature (on by default; a device build
+//! can leave them out: `--no-default-features`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::{dirs, load, DirArgs};
+
+#[derive(Subcommand)]
+pub enum ToolCommand {
+    /// Evaluate classification on labelled JSONL rows and print the report.
+    ///
+    /// `--train A --test B`: train on A, test on B. `--train A --cv K`:
+    /// K-fold cross-validation on A. `--config FILE --task NAME --test B`:
+    /// test a configured task on B.
+    Eval(Box<EvalArgs>),
+    /// Latency and throughput through the engine at several concurrencies,
+    /// with and without prefix caching and batching.
+    Bench(BenchArgs),
+    /// Publish a recorded sensor file (CSV with a header: a time stamp
+    /// column and value columns) as readings, for demos and tests.
+    Replay {
+        /// CSV: `timestamp,value` (the NAB layout) or `ts,<sensor>,<sensor>...`.
+        file: PathBuf,
+        /// Topic to publish the readings on.
+        #[arg(long)]
+        topic: String,
+        /// Readings per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// The broker, HOST:PORT (or mqtt://HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: slmd_link::BrokerAddr,
+        /// Sensor name of a lone `value` column (default: the file's stem).
+        #[arg(long)]
+        sensor: Option<String>,
+        /// Unit put in every reading.
+        #[arg(long)]
+        unit: Option<String>,
+    },
+}
+
+pub fn run(cmd: ToolCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ToolCommand::Eval(args) => eval(*args),
+        ToolCommand::Bench(args) => bench(args),
+        ToolCommand::Replay {
+            file,
+            topic,
+            rate,
+            broker,
+            sensor,
+            unit,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                anyhow::bail!("--rate must be above 0");
+            }
+            slmd_core::topic::check_name(&topic)
+                .map_err(|why| anyhow::anyhow!("--topic: {why}"))?;
+            let rows = slmd::monitor::replay::read(&file, sensor.as_deref())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let opts = slmd::monitor::replay::Options {
+                host: &broker.host,
+                port: broker.port,
+                topic: &topic,
+                rate,
+                unit: unit.as_deref(),
+                ack_timeout: std::time::Duration::from_secs(30),
+            };
+            let sent = runtime.block_on(slmd::monitor::replay::publish(&rows, &opts))?;
+            println!(
+                "{}: {sent} readings published to {topic} and acknowledged",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Labelled rows to train on (or to cross-validate with --cv).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Labelled rows to test on.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// K-fold stratified cross-validation on the --train file.
+    #[arg(long)]
+    cv: Option<usize>,
+    /// Evaluate this configured task (with --config and --test).
+    #[arg(long)]
+    task: Option<String>,
+    /// `extract` also generates each recognised intent's slots (schema
+    /// from the training rows' `slots`) and reports slot P/R/F1.
+    #[arg(long, value_enum, default_value = "classify")]
+    kind: EvalKind,
+    /// Extract: known slot values, YAML or JSON: a map of slot name to
+    /// values, or a Home Assistant fixtures file (areas, floors, entities).
+    #[arg(long)]
+    slot_values: Option<PathBuf>,
+    /// More training rows for every task, never tested: labelled JSONL or a
+    /// Home Assistant intent catalogue (`intents.yaml`: its example
+    /// sentences; with --kind extract each intent may also fill the slots
+    /// the catalogue lists for it). Rows whose text is also in --train or
+    /// --test are dropped.
+    #[arg(long)]
+    extra_train: Option<PathBuf>,
+    /// Extract: what the model is told before an intent's examples.
+    #[arg(long, default_value = slmd_engine::extract::DEFAULT_INSTRUCTION)]
+    slot_instruction: String,
+    /// Anomaly: a labelled series (CSV as `slmd replay` reads) to score the
+    /// detector grid on, with --faults.
+    #[arg(long)]
+    series: Option<PathBuf>,
+    /// Anomaly: the series' fault intervals, CSV `kind,start,end`.
+    #[arg(long)]
+    faults: Option<PathBuf>,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Also write every row's outcome (text, truth, prediction, confidence,
+    /// slots, latency) to this file, one JSON object per line.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Fold assignment seed. Several (`--seed 1,2,3,4`) repeat the
+    /// cross-validation once per seed: the report pools every seed's rows
+    /// (accuracy is then the seeds' mean) and lists each seed's scores.
+    #[arg(long, value_delimiter = ',', default_value = "1", num_args = 1..)]
+    seed: Vec<u64>,
+    /// How labels are chosen.
+    #[arg(long, value_enum, default_value = "head")]
+    strategy: slmd_engine::Strategy,
+    #[arg(long, default_value_t = slmd::config::default_instruction())]
+    instruction: String,
+    /// Words after the input (see the task option `cue`).
+    #[arg(long, default_value_t = slmd::config::default_cue())]
+    cue: String,
+    #[arg(long, default_value_t = slmd::config::default_lexical_weight())]
+    lexical_weight: f32,
+    /// Weight of the built-in command concepts (see the task option
+    /// `concept_weight`; 0 turns them off).
+    #[arg(long, default_value_t = slmd::config::default_concept_weight())]
+    concept_weight: f32,
+    #[arg(long, default_value_t = 0.0)]
+    abstain_below: f32,
+    /// A label that means out of scope (e.g. `oos`): predicting it rejects.
+    #[arg(long)]
+    reject_label: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EvalKind {
+    Classify,
+    Extract,
+    /// Detector settings on anomaly windows (--test, NAB rows) and on a
+    /// labelled series (--series, --faults); with --config and --task, the
+    /// configured monitor joins the series grid and the model picks every
+    /// note's cause.
+    Anomaly,
+}
+
+/// The model and how the engine runs it, for `eval` and `bench`: the
+/// defaults are the daemon's (`[model]`), so both measure what it runs.
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// A manifest name (installed in the state directory) or a GGUF path.
+    #[arg(long, default_value = "smollm2-135m-instruct-q4_1")]
+    model: String,
+    /// Inference threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
+    #[arg(long, default_value_t = slmd::config::default_context())]
+    context_size: u32,
+    /// Context of the slot generator (extract only).
+    #[arg(long, default_value_t = slmd::config::default_extract_context())]
+    extract_context_size: u32,
+    /// Share of the model's blocks classifier heads read (1: all; see the
+    /// `model.head_depth` setting).
+    #[arg(long, default_value_t = slmd_engine::HEAD_DEPTH)]
+    head_depth: f32,
+    /// Requantise a Q4_1 model's cut for heads to Q4_0 (see the
+    /// `model.head_requantize` setting); `--head-requantize false` keeps Q4_1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    head_requantize: bool,
+    #[command(flatten)]
+    dirs: DirArgs,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Labelled rows: the task is trained on them and they are the messages.
+    #[arg(long)]
+    train: PathBuf,
+    /// Concurrent senders, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Messages answered per concurrency level.
+    #[arg(long, default_value_t = 200)]
+    messages: usize,
+    /// `extract` also generates each message's slots (as `slmd eval`).
+    #[arg(long, value_enum, default_value = "classify")]
+    kind: BenchKind,
+    /// Extract: known slot values (as `slmd eval --slot-values`).
+    #[arg(long)]
+    slot_values: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchKind {
+    Classify,
+    Extract,
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    use slmd::eval::{self, TaskSettings};
+    use slmd_core::examples::read_jsonl;
+    if a.kind == EvalKind::Anomaly {
+        return eval_anomaly(a);
+    }
+    let extra = match &a.extra_train {
+        None => eval::Extra::default(),
+        Some(path) => {
+            let mut tested = Vec::new();
+            for p in [&a.train, &a.test].into_iter().flatten() {
+                tested.extend(read_jsonl(p)?);
+            }
+            let extra = eval::read_extra(path, &tested)?;
+            eprintln!(
+                "--extra-train: {} rows from {} ({} dropped: their text is also in the evaluated rows)",
+                extra.rows.len(),
+                path.display(),
+                extra.dropped
+            );
+            extra
+        }
+    };
+    let extract = match a.kind {
+        EvalKind::Classify | EvalKind::Anomaly => None,
+        EvalKind::Extract => Some(eval::ExtractSettings {
+            instruction: a.slot_instruction.clone(),
+            known: known_values(a.slot_values.as_deref())?,
+            intent_slots: extra.intent_slots,
+        }),
+    };
+    let settings = TaskSettings {
+        extra: extra.rows,
+        extract,
+        strategy: a.strategy,
+        instruction: a.instruction.clone(),
+        cue: a.cue.clone(),
+        lexical_weight: a.lexical_weight,
+        concept_weight: a.concept_weight,
+        abstain_below: a.abstain_below,
+        reject_label: a.reject_label.clone(),
+    };
+    if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
+        anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
+    }
+    let (engine, trials, reject) = if let Some(task) = &a.task {
+        let config_path = a
+            .engine
+            .dirs
+            .config
+            .as_ref()
+            .context("--task needs --config")?;
+        let config = load(config_path)?;
+        let test = read_jsonl(a.test.as_ref().context("--task needs --test")?)?;
+        let reject = config
+            .task(task)
+            .context("no such task")?
+            .reject_label
+            .clone();
+        let engine = slmd::start_engine(&config)?;
+        (engine, vec![(task.clone(), test)], reject)
+    } else {
+        let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
+        let trials = match (a.cv, &a.test) {
+            (Some(k), None) if k >= 2 && k <= train.len() => {
+                eval::cross_validation(&train, k, &a.seed, &settings)
+            }
+            (Some(k), None) => anyhow::bail!("--cv {k}: needs 2 <= K <= the number of rows"),
+            (None, Some(test)) => eval::holdout(&train, read_jsonl(test)?, &settings),
+            _ => anyhow::bail!("give either --cv K or --test FILE"),
+        };
+        let level = if a.json {
+            log::LevelFilter::Warn
+        } else {
+            log::LevelFilter::Info
+        };
+        slmd::logging::init(level);
+        let opts = engine_options(&a.engine)?;
+        let names = trials
+            .iter()
+            .map(|t| (t.spec.name.clone(), t.test.clone()))
+            .collect();
+        let engine =
+            slmd_engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
+        (engine, names, a.reject_label.clone())
+    };
+    let (mut report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
+    if a.seed.len() > 1 {
+        report.per_seed = eval::metrics::per_seed(&outcomes, &a.seed, reject.as_deref());
+    }
+    if let Some(path) = &a.predictions {
+        let mut lines = String::new();
+        for o in &outcomes {
+            lines.push_str(&serde_json::to_string(o)?);
+            lines.push('\n');
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `slmd eval --kind anomaly`.
+fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    use slmd::eval::anomaly;
+    let test = a
+        .test
+        .as_ref()
+        .context("--kind anomaly needs --test (NAB rows)")?;
+    let nab = slmd_core::examples::read_jsonl(test)?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| anomaly::parse_nab(i, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = match (&a.engine.dirs.config, &a.task) {
+        (Some(path), Some(task)) => {
+            let config = load(path)?;
+            let t = config.task(task).context("no such task")?.clone();
+            if t.monitor.is_none() {
+                anyhow::bail!("task {task:?} is not a monitor task");
+            }
+            Some((config, t))
+        }
+        (None, None) => {
+            slmd::logging::init(log::LevelFilter::Warn);
+            None
+        }
+        _ => anyhow::bail!("--config and --task go together"),
+    };
+    let engine = match &config {
+        Some((c, t)) => Some(slmd_engine::Engine::start(
+            engine_options(&a.engine)?,
+            vec![slmd::task_spec(c, t)?],
+        )?),
+        None => None,
+    };
+    let series = match (&a.series, &a.faults) {
+        (Some(file), Some(faults)) => Some(anomaly::Series {
+            file,
+            faults,
+            configured: config.as_ref().and_then(|(_, t)| t.monitor.as_ref()),
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("--series and --faults go together"),
+    };
+    let causes = match (&engine, &config) {
+        (Some(engine), Some((_, t))) => Some(anomaly::Causes {
+            engine,
+            task: &t.name,
+        }),
+        _ => None,
+    };
+    let report = anomaly::run(&nab, series, causes)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--slot-values`: the known values of slots, none when not given.
+fn known_values(path: Option<&Path>) -> anyhow::Result<slmd::eval::slots::Known> {
+    Ok(match path {
+        Some(path) => slmd::eval::slots::read_known(path)?,
+        None => Default::default(),
+    })
+}
+
+/// Engine options for `eval` and `bench`: the model by name or path; no
+/// head cache, so what is measured includes training.
+fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd_engine::EngineOptions> {
+    anyhow::ensure!(
+        a.head_depth > 0.0 && a.head_depth <= 1.0,
+        "--head-depth {}: must be above 0 and at most 1",
+        a.head_depth
+    );
+    let (state, manifests) = dirs(DirArgs {
+        config: None,
+        state_dir: a.dirs.state_dir.clone(),
+        manifests: a.dirs.manifests.clone(),
+    })?;
+    let model = if std::path::Path::new(&a.model).is_file() {
+        slmd::ModelRef::Path(PathBuf::from(&a.model))
+    } else {
+        slmd::ModelRef::Name {
+            name: &a.model,
+            state_dir: state,
+            manifests,
+        }
+    };
+    let (model_path, model, format) = slmd::locate_model(model)?;
+    Ok(slmd_engine::EngineOptions {
+        model_path,
+        model,
+        format,
+        context_size: a.context_size,
+        threads: a.threads,
+        queue: 64,
+        head_cache: None,
+        decode: Default::default(),
+        extract_context: a.extract_context_size,
+        head_depth: a.head_depth,
+        head_requantize: a.head_requantize,
+        tuning: Default::default(),
+    })
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    slmd::logging::init(log::LevelFilter::Warn);
+    let rows = slmd_core::examples::read_jsonl(&a.train)?;
+    let settings = slmd::eval::TaskSettings {
+        strategy: Default::default(),
+        instruction: slmd::config::default_instruction(),
+        cue: slmd::config::default_cue(),
+        lexical_weight: slmd::config::default_lexical_weight(),
+        concept_weight: slmd::config::default_concept_weight(),
+        abstain_below: 0.0,
+        reject_label: None,
+        extract: match a.kind {
+            BenchKind::Classify => None,
+            BenchKind::Extract => Some(slmd::eval::ExtractSettings {
+                instruction: slmd_engine::extract::DEFAULT_INSTRUCTION.into(),
+                known: known_values(a.slot_values.as_deref())?,
+                intent_slots: Default::default(),
+            }),
+        },
+        extra: Vec::new(),
+    };
+    let trial = slmd::eval::holdout(&rows, Vec::new(), &settings).remove(0);
+    let mut opts = engine_options(&a.engine)?;
+    // Train once; the other configurations load the same head.
+    let cache = tempfile_dir()?;
+    opts.head_cache = Some(cache.clone());
+    let results = slmd::eval::bench::run(&opts, &trial.spec, &rows, &a.concurrency, a.messages);
+    let _ = std::fs::remove_dir_all(&cache);
+    let results = results?;
+    if a.json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        print!("{}", slmd::eval::bench::to_markdown(&results));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("slmd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
