@@ -301,17 +301,32 @@ impl Trees {
         };
         let existed = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
         // sled panics on some damaged files rather than returning an error.
-        let opened = std::panic::catch_unwind(|| {
-            // No background flush every 500 ms: every write that must be
-            // durable is flushed by the code that needs it, and an idle
-            // device then writes nothing (flash wear).
-            sled::Config::new()
-                .path(path)
-                .cache_capacity(settings.cache_bytes)
-                .flush_every_ms(None)
-                .open()
-        })
-        .map_err(|_| fail("sled could not read its files".into()))?;
+        let attempt = || {
+            std::panic::catch_unwind(|| {
+                // No background flush every 500 ms: every write that must be
+                // durable is flushed by the code that needs it, and an idle
+                // device then writes nothing (flash wear).
+                sled::Config::new()
+                    .path(path)
+                    .cache_capacity(settings.cache_bytes)
+                    .flush_every_ms(None)
+                    .open()
+            })
+            .map_err(|_| fail("sled could not read its files".into()))
+        };
+        let locked = |r: &sled::Result<sled::Db>| matches!(r, Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"));
+        // sled lets go of its file lock when the last reference to a closed
+        // database drops, which one of its threads may hold for a moment
+        // after the store itself was dropped (a reopen after a write
+        // failure): wait up to a second before calling the store locked.
+        let mut opened = attempt()?;
+        for _ in 0..50 {
+            if !locked(&opened) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            opened = attempt()?;
+        }
         let db = opened.map_err(|e| match e {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 StoreError::Locked {
