@@ -52,13 +52,12 @@ pub fn payload(data: &[u8]) -> bool {
 pub fn injection(data: &[u8]) -> bool {
     let _ = crate::injection::parse(data);
     let trust = trust();
-    let mut accepted = false;
-    for require_signed in [false, true] {
-        if let Ok((inner, _seq)) = unwrap_signed(data, &rules_of(&trust, require_signed)) {
-            accepted = crate::injection::parse(&inner).is_ok() && require_signed;
-        }
-    }
-    accepted
+    let signed = |require_signed| {
+        unwrap_signed(data, &rules_of(&trust, require_signed))
+            .is_ok_and(|(inner, _seq)| crate::injection::parse(&inner).is_ok())
+    };
+    signed(false);
+    signed(true)
 }
 
 /// A model control request (install, transfer announcement or chunk),

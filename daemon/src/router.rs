@@ -308,7 +308,7 @@ impl Router {
         if let Some(verdict) = verdict {
             return self.monitored(key, &entry, task, &routing, verdict).await;
         }
-        let (id, window_secs) = self.dedup_identity(&entry, &routing.limits);
+        let (id, window_secs) = dedup_identity(&entry, &routing.limits);
         let seen = store::seen_key(&task.name, &dedup_id(&id, entry.reply.as_ref()));
         let racing = !self.in_flight.lock().unwrap().insert(seen.clone());
         let before = if racing {
@@ -351,23 +351,6 @@ impl Router {
         // Only now: a redelivery racing the commit is still a duplicate.
         self.in_flight.lock().unwrap().remove(&seen);
         Ok(())
-    }
-
-    /// The id a message is deduplicated by, and for how long. An id-less
-    /// copy the broker does not call a redelivery may be the user repeating
-    /// themselves: only a short window applies to it.
-    fn dedup_identity(&self, entry: &InboxEntry, limits: &Limits) -> (String, u64) {
-        let own_id = match &entry.truncated {
-            Some(t) => Some(t.id.clone()),
-            None => payload::own_id(&entry.payload),
-        };
-        let window_secs = if own_id.is_some() || entry.dup {
-            limits.dedup_window_secs
-        } else {
-            limits.content_dedup_window_secs
-        };
-        let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
-        (id, window_secs)
     }
 
     /// Parses a message, runs it through the engine and shapes the answer
@@ -644,6 +627,23 @@ impl Routing {
         }
         Ok(Some(reply))
     }
+}
+
+/// The id a message is deduplicated by, and for how long. An id-less
+/// copy the broker does not call a redelivery may be the user repeating
+/// themselves: only a short window applies to it.
+fn dedup_identity(entry: &InboxEntry, limits: &Limits) -> (String, u64) {
+    let own_id = match &entry.truncated {
+        Some(t) => Some(t.id.clone()),
+        None => payload::own_id(&entry.payload),
+    };
+    let window_secs = if own_id.is_some() || entry.dup {
+        limits.dedup_window_secs
+    } else {
+        limits.content_dedup_window_secs
+    };
+    let id = own_id.unwrap_or_else(|| payload::derived_id(&entry.topic, &entry.payload));
+    (id, window_secs)
 }
 
 /// What identifies a request for dedup: its id, and where its answer goes.

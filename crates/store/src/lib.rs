@@ -293,6 +293,11 @@ fn order_key(at_ms: u64, seen: &[u8]) -> Vec<u8> {
     k
 }
 
+/// sled's refusal to open a database another handle holds.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 impl Trees {
     fn open(path: &Path, settings: &Settings) -> Result<Trees, StoreError> {
         let fail = |reason: String| StoreError::Open {
@@ -314,25 +319,22 @@ impl Trees {
             })
             .map_err(|_| fail("sled could not read its files".into()))
         };
-        let locked = |r: &sled::Result<sled::Db>| matches!(r, Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"));
         // sled lets go of its file lock when the last reference to a closed
         // database drops, which one of its threads may hold for a moment
         // after the store itself was dropped (a reopen after a write
         // failure): wait up to a second before calling the store locked.
         let mut opened = attempt()?;
         for _ in 0..50 {
-            if !locked(&opened) {
+            if !opened.as_ref().is_err_and(is_lock_error) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
             opened = attempt()?;
         }
         let db = opened.map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::Locked {
-                    path: path.to_owned(),
-                }
-            }
+            e if is_lock_error(&e) => StoreError::Locked {
+                path: path.to_owned(),
+            },
             e => fail(e.to_string()),
         })?;
         let open = |name: &str| db.open_tree(name).map_err(|e| fail(e.to_string()));
