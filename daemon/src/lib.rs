@@ -204,8 +204,12 @@ pub async fn run(
         let notifier = notifier.clone();
         tokio::spawn(async move {
             loop {
-                notifier.send("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=loading the model");
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                let doing = match serving::STARTING.get() {
+                    s if s.is_empty() => "loading the model".to_owned(),
+                    s => format!("starting: {s}"),
+                };
+                notifier.send(&format!("EXTEND_TIMEOUT_USEC=30000000\nSTATUS={doing}"));
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         })
     };

@@ -26,13 +26,43 @@ impl log::Log for Stderr {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let secs = std::time::SystemTime::now()
+        let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        let _ = writeln!(std::io::stderr().lock(), "{secs:.3} {}", line(record));
+            .unwrap_or_default();
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "{} {}",
+            rfc3339(since_epoch),
+            line(record)
+        );
     }
 
     fn flush(&self) {}
+}
+
+/// The UTC time `since_epoch` after 1970-01-01 as RFC 3339 with
+/// milliseconds: `2026-12-07T14:05:09.042Z`.
+fn rfc3339(since_epoch: std::time::Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian; eras of
+    // 400 years starting on 1 March).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
 }
 
 /// Level, target, message, then the record's key-values as `key=value`.
@@ -83,6 +113,19 @@ pub static LLAMA_QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        use std::time::Duration;
+        let at = |secs: u64, ms: u64| {
+            super::rfc3339(Duration::from_secs(secs) + Duration::from_millis(ms))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        // `date -u -d @1796652309` and a leap day.
+        assert_eq!(at(1_796_652_309, 42), "2026-12-07T14:05:09.042Z");
+        assert_eq!(at(951_782_400, 999), "2000-02-29T00:00:00.999Z");
+        assert_eq!(at(4_107_542_399, 0), "2100-02-28T23:59:59.000Z");
+    }
+
     #[test]
     fn key_values_follow_the_message() {
         let line = super::line(

@@ -93,6 +93,11 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
     }
 }
 
+/// What the engine being started is doing (systemd's `STATUS=` while the
+/// daemon starts).
+pub static STARTING: std::sync::LazyLock<slmd_engine::Progress> =
+    std::sync::LazyLock::new(Default::default);
+
 /// Loads the model and trains every task's head (blocking; seconds).
 pub fn start_engine(config: &Config) -> Result<Engine, RunError> {
     start_engine_with(config, resolve_model(config)?)
@@ -128,6 +133,7 @@ pub fn start_engine_with(
             nice: config.model.nice,
             cpus: config.model.cpus.clone(),
         },
+        progress: STARTING.clone(),
     };
     if opts.tuning.mlock {
         check_memlock(&opts.model_path)?;

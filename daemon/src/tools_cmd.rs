@@ -433,6 +433,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd_engine::EngineOptions> 
         head_depth: a.head_depth,
         head_requantize: a.head_requantize,
         tuning: Default::default(),
+        progress: Default::default(),
     })
 }
 

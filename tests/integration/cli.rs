@@ -298,7 +298,7 @@ fn classify_prints_one_result_from_the_label_set() {
     let cut = cut_model(dir.path());
     assert!(cut
         .to_string_lossy()
-        .ends_with("-q4_0-untied-24of30blocks.gguf"));
+        .ends_with("-q4_0-hidden-24of30blocks.gguf"));
     assert_eq!(
         block_matrix_types(&cut),
         [2],
@@ -487,6 +487,59 @@ examples_file = "{examples}"
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The saved intent prompts under the state of `dir`.
+fn saved_prompts(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("state/heads/prompts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_restart_restores_the_decoded_prompts_and_answers_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = extract_config(dir.path());
+    let text = "turn off the kitchen lights";
+    let (first, log) = classify(&config, "assist", text);
+    assert!(
+        log.contains("intent prompts: 0 restored from disk, 4 decoded"),
+        "{log}"
+    );
+    let files = saved_prompts(dir.path());
+    assert_eq!(files.len(), 4, "one file per intent: {files:?}");
+    assert!(files.iter().all(|f| f.extension().unwrap() == "kv"));
+
+    // A restart decodes none of them, and answers as the first start did.
+    let (again, log) = classify(&config, "assist", text);
+    assert!(
+        log.contains("intent prompts: 4 restored from disk, 0 decoded (0 tokens)"),
+        "{log}"
+    );
+    let without_timing = |mut v: serde_json::Value| {
+        for key in ["latency_ms", "inference_ms"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        v
+    };
+    assert_eq!(without_timing(again), without_timing(first.clone()));
+
+    // A file cut short (a crash mid-write, a full disk) is not trusted: it
+    // is decoded again, written whole, and the answer is the same.
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&files[0], &bytes[..bytes.len() / 2]).unwrap();
+    let (repaired, log) = classify(&config, "assist", text);
+    assert!(log.contains("cannot restore the decoded prompt"), "{log}");
+    assert!(
+        log.contains("intent prompts: 3 restored from disk, 1 decoded"),
+        "{log}"
+    );
+    assert_eq!(without_timing(repaired), without_timing(first));
+    assert_eq!(std::fs::read(&files[0]).unwrap().len(), bytes.len());
+    assert_eq!(saved_prompts(dir.path()), files, "no temporaries left");
 }
 
 #[test]

@@ -15,7 +15,12 @@
 //! close the turn (a prompt-injection guard that costs nothing).
 //!
 //! Several requests are decoded together, one working sequence each, in one
-//! batch.
+//! batch, put through llama.cpp [`CHUNK`] tokens at a time: llama.cpp
+//! computes a row of logits (one float per vocabulary entry, 49152 for
+//! SmolLM2) for every token marked as output, and reserves room for as many
+//! rows as one call has outputs. Hidden states need every token marked, so
+//! an unbounded call would hold 192 KiB per token (200 MB for 1024 tokens)
+//! and keep it; the chunk bounds that to [`CHUNK`] rows, whatever arrives.
 
 use llama_cpp_2::context::params::LlamaPoolingType;
 use llama_cpp_2::context::LlamaContext;
@@ -26,6 +31,10 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::EngineError;
 use crate::models::PromptFormat;
+
+/// Tokens put through llama.cpp per call (and its micro-batch): bounds the
+/// logits it computes and keeps (see the module docs) to 16 MiB here.
+pub const CHUNK: usize = 64;
 
 /// The most requests decoded together in one batch.
 pub const MAX_SEQUENCES: usize = 16;
@@ -199,6 +208,8 @@ impl<'m> Embedder<'m> {
             templates.len() + MAX_SEQUENCES,
             threads,
         )
+        .with_n_batch(CHUNK as u32)
+        .with_n_ubatch(CHUNK as u32)
         .with_embeddings(true)
         .with_pooling_type(LlamaPoolingType::None);
         let ctx = model
@@ -218,14 +229,39 @@ impl<'m> Embedder<'m> {
     }
 
     fn cache_prefixes(&mut self) -> Result<(), EngineError> {
-        let total: usize = self.prefixes.iter().map(|p| p.tokens.len()).sum();
-        let mut batch = LlamaBatch::new(total.max(1), self.prefixes.len() as i32);
+        let mut cells = Vec::new();
         for (seq, p) in self.prefixes.iter().enumerate() {
-            add_seq(&mut batch, &p.tokens, 0, seq as i32)?;
+            cells.extend(run(&p.tokens, 0, seq as i32));
         }
-        self.ctx
-            .decode(&mut batch)
-            .map_err(|e| EngineError::Decode(e.to_string()))
+        self.decode_chunked(&cells, false).map(drop)
+    }
+
+    /// Decodes `cells` (token, position, sequence) [`CHUNK`] at a time;
+    /// with `outputs`, returns every cell's hidden state, in order.
+    fn decode_chunked(&mut self, cells: &[Cell], outputs: bool) -> Result<States, EngineError> {
+        let err = |e: &dyn std::fmt::Display| EngineError::Decode(e.to_string());
+        let mut batch = LlamaBatch::new(CHUNK, 1);
+        let mut states = States {
+            dim: 0,
+            data: Vec::new(),
+        };
+        for chunk in cells.chunks(CHUNK) {
+            batch.clear();
+            for &(token, pos, seq) in chunk {
+                batch
+                    .add(token, pos, &[seq], outputs)
+                    .map_err(|e| err(&e))?;
+            }
+            self.ctx.decode(&mut batch).map_err(|e| err(&e))?;
+            if outputs {
+                for i in 0..chunk.len() {
+                    let e = self.ctx.embeddings_ith(i as i32).map_err(|e| err(&e))?;
+                    states.dim = e.len();
+                    states.data.extend_from_slice(e);
+                }
+            }
+        }
+        Ok(states)
     }
 
     /// Tokens a request decodes for `text` under task `task`: the text (never
@@ -298,7 +334,7 @@ impl<'m> Embedder<'m> {
         total: usize,
     ) -> Result<Vec<States>, EngineError> {
         let first_work_seq = self.prefixes.len() as i32;
-        let mut batch = LlamaBatch::new(total.max(1), requests.len() as i32);
+        let mut cells = Vec::with_capacity(total);
         for (i, (task, tokens)) in requests.iter().enumerate() {
             let seq = first_work_seq + i as i32;
             self.ctx
@@ -309,67 +345,43 @@ impl<'m> Embedder<'m> {
                 self.ctx
                     .copy_kv_cache_seq(*task as i32, seq, None, None)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
-                add_seq(&mut batch, tokens, prefix.len(), seq)?;
+                cells.extend(run(tokens, prefix.len(), seq));
             } else {
-                let mut all = prefix.clone();
-                all.extend_from_slice(tokens);
-                add_seq(&mut batch, &all, 0, seq)?;
+                cells.extend(run(prefix, 0, seq));
+                cells.extend(run(tokens, prefix.len(), seq));
             }
         }
-        self.ctx
-            .decode(&mut batch)
-            .map_err(|e| EngineError::Decode(e.to_string()))?;
-        // Every token of the batch is an output; each request's own tokens
-        // are the last `tokens.len()` of its run in the batch.
-        let mut end = 0usize;
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            end += self.decoded_len(r);
-            let own = (end - r.1.len())..end;
-            out.push(
-                self.states(own)
-                    .map_err(|e| EngineError::Decode(e.to_string())),
-            );
-        }
-        let out: Result<Vec<_>, _> = out.into_iter().collect();
+        let states = self.decode_chunked(&cells, true);
         // Free the working cells now, so the next group has the whole room.
         for i in 0..requests.len() {
             let seq = (first_work_seq + i as i32) as u32;
             let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
         }
-        out
-    }
-
-    /// The hidden states of the batch's outputs `batch_indices`.
-    fn states(
-        &self,
-        batch_indices: std::ops::Range<usize>,
-    ) -> Result<States, llama_cpp_2::EmbeddingsError> {
-        let mut data = Vec::new();
-        let mut dim = 0;
-        for i in batch_indices {
-            let e = self.ctx.embeddings_ith(i as i32)?;
-            dim = e.len();
-            data.extend_from_slice(e);
+        // Each request's own tokens are the last `tokens.len()` of its run.
+        let states = states?;
+        let mut end = 0usize;
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            end += self.decoded_len(r);
+            let rows = (end - r.1.len()) * states.dim..end * states.dim;
+            out.push(States {
+                dim: states.dim,
+                data: states.data[rows].to_vec(),
+            });
         }
-        Ok(States { dim, data })
+        Ok(out)
     }
 }
 
-/// Adds `tokens` to `batch` as sequence `seq` from position `start`; pooled
-/// embeddings need every token marked as output.
-fn add_seq(
-    batch: &mut LlamaBatch,
-    tokens: &[LlamaToken],
-    start: usize,
-    seq: i32,
-) -> Result<(), EngineError> {
-    for (i, &tok) in tokens.iter().enumerate() {
-        batch
-            .add(tok, (start + i) as i32, &[seq], true)
-            .map_err(|e| EngineError::Decode(e.to_string()))?;
-    }
-    Ok(())
+/// A token to decode: the token, its position, its sequence.
+type Cell = (LlamaToken, i32, i32);
+
+/// `tokens` as sequence `seq`'s cells from position `start`.
+fn run(tokens: &[LlamaToken], start: usize, seq: i32) -> impl Iterator<Item = Cell> + '_ {
+    tokens
+        .iter()
+        .enumerate()
+        .map(move |(i, &t)| (t, (start + i) as i32, seq))
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ use llama_cpp_2::token::LlamaToken;
 use std::sync::Arc;
 
 use super::ground::Grounding;
+use super::kv_files::KvFiles;
+use super::progress::Progress;
 use super::schema::{SlotKind, SlotSpec};
 use super::EngineError;
 use crate::models::PromptFormat;
@@ -52,6 +54,9 @@ pub const SHOTS: usize = 4;
 /// Context cells kept for the requests being generated (their text and
 /// reply); the rest hold intent prompts.
 const WORK_CELLS: usize = 2048;
+/// Prompt tokens decoded per call while warming (progress is reported
+/// between calls).
+const DECODE_GROUP: usize = 512;
 /// The smallest context a generator is given.
 pub const MIN_CONTEXT: u32 = 4096;
 
@@ -142,6 +147,72 @@ pub struct Generated {
     pub tokens: usize,
 }
 
+/// How intent prompts missing from the cache were brought in.
+#[derive(Debug, Default, PartialEq)]
+pub struct Brought {
+    /// Loaded from their saved files ([`KvFiles`]).
+    pub restored: usize,
+    pub decoded: usize,
+    /// Tokens of the decoded ones.
+    pub tokens: usize,
+    /// Time taken, restoring, decoding and saving.
+    pub ms: f64,
+}
+
+impl std::ops::AddAssign for Brought {
+    fn add_assign(&mut self, other: Brought) {
+        self.restored += other.restored;
+        self.decoded += other.decoded;
+        self.tokens += other.tokens;
+        self.ms += other.ms;
+    }
+}
+
+impl std::fmt::Display for Brought {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "intent prompts: {} restored from disk, {} decoded ({} tokens), in {:.0} ms",
+            self.restored, self.decoded, self.tokens, self.ms
+        )
+    }
+}
+
+/// The tokens of an intent prompt.
+fn prompt_tokens(model: &LlamaModel, prompt: &IntentPrompt) -> Vec<LlamaToken> {
+    let vocab = model.vocab();
+    let mut tokens = Vec::new();
+    if vocab.should_add_bos() {
+        tokens.push(vocab.bos());
+    }
+    tokens.extend(vocab.tokenize(prompt.text.as_bytes(), false, true));
+    tokens
+}
+
+/// The context a generator needs for prompts of these token counts, all
+/// cached beside the working cells, in steps of 256 cells: no more than
+/// that, as llama.cpp clears (so touches) every cell it allocates; `most`
+/// when they do not all fit in it.
+fn context_for(prompts: impl ExactSizeIterator<Item = usize>, most: u32) -> u32 {
+    let count = prompts.len();
+    let needed = prompts.sum::<usize>() + WORK_CELLS;
+    match u32::try_from(needed.next_multiple_of(256)) {
+        Ok(n) if count <= CACHED_PROMPTS && n <= most => n,
+        _ => most,
+    }
+}
+
+/// How many tokens every one of `runs` starts with.
+fn common_prefix<'t>(mut runs: impl Iterator<Item = &'t [LlamaToken]>) -> usize {
+    let Some(first) = runs.next() else { return 0 };
+    runs.fold(first.len(), |n, r| {
+        first[..n].iter().zip(r).take_while(|(a, b)| a == b).count()
+    })
+}
+
+/// A sequence and the tokens it holds.
+type SeqTokens = (usize, Vec<LlamaToken>);
+
 struct Cached {
     key: u64,
     tokens: Vec<LlamaToken>,
@@ -160,6 +231,9 @@ pub struct Generator<'m> {
     budget: usize,
     /// Decodes of the current generation (for the debug log).
     decodes: usize,
+    /// Where decoded prompts are saved and restored from.
+    files: Option<KvFiles>,
+    progress: Progress,
 }
 
 /// What one request is doing between steps.
@@ -189,16 +263,28 @@ fn decode_err(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl<'m> Generator<'m> {
+    /// A generator for `prompts` (of every task) with `opts`' settings;
+    /// prompts are saved under `opts.head_cache` when it is set.
     pub fn new(
         backend: &LlamaBackend,
         model: &'m LlamaModel,
-        format: PromptFormat,
-        n_ctx: u32,
-        threads: i32,
+        opts: &super::EngineOptions,
+        prompts: &[&IntentPrompt],
     ) -> Result<Self, EngineError> {
-        let n_ctx = n_ctx.max(MIN_CONTEXT);
+        let format = opts.format;
+        let threads = super::threads(opts.threads);
+        let n_ctx = context_for(
+            prompts.iter().map(|p| prompt_tokens(model, p).len()),
+            opts.extract_context.max(MIN_CONTEXT),
+        );
         let params =
             super::context_params(n_ctx, CACHED_PROMPTS + MAX_REQUESTS, threads).with_n_ubatch(512);
+        // What a saved sequence's cells depend on besides model and tokens
+        // (not the context's size: a sequence is saved cell by cell).
+        let layout = format!(
+            "generator n_ubatch=512 n_seq_max={} kv_unified f16",
+            CACHED_PROMPTS + MAX_REQUESTS
+        );
         let ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context(e.to_string()))?;
@@ -211,6 +297,10 @@ impl<'m> Generator<'m> {
             clock: 0,
             budget: n_ctx as usize - WORK_CELLS,
             decodes: 0,
+            files: opts.head_cache.as_ref().map(|dir| {
+                KvFiles::new(&dir.join("prompts"), &opts.model.sha256).with_layout(&layout)
+            }),
+            progress: opts.progress.clone(),
         })
     }
 
@@ -220,8 +310,8 @@ impl<'m> Generator<'m> {
         prompts.len() <= CACHED_PROMPTS && cells <= self.budget
     }
 
-    /// Decodes `prompts` (key, prompt) into the cache now.
-    pub fn warm(&mut self, prompts: &[(u64, &IntentPrompt)]) -> Result<(), EngineError> {
+    /// Restores or decodes `prompts` (key, prompt) into the cache now.
+    pub fn warm(&mut self, prompts: &[(u64, &IntentPrompt)]) -> Result<Brought, EngineError> {
         let requests: Vec<Request<'_>> = prompts
             .iter()
             .map(|&(key, prompt)| Request {
@@ -230,17 +320,12 @@ impl<'m> Generator<'m> {
                 text: "",
             })
             .collect();
-        self.ensure_prompts(requests.iter()).map(drop)
+        self.ensure_prompts(requests.iter())
+            .map(|(_, brought)| brought)
     }
 
     fn prompt_tokens(&self, prompt: &IntentPrompt) -> Vec<LlamaToken> {
-        let vocab = self.model.vocab();
-        let mut tokens = Vec::new();
-        if vocab.should_add_bos() {
-            tokens.push(vocab.bos());
-        }
-        tokens.extend(vocab.tokenize(prompt.text.as_bytes(), false, true));
-        tokens
+        prompt_tokens(self.model, prompt)
     }
 
     /// Generates each request's reply, in order. Requests go in groups
@@ -295,7 +380,10 @@ impl<'m> Generator<'m> {
         &mut self,
         requests: &[(&Request<'_>, &[LlamaToken])],
     ) -> Result<Vec<Result<Generated, EngineError>>, EngineError> {
-        let prompts = self.ensure_prompts(requests.iter().map(|(r, _)| *r))?;
+        let (prompts, brought) = self.ensure_prompts(requests.iter().map(|(r, _)| *r))?;
+        if brought != Brought::default() {
+            log::debug!("{brought}");
+        }
         let mut live = Vec::with_capacity(requests.len());
         let total: usize = requests.iter().map(|(_, t)| t.len()).sum();
         let step = requests.len() * (1 + DRAFT);
@@ -459,15 +547,18 @@ impl<'m> Generator<'m> {
         all.data[argmax(&allowed)].id()
     }
 
-    /// The sequence and length of each request's intent prompt, decoding the
-    /// ones not cached (evicting the least recently used).
+    /// The sequence and tokens of each request's intent prompt, restoring
+    /// or decoding the ones not cached (evicting the least recently used),
+    /// and how the missing ones were brought in.
     fn ensure_prompts<'r, 'p: 'r>(
         &mut self,
         requests: impl Iterator<Item = &'r Request<'p>>,
-    ) -> Result<Vec<(usize, Vec<LlamaToken>)>, EngineError> {
+    ) -> Result<(Vec<SeqTokens>, Brought), EngineError> {
+        let started = std::time::Instant::now();
         self.clock += 1;
         let mut out = Vec::new();
-        let mut batch_tokens: Vec<(usize, Vec<LlamaToken>)> = Vec::new();
+        let mut missing: Vec<SeqTokens> = Vec::new();
+        let mut brought = Brought::default();
         for r in requests {
             if let Some(seq) = self.find(r.key) {
                 let c = self.cached[seq].as_mut().expect("found");
@@ -483,36 +574,109 @@ impl<'m> Generator<'m> {
                 used: self.clock,
             });
             out.push((seq, tokens.clone()));
-            batch_tokens.push((seq, tokens));
-        }
-        if batch_tokens.is_empty() {
-            return Ok(out);
-        }
-        let total: usize = batch_tokens.iter().map(|(_, t)| t.len()).sum();
-        let mut batch = LlamaBatch::new(total, batch_tokens.len() as i32);
-        for (seq, tokens) in &batch_tokens {
-            for (pos, &t) in tokens.iter().enumerate() {
-                batch
-                    .add(t, pos as i32, &[*seq as i32], false)
-                    .map_err(decode_err)?;
+            let restored = self
+                .files
+                .as_ref()
+                .is_some_and(|f| f.restore(&mut self.ctx, seq as i32, &tokens));
+            if restored {
+                brought.restored += 1;
+            } else {
+                missing.push((seq, tokens));
             }
         }
-        let t0 = std::time::Instant::now();
-        let r = self.ctx.decode(&mut batch);
-        log::debug!(
-            "{} intent prompt(s), {total} tokens, decoded in {:.1} ms",
-            batch_tokens.len(),
-            t0.elapsed().as_secs_f64() * 1000.0
-        );
-        if let Err(e) = r {
+        if let Err(e) = self.decode_prompts(&missing) {
             // Leave nothing half-cached behind.
-            for (seq, _) in &batch_tokens {
+            for (seq, _) in &missing {
                 self.cached[*seq] = None;
                 let _ = self.clear(*seq as i32);
             }
             return Err(decode_err(format!("intent prompts: {e}")));
         }
-        Ok(out)
+        brought.decoded = missing.len();
+        brought.tokens = missing.iter().map(|(_, t)| t.len()).sum();
+
+        if let Some(files) = &self.files {
+            for (seq, tokens) in &missing {
+                files.save(&self.ctx, *seq as i32, tokens);
+            }
+        }
+        if brought.restored + brought.decoded > 0 {
+            brought.ms = started.elapsed().as_secs_f64() * 1000.0;
+        }
+        Ok((out, brought))
+    }
+
+    /// Decodes each `(sequence, prompt tokens)`: the tokens every prompt
+    /// starts with once, copied to the others (the cache is unified, so they
+    /// share those cells), then the rest, [`DECODE_GROUP`] tokens or so per
+    /// call, reporting progress.
+    fn decode_prompts(&mut self, prompts: &[SeqTokens]) -> Result<(), EngineError> {
+        let Some(((first, first_tokens), others)) = prompts.split_first() else {
+            return Ok(());
+        };
+        let shared = if others.is_empty() {
+            0
+        } else {
+            common_prefix(prompts.iter().map(|(_, t)| t.as_slice()))
+        };
+        let total = shared + prompts.iter().map(|(_, t)| t.len() - shared).sum::<usize>();
+        let progress = self.progress.clone();
+        let mut step = progress.step("intent prompts: tokens decoded".into(), total);
+        let first = *first as i32;
+        if shared > 0 {
+            self.decode_runs(&[(first, &first_tokens[..shared], 0)])?;
+            step.advance(shared);
+            for (seq, _) in others {
+                self.ctx
+                    .copy_kv_cache_seq(first, *seq as i32, None, Some(shared as u32))
+                    .map_err(decode_err)?;
+            }
+        }
+        let mut group = Vec::new();
+        let mut n = 0;
+        for (i, (seq, tokens)) in prompts.iter().enumerate() {
+            group.push((*seq as i32, &tokens[shared..], shared));
+            n += tokens.len() - shared;
+            if n >= DECODE_GROUP || i + 1 == prompts.len() {
+                self.decode_runs(&group)?;
+                step.advance(n);
+                group.clear();
+                n = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes each `(sequence, tokens, position of the first)` in one call.
+    fn decode_runs(&mut self, runs: &[(i32, &[LlamaToken], usize)]) -> Result<(), EngineError> {
+        let total: usize = runs.iter().map(|(_, t, _)| t.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let mut batch = LlamaBatch::new(total, 1);
+        for &(seq, tokens, start) in runs {
+            for (k, &t) in tokens.iter().enumerate() {
+                batch
+                    .add(t, (start + k) as i32, &[seq], false)
+                    .map_err(decode_err)?;
+            }
+        }
+        self.ctx.decode(&mut batch).map_err(decode_err)
+    }
+
+    /// Whether decoded prompts are saved to disk.
+    pub fn saves(&self) -> bool {
+        self.files.is_some()
+    }
+
+    /// Removes saved prompts other than `prompts` while they take more room
+    /// than these ([`KvFiles::prune`]).
+    pub fn prune_files(&self, prompts: &[&IntentPrompt]) {
+        if let Some(files) = &self.files {
+            let current: Vec<Vec<LlamaToken>> =
+                prompts.iter().map(|p| self.prompt_tokens(p)).collect();
+            files.prune(&current);
+        }
     }
 
     fn find(&self, key: u64) -> Option<usize> {
@@ -624,6 +788,26 @@ fn argmax(xs: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_context_holds_every_prompt_beside_the_working_cells_and_no_more() {
+        let most = 8192;
+        assert_eq!(context_for([100, 150].into_iter(), most), 2304);
+        assert_eq!(context_for([3318].into_iter(), most), 5376);
+        assert_eq!(context_for([7000].into_iter(), most), most, "too many");
+        let many = vec![1; CACHED_PROMPTS + 1];
+        assert_eq!(context_for(many.into_iter(), most), most);
+    }
+
+    #[test]
+    fn the_shared_start_of_prompts_is_counted_in_tokens() {
+        let t = |ids: &[i32]| ids.iter().map(|&i| LlamaToken(i)).collect::<Vec<_>>();
+        let (a, b, c) = (t(&[1, 2, 3, 4]), t(&[1, 2, 3, 9]), t(&[1, 2]));
+        assert_eq!(common_prefix([&a[..], &b[..]].into_iter()), 3);
+        assert_eq!(common_prefix([&a[..], &b[..], &c[..]].into_iter()), 2);
+        assert_eq!(common_prefix([&a[..]].into_iter()), 4);
+        assert_eq!(common_prefix(std::iter::empty()), 0);
+    }
 
     fn slots() -> Vec<SlotSpec> {
         vec![

@@ -22,10 +22,12 @@ pub mod embed;
 pub mod extract;
 pub mod ground;
 pub mod head;
+pub mod kv_files;
 pub mod lexical;
 pub mod models;
 pub mod number_slots;
 pub mod numbers;
+pub mod progress;
 pub mod schema;
 pub mod scorer;
 
@@ -46,6 +48,7 @@ use crate::models::{requant, PromptFormat};
 use embed::{DecodeOptions, Embedder, States, Template};
 use extract::{Generator, IntentPrompt};
 use head::{Head, TrainOptions};
+pub use progress::Progress;
 use schema::{Slot, SlotSpec};
 use slmd_core::examples::Example;
 
@@ -200,8 +203,9 @@ pub struct EngineOptions {
     /// a restart (after a crash, say) does not embed every example again.
     pub head_cache: Option<PathBuf>,
     pub decode: DecodeOptions,
-    /// Context of the slot generator (intent prompts and replies); at least
-    /// [`extract::MIN_CONTEXT`]. Only allocated when a task extracts.
+    /// Most context of the slot generator (intent prompts and replies); at
+    /// least [`extract::MIN_CONTEXT`]. Only allocated when a task extracts,
+    /// and then only as large as its prompts need when they all fit.
     pub extract_context: u32,
     /// Share of the model's transformer blocks the classifier head reads
     /// (1.0: all). Below 1, heads read the model cut to its first blocks
@@ -212,6 +216,8 @@ pub struct EngineOptions {
     /// ([`crate::models::requant`]).
     pub head_requantize: bool,
     pub tuning: Tuning,
+    /// Where start-up says what it is doing.
+    pub progress: Progress,
 }
 
 /// The head depth used unless configured: measured best on SmolLM2-135M
@@ -660,9 +666,10 @@ fn head_model(
         return Ok(None);
     }
     let q4_0 = opts.head_requantize && requant::has_q4_1_blocks(&header.tensors);
-    // "untied": the Q4_0 cut has an output matrix of its own (requant.rs).
-    let kind = if q4_0 { "-q4_0-untied" } else { "" };
-    let id = format!("{}{kind}-{blocks}of{all}blocks", opts.model.sha256);
+    // "hidden": written to compute no logits where llama.cpp can
+    // (gguf::keep_blocks).
+    let kind = if q4_0 { "-q4_0" } else { "" };
+    let id = format!("{}{kind}-hidden-{blocks}of{all}blocks", opts.model.sha256);
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("{id}.gguf"));
     if !path.is_file() {
@@ -684,9 +691,9 @@ fn head_model(
     )))
 }
 
-/// Writes to `path` the model cut to its first `blocks` blocks, then, when
-/// `q4_0`, requantised from Q4_1 with an output matrix of its own (the cut
-/// is written beside it first).
+/// Writes to `path` the model cut to its first `blocks` blocks, computing
+/// hidden states only where llama.cpp can, then, when `q4_0`, requantised
+/// from Q4_1 (the cut is written beside it first).
 fn derive_cut(
     opts: &EngineOptions,
     path: &Path,
@@ -698,7 +705,7 @@ fn derive_cut(
     } else {
         path.to_path_buf()
     };
-    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks, q4_0)
+    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks, true)
         .map_err(|e| load_err(&cut, e))?;
     if q4_0 {
         backend()?; // so that llama.cpp's quantiser logs through ours
@@ -803,13 +810,13 @@ impl<'m> Worker<'m> {
             })
             .collect();
         let generator = if tasks.iter().any(|t| t.extract.is_some()) {
-            Some(Generator::new(
-                backend()?,
-                whole()?,
-                opts.format,
-                opts.extract_context,
-                threads(opts.threads),
-            )?)
+            let generated: Vec<&IntentPrompt> = prompts
+                .iter()
+                .flatten()
+                .flatten()
+                .filter(|p| p.generate)
+                .collect();
+            Some(Generator::new(backend()?, whole()?, opts, &generated)?)
         } else {
             None
         };
@@ -821,29 +828,44 @@ impl<'m> Worker<'m> {
             generator,
             prompts,
         };
-        // Every intent prompt decoded now, when they all fit at once (eval's
-        // folds do not: it warms each fold before testing it).
-        let all: Vec<&IntentPrompt> = worker
-            .prompts
-            .iter()
-            .flatten()
-            .flatten()
-            .filter(|p| p.generate)
-            .collect();
-        if let Some(g) = &worker.generator {
-            if g.fits(&all) {
-                for t in 0..worker.tasks.len() {
-                    worker.warm(t)?;
+        // Every intent prompt restored or decoded now, so that no request
+        // waits for one: all at once when they fit in the context; else
+        // one by one, each saved to disk, so that a request restores the
+        // one it needs in milliseconds (eval, which saves none, warms each
+        // fold before testing it).
+        let Some(g) = &worker.generator else {
+            return Ok(worker);
+        };
+        let together = g.fits(&worker.intent_prompts());
+        if together || g.saves() {
+            for t in 0..worker.tasks.len() {
+                let brought = worker.warm(t, together)?;
+                if brought != extract::Brought::default() {
+                    log::info!("task {}: {brought}", worker.tasks[t].name);
                 }
             }
+            let g = worker.generator.as_ref().expect("a generator");
+            g.prune_files(&worker.intent_prompts());
         }
         Ok(worker)
     }
 
-    /// Decodes task `task`'s intent prompts into the generator's cache.
-    fn warm(&mut self, task: usize) -> Result<(), EngineError> {
+    /// The intent prompts whose replies are generated, of every task.
+    fn intent_prompts(&self) -> Vec<&IntentPrompt> {
+        self.prompts
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|p| p.generate)
+            .collect()
+    }
+
+    /// Restores or decodes task `task`'s intent prompts into the
+    /// generator's cache: `together` in one go, else one by one (each may
+    /// evict the last).
+    fn warm(&mut self, task: usize, together: bool) -> Result<extract::Brought, EngineError> {
         let Some(generator) = self.generator.as_mut() else {
-            return Ok(());
+            return Ok(extract::Brought::default());
         };
         let prompts: Vec<(u64, &IntentPrompt)> = self.prompts[task]
             .iter()
@@ -851,7 +873,14 @@ impl<'m> Worker<'m> {
             .filter_map(|(l, p)| Some((prompt_key(task, l), p.as_ref()?)))
             .filter(|(_, p)| p.generate)
             .collect();
-        generator.warm(&prompts)
+        if together {
+            return generator.warm(&prompts);
+        }
+        let mut all = extract::Brought::default();
+        for one in prompts.chunks(1) {
+            all += generator.warm(one)?;
+        }
+        Ok(all)
     }
 
     /// Answers a batch of commands; returns the tokens put through the model.
@@ -864,7 +893,7 @@ impl<'m> Worker<'m> {
                     jobs.push(job)
                 }
                 Command::Warm { task, reply } => {
-                    let _ = reply.send(self.warm(task));
+                    let _ = reply.send(self.warm(task, true).map(drop));
                 }
                 Command::Ping(reply) => {
                     let _ = reply.send(());
@@ -1135,7 +1164,7 @@ fn cached_or_train(
     memo: &mut HashMap<(String, String, String), States>,
 ) -> Result<Head, EngineError> {
     let Some(dir) = &opts.head_cache else {
-        return train(embedder, index, task, memo);
+        return train(embedder, index, task, memo, &opts.progress);
     };
     let path = dir.join(format!("{}.json", head_key(model_id, opts.format, task)));
     if let Ok(bytes) = std::fs::read(&path) {
@@ -1147,7 +1176,7 @@ fn cached_or_train(
             _ => log::warn!("ignoring unreadable cached head {}", path.display()),
         }
     }
-    let head = train(embedder, index, task, memo)?;
+    let head = train(embedder, index, task, memo, &opts.progress)?;
     // A cache that cannot be written costs only time at the next start.
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -1166,11 +1195,15 @@ fn cached_or_train(
 /// Folds of the training examples used to calibrate the head's confidence.
 const CALIBRATION_FOLDS: usize = 5;
 
+/// Examples embedded between progress reports.
+const EMBED_STEP: usize = 16;
+
 fn train(
     embedder: &mut Embedder<'_>,
     index: usize,
     task: &TaskSpec,
     memo: &mut HashMap<(String, String, String), States>,
+    progress: &Progress,
 ) -> Result<Head, EngineError> {
     let started = Instant::now();
     let fail = |message: String| EngineError::Training {
@@ -1196,8 +1229,15 @@ fn train(
         .iter()
         .map(|e| (index, embedder.request_tokens(index, &e.text)))
         .collect();
-    for (e, x) in missing.iter().zip(embedder.embed(&requests)?) {
-        memo.insert(key(&e.text), x);
+    let mut step = progress.step(
+        format!("task {}: examples embedded", task.name),
+        requests.len(),
+    );
+    for (es, rs) in missing.chunks(EMBED_STEP).zip(requests.chunks(EMBED_STEP)) {
+        for (e, x) in es.iter().zip(embedder.embed(rs)?) {
+            memo.insert(key(&e.text), x);
+        }
+        step.advance(rs.len());
     }
     let centre = embed::centre_of(task.examples.iter().map(|e| &memo[&key(&e.text)]));
     let xs: Vec<Vec<f32>> = task
