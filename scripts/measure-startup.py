@@ -145,9 +145,9 @@ class Run:
             return max(b - a for a, b in zip(times, times[1:]))
         return gap([t for t, _ in self.status]), gap([t for t, _ in self.log.lines])
 
-    def rss_peak_mib(self):
+    def rss_mib(self, which="VmHWM"):
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024
+        return int(re.search(rf"{which}:\s+(\d+)", status)[1]) / 1024
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -205,6 +205,7 @@ def measure(binary, config_path, warm_runs, keep):
             run = Run(binary, config, port, work, f"{i}")
             row = {"config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
                    "start": phase, "ready_s": round(run.wait_ready(), 2)}
+            row["ready_rss_mib"] = round(run.rss_mib("VmRSS"))
             status_gap, log_gap = run.silences()
             row["longest_status_gap_s"] = round(status_gap, 1)
             row["longest_log_gap_s"] = round(log_gap, 1)
@@ -233,7 +234,7 @@ def measure(binary, config_path, warm_runs, keep):
                     publish(port, topic, payload)
             for task in tasks:
                 answers.wait_for(rf"^(?!{re.escape(task[3])} ).*long-{i}-{task[0]}-15", after=t, timeout=600)
-            row["peak_rss_mib"] = round(run.rss_peak_mib())
+            row["peak_rss_mib"] = round(run.rss_mib())
             run.stop()
             rows.append(row)
         sub.kill()

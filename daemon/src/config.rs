@@ -117,8 +117,14 @@ pub struct ModelConfig {
     /// When the model's block weights are Q4_1, the heads' cut model is
     /// requantised to Q4_0, which llama.cpp's CPU kernels multiply faster
     /// (about a quarter less time per message); false keeps Q4_1.
-    #[serde(default = "default_head_requantize")]
+    #[serde(default = "default_requantize")]
     pub head_requantize: bool,
+    /// Likewise for the whole model that slot generation and label scoring
+    /// read: a Q4_0 copy is derived once into the state directory (about
+    /// half the time per generated token; docs/EVAL.md "Q4_0 heads"); false
+    /// reads the fetched file as it is.
+    #[serde(default = "default_requantize")]
+    pub generate_requantize: bool,
     /// Lock the model in RAM (needs RLIMIT_MEMLOCK >= the model's size).
     #[serde(default)]
     pub mlock: bool,
@@ -483,7 +489,7 @@ pub fn default_context() -> u32 {
 fn default_head_depth() -> f32 {
     slmd_engine::HEAD_DEPTH
 }
-fn default_head_requantize() -> bool {
+fn default_requantize() -> bool {
     true
 }
 

@@ -128,6 +128,7 @@ pub fn start_engine_with(
         extract_context: config.model.extract_context_size,
         head_depth: config.model.head_depth,
         head_requantize: config.model.head_requantize,
+        generate_requantize: config.model.generate_requantize,
         tuning: slmd_engine::Tuning {
             mlock: config.model.mlock,
             nice: config.model.nice,

@@ -191,6 +191,10 @@ struct EngineArgs {
     /// `model.head_requantize` setting); `--head-requantize false` keeps Q4_1.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     head_requantize: bool,
+    /// Requantise a Q4_1 model to Q4_0 for generation and label scoring
+    /// (see the `model.generate_requantize` setting).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    generate_requantize: bool,
     #[command(flatten)]
     dirs: DirArgs,
 }
@@ -432,6 +436,7 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd_engine::EngineOptions> 
         extract_context: a.extract_context_size,
         head_depth: a.head_depth,
         head_requantize: a.head_requantize,
+        generate_requantize: a.generate_requantize,
         tuning: Default::default(),
         progress: Default::default(),
     })

@@ -298,7 +298,7 @@ fn classify_prints_one_result_from_the_label_set() {
     let cut = cut_model(dir.path());
     assert!(cut
         .to_string_lossy()
-        .ends_with("-q4_0-hidden-24of30blocks.gguf"));
+        .ends_with("-q4_0-untied-24of30blocks.gguf"));
     assert_eq!(
         block_matrix_types(&cut),
         [2],

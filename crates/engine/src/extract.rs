@@ -264,10 +264,12 @@ fn decode_err(e: impl std::fmt::Display) -> EngineError {
 
 impl<'m> Generator<'m> {
     /// A generator for `prompts` (of every task) with `opts`' settings;
-    /// prompts are saved under `opts.head_cache` when it is set.
+    /// prompts are saved under `opts.head_cache` when it is set, named
+    /// with `model_id` (what identifies `model`'s weights).
     pub fn new(
         backend: &LlamaBackend,
         model: &'m LlamaModel,
+        model_id: &str,
         opts: &super::EngineOptions,
         prompts: &[&IntentPrompt],
     ) -> Result<Self, EngineError> {
@@ -297,9 +299,10 @@ impl<'m> Generator<'m> {
             clock: 0,
             budget: n_ctx as usize - WORK_CELLS,
             decodes: 0,
-            files: opts.head_cache.as_ref().map(|dir| {
-                KvFiles::new(&dir.join("prompts"), &opts.model.sha256).with_layout(&layout)
-            }),
+            files: opts
+                .head_cache
+                .as_ref()
+                .map(|dir| KvFiles::new(&dir.join("prompts"), model_id).with_layout(&layout)),
             progress: opts.progress.clone(),
         })
     }

@@ -128,30 +128,48 @@ impl Head {
     /// temperature that minimises their negative log-likelihood is kept
     /// (temperature scaling; it never changes which label wins).
     /// With fewer than two examples of some label per fold the temperature
-    /// stays 1.
+    /// stays 1. The `folds + 1` fits run on `threads` threads; `fitted` is
+    /// called after each.
     pub fn train_calibrated(
         labels: Vec<String>,
         xs: &[Vec<f32>],
         ys: &[usize],
         opt: TrainOptions,
         folds: usize,
+        threads: usize,
+        fitted: impl Fn() + Sync,
     ) -> Head {
-        let mut head = Head::train(labels.clone(), xs, ys, opt);
         let names: Vec<String> = ys.iter().map(|y| y.to_string()).collect();
-        if folds < 2 || xs.len() < 2 * folds {
-            return head;
-        }
-        let fold_of = slmd_core::folds::stratified_folds(&names, folds, 0x5eed);
-        let mut held_out = Vec::with_capacity(xs.len());
-        for f in 0..folds {
-            let (train_x, train_y): (Vec<Vec<f32>>, Vec<usize>) = xs
+        let folds = if folds < 2 || xs.len() < 2 * folds {
+            0
+        } else {
+            folds
+        };
+        let fold_of = match folds {
+            0 => vec![0; xs.len()],
+            k => slmd_core::folds::stratified_folds(&names, k, 0x5eed),
+        };
+        // Job 0 trains on everything, job f + 1 without fold f; they are
+        // independent, so they run on `threads` threads at once.
+        let train = |job: usize| {
+            let (x, y): (Vec<Vec<f32>>, Vec<usize>) = xs
                 .iter()
                 .zip(ys)
                 .zip(&fold_of)
-                .filter(|(_, &k)| k != f)
+                .filter(|(_, &k)| job == 0 || k != job - 1)
                 .map(|((x, &y), _)| (x.clone(), y))
                 .unzip();
-            let inner = Head::train(labels.clone(), &train_x, &train_y, opt);
+            let head = Head::train(labels.clone(), &x, &y, opt);
+            fitted();
+            head
+        };
+        let mut heads = in_parallel(folds + 1, threads, train).into_iter();
+        let mut head = heads.next().expect("the whole head");
+        if folds == 0 {
+            return head;
+        }
+        let mut held_out = Vec::with_capacity(xs.len());
+        for (f, inner) in heads.enumerate() {
             for ((x, &y), _) in xs.iter().zip(ys).zip(&fold_of).filter(|(_, &k)| k == f) {
                 held_out.push((inner.logits(x), y));
             }
@@ -159,6 +177,29 @@ impl Head {
         head.temperature = fit_temperature(&held_out);
         head
     }
+}
+
+/// `f(0..n)`, in order, computed on up to `threads` threads.
+fn in_parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::with_capacity(n));
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let out = f(i);
+                done.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, out));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, out)| out).collect()
 }
 
 /// The temperature in [0.05, 20] that minimises the mean negative

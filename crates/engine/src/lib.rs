@@ -215,6 +215,9 @@ pub struct EngineOptions {
     /// requantised to Q4_0, which llama.cpp multiplies faster
     /// ([`crate::models::requant`]).
     pub head_requantize: bool,
+    /// Likewise for the whole model, which generation and label scoring
+    /// read: a Q4_0 copy is derived into the head cache.
+    pub generate_requantize: bool,
     pub tuning: Tuning,
     /// Where start-up says what it is doing.
     pub progress: Progress,
@@ -595,9 +598,54 @@ fn inference_thread(
     log::debug!("inference thread stopping: every engine handle is gone");
 }
 
-fn load_model(opts: &EngineOptions) -> Result<LlamaModel, EngineError> {
-    load_model_file(&opts.model_path, &opts.model.name, &opts.tuning, true)
+/// The whole model: the fetched file, or with `generate_requantize` and
+/// Q4_1 blocks, a Q4_0 copy derived once into the head cache
+/// ([`crate::models::requant`]), read rather than mapped.
+/// Returns it with its identity (the fetched file's SHA-256, marked when
+/// it is the Q4_0 copy).
+fn load_model(opts: &EngineOptions) -> Result<(LlamaModel, String), EngineError> {
+    let Some(path) = whole_q4_0(opts)? else {
+        let model = load_model_file(&opts.model_path, &opts.model.name, &opts.tuning, true)?;
+        return Ok((model, opts.model.sha256.clone()));
+    };
+    let name = format!("{} (as Q4_0)", opts.model.name);
+    let model = load_model_file(&path, &name, &opts.tuning, false)?;
+    Ok((model, format!("{}{WHOLE_Q4_0}", opts.model.sha256)))
 }
+
+/// The Q4_0 copy of the whole model, derived if missing; `None` when it is
+/// not wanted or the model's blocks are not all Q4_1.
+fn whole_q4_0(opts: &EngineOptions) -> Result<Option<PathBuf>, EngineError> {
+    if !opts.generate_requantize {
+        return Ok(None);
+    }
+    let header = crate::models::gguf::describe(&opts.model_path)
+        .map_err(|e| load_err(&opts.model_path, e))?;
+    if !requant::has_q4_1_blocks(&header.tensors) {
+        return Ok(None);
+    }
+    let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!("{}{WHOLE_Q4_0}", opts.model.sha256));
+    if !path.is_file() {
+        std::fs::create_dir_all(&dir).map_err(|e| load_err(&dir, e))?;
+        let started = Instant::now();
+        backend()?; // so that llama.cpp's quantiser logs through ours
+        requant::to_q4_0(&opts.model_path, &path, threads(opts.threads))
+            .map_err(|e| load_err(&path, e))?;
+        log::info!(
+            "generation reads the model as Q4_0 ({} ms to derive): {}",
+            started.elapsed().as_millis(),
+            path.display()
+        );
+        if opts.head_cache.is_some() {
+            remove_other_derived(&dir, &path, WHOLE_Q4_0);
+        }
+    }
+    Ok(Some(path))
+}
+
+/// The name ending of a whole model's Q4_0 copy in the head cache.
+const WHOLE_Q4_0: &str = "-q4_0-whole.gguf";
 
 /// Loads a model, mapping its file when `mmap`. A file whose weights
 /// llama.cpp repacks is better read: mapped, its pages stay resident beside
@@ -630,17 +678,18 @@ fn load_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     }
 }
 
-/// Cut models in the head cache other than `keep` (of a model updated
-/// away, another depth or quantisation), and the parts of one whose writing
-/// a crash interrupted, are removed; an engine still reading one keeps its
-/// mapping, and a rollback derives its file again.
-fn remove_other_cut_models(dir: &Path, keep: &Path) {
+/// Models in the head cache derived like `keep` (their names hold
+/// `kind`: a cut of another model, depth or quantisation, or another
+/// model's Q4_0 copy) other than `keep`, and the parts of one whose writing
+/// a crash interrupted, are removed; an engine still reading one has it in
+/// memory, and a rollback derives its file again.
+fn remove_other_derived(dir: &Path, keep: &Path, kind: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for path in entries.flatten().map(|e| e.path()) {
-        let cut = path.to_str().is_some_and(|p| p.contains("blocks.gguf"));
-        if cut && path != keep {
+        let derived = path.to_str().is_some_and(|p| p.contains(kind));
+        if derived && path != keep {
             if let Err(e) = std::fs::remove_file(&path) {
                 log::warn!("cannot remove {}: {e}", path.display());
             }
@@ -666,10 +715,9 @@ fn head_model(
         return Ok(None);
     }
     let q4_0 = opts.head_requantize && requant::has_q4_1_blocks(&header.tensors);
-    // "hidden": written to compute no logits where llama.cpp can
-    // (gguf::keep_blocks).
-    let kind = if q4_0 { "-q4_0" } else { "" };
-    let id = format!("{}{kind}-hidden-{blocks}of{all}blocks", opts.model.sha256);
+    // "untied": the Q4_0 cut has an output matrix of its own (requant.rs).
+    let kind = if q4_0 { "-q4_0-untied" } else { "" };
+    let id = format!("{}{kind}-{blocks}of{all}blocks", opts.model.sha256);
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("{id}.gguf"));
     if !path.is_file() {
@@ -681,7 +729,7 @@ fn head_model(
             path.display()
         );
         if opts.head_cache.is_some() {
-            remove_other_cut_models(&dir, &path);
+            remove_other_derived(&dir, &path, "blocks.gguf");
         }
     }
     let name = format!("{} ({blocks} of {all} blocks)", opts.model.name);
@@ -691,9 +739,9 @@ fn head_model(
     )))
 }
 
-/// Writes to `path` the model cut to its first `blocks` blocks, computing
-/// hidden states only where llama.cpp can, then, when `q4_0`, requantised
-/// from Q4_1 (the cut is written beside it first).
+/// Writes to `path` the model cut to its first `blocks` blocks, then, when
+/// `q4_0`, requantised from Q4_1 with an output matrix of its own (the cut
+/// is written beside it first).
 fn derive_cut(
     opts: &EngineOptions,
     path: &Path,
@@ -705,7 +753,7 @@ fn derive_cut(
     } else {
         path.to_path_buf()
     };
-    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks, true)
+    crate::models::gguf::keep_blocks(&opts.model_path, &cut, blocks, q4_0)
         .map_err(|e| load_err(&cut, e))?;
     if q4_0 {
         backend()?; // so that llama.cpp's quantiser logs through ours
@@ -749,17 +797,20 @@ impl<'m> Worker<'m> {
     /// it (see [`inference_thread`]).
     fn new(
         opts: &EngineOptions,
-        model: Option<&'m LlamaModel>,
+        model: Option<&'m (LlamaModel, String)>,
         head_model: Option<&'m (LlamaModel, String)>,
         tasks: Vec<TaskSpec>,
     ) -> Result<Self, EngineError> {
-        let whole =
-            || model.ok_or_else(|| load_err(&opts.model_path, "the whole model was not loaded"));
+        let whole = || {
+            model
+                .map(|(m, _)| m)
+                .ok_or_else(|| load_err(&opts.model_path, "the whole model was not loaded"))
+        };
         let templates: Vec<Template> = tasks
             .iter()
             .map(|t| Template::new(opts.format, &t.instruction, &t.cue))
             .collect();
-        let (embedding_model, model_id) = match head_model {
+        let (embedding_model, model_id) = match head_model.or(model) {
             Some((m, id)) => (m, id.as_str()),
             None => (whole()?, opts.model.sha256.as_str()),
         };
@@ -816,7 +867,8 @@ impl<'m> Worker<'m> {
                 .flatten()
                 .filter(|p| p.generate)
                 .collect();
-            Some(Generator::new(backend()?, whole()?, opts, &generated)?)
+            let id = model.map_or(opts.model.sha256.as_str(), |(_, id)| id.as_str());
+            Some(Generator::new(backend()?, whole()?, id, opts, &generated)?)
         } else {
             None
         };
@@ -1163,8 +1215,10 @@ fn cached_or_train(
     opts: &EngineOptions,
     memo: &mut HashMap<(String, String, String), States>,
 ) -> Result<Head, EngineError> {
+    // The head is trained on the inference thread's CPUs, all of them.
+    let workers = threads(opts.threads) as usize;
     let Some(dir) = &opts.head_cache else {
-        return train(embedder, index, task, memo, &opts.progress);
+        return train(embedder, index, task, memo, &opts.progress, workers);
     };
     let path = dir.join(format!("{}.json", head_key(model_id, opts.format, task)));
     if let Ok(bytes) = std::fs::read(&path) {
@@ -1176,7 +1230,7 @@ fn cached_or_train(
             _ => log::warn!("ignoring unreadable cached head {}", path.display()),
         }
     }
-    let head = train(embedder, index, task, memo, &opts.progress)?;
+    let head = train(embedder, index, task, memo, &opts.progress, workers)?;
     // A cache that cannot be written costs only time at the next start.
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -1204,6 +1258,7 @@ fn train(
     task: &TaskSpec,
     memo: &mut HashMap<(String, String, String), States>,
     progress: &Progress,
+    workers: usize,
 ) -> Result<Head, EngineError> {
     let started = Instant::now();
     let fail = |message: String| EngineError::Training {
@@ -1245,12 +1300,18 @@ fn train(
         .iter()
         .map(|e| features(task, embed::pool(&memo[&key(&e.text)], &centre), &e.text))
         .collect();
+    let fits = std::sync::Mutex::new(progress.step(
+        format!("task {}: head fits", task.name),
+        CALIBRATION_FOLDS + 1,
+    ));
     let mut head = Head::train_calibrated(
         task.labels.clone(),
         &xs,
         &ys,
         TrainOptions::default(),
         CALIBRATION_FOLDS,
+        workers,
+        || fits.lock().unwrap_or_else(|e| e.into_inner()).advance(1),
     );
     head.token_centre = centre;
     log::info!(

@@ -104,20 +104,12 @@ struct TensorInfo {
     offset: u64,
 }
 
-/// One metadata entry: its key, value type, and where its value lies.
-struct Kv {
-    key: Vec<u8>,
-    kind: u32,
-    value: std::ops::Range<usize>,
-}
-
 /// What the header says, with where its parts lie.
 struct Header {
-    /// Where the metadata ends.
+    /// Where the metadata ends: the file up to here is copied as it is.
     metadata_end: u64,
-    kvs: Vec<Kv>,
-    /// `general.architecture`.
-    arch: Vec<u8>,
+    /// Where in the file the block count's `u32` value is.
+    block_count_at: usize,
     block_count: u32,
     alignment: u64,
     tensors: Vec<TensorInfo>,
@@ -142,28 +134,20 @@ fn read_header(file: &mut File) -> Result<Header, GgufError> {
         return Err(bad(format!("version {version}")));
     }
     let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
-    let mut block_count = None;
+    let (mut block_count_at, mut block_count) = (None, 0);
     let mut alignment = DEFAULT_ALIGNMENT;
-    let mut arch = Vec::new();
-    let mut kvs = Vec::new();
     for _ in 0..n_kv {
         let key = r.string()?;
-        let kind = r.u32()?;
-        let value_at = r.pos as usize;
-        if key.ends_with(b".block_count") && kind == UINT32 {
-            block_count = Some(r.u32()?);
-        } else if key == b"general.alignment" && kind == UINT32 {
+        let t = r.u32()?;
+        let value_at = r.pos;
+        if key.ends_with(b".block_count") && t == UINT32 {
+            block_count = r.u32()?;
+            block_count_at = Some(value_at as usize);
+        } else if key == b"general.alignment" && t == UINT32 {
             alignment = u64::from(r.u32()?).max(1);
-        } else if key == b"general.architecture" && kind == STRING {
-            arch = r.string()?;
         } else {
-            r.skip_value(kind)?;
+            r.skip_value(t)?;
         }
-        kvs.push(Kv {
-            key,
-            kind,
-            value: value_at..r.pos as usize,
-        });
     }
     let metadata_end = r.pos;
     let mut tensors = Vec::new();
@@ -181,9 +165,8 @@ fn read_header(file: &mut File) -> Result<Header, GgufError> {
     let data_start = align(r.pos, alignment);
     Ok(Header {
         metadata_end,
-        kvs,
-        arch,
-        block_count: block_count.ok_or_else(|| bad("no block count"))?,
+        block_count_at: block_count_at.ok_or_else(|| bad("no block count"))?,
+        block_count,
         alignment,
         tensors,
         data_start,
@@ -230,26 +213,14 @@ fn block_of(name: &[u8]) -> Option<u32> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
-/// The architecture whose graph llama.cpp builds without the output
-/// layer, for each one that has such a twin: the same blocks and weights,
-/// hidden states out, no logits.
-const HIDDEN_ONLY: &[(&[u8], &[u8])] = &[(b"llama", b"llama-embed")];
-
 /// Writes to `dst` the model at `src` with only its first `blocks`
 /// transformer blocks (all of them when `blocks` is not fewer).
 ///
-/// With `hidden_only`, a model whose architecture has a twin in
-/// [`HIDDEN_ONLY`] is written as that twin (its `<arch>.*` keys renamed):
-/// llama.cpp then computes hidden states and no logits. A head reads only
-/// hidden states, and the output layer (49152 x 576 on SmolLM2) is a
-/// quarter of a token's multiplications when it runs on every token. The
-/// hidden states are the same.
-pub fn keep_blocks(
-    src: &Path,
-    dst: &Path,
-    blocks: u32,
-    hidden_only: bool,
-) -> Result<(), GgufError> {
+/// With `own_output`, a model whose output layer is its token table (tied:
+/// no `output.weight`) gets an `output.weight` of its own, a copy of the
+/// table, so that the two can then be stored in different types (see
+/// [`super::requant`]).
+pub fn keep_blocks(src: &Path, dst: &Path, blocks: u32, own_output: bool) -> Result<(), GgufError> {
     let mut input = File::open(src)?;
     let h = read_header(&mut input)?;
     let file_len = input.metadata()?.len();
@@ -264,21 +235,19 @@ pub fn keep_blocks(
         let i = starts.partition_point(|&s| s <= offset);
         starts.get(i).copied().unwrap_or(data_len) - offset
     };
+    let output = own_output.then(|| untied_output(&h.tensors)).flatten();
     let kept: Vec<&TensorInfo> = h
         .tensors
         .iter()
         .filter(|t| block_of(&t.name).is_none_or(|b| b < blocks))
+        .chain(&output)
         .collect();
-    let twin = HIDDEN_ONLY
-        .iter()
-        .find(|(arch, _)| hidden_only && *arch == h.arch.as_slice())
-        .map(|&(_, twin)| twin);
 
-    let mut raw = Vec::new();
+    let mut header = Vec::new();
     input.seek(SeekFrom::Start(0))?;
-    (&mut input).take(h.metadata_end).read_to_end(&mut raw)?;
-    let mut header = metadata(&raw, &h, blocks, twin);
+    (&mut input).take(h.metadata_end).read_to_end(&mut header)?;
     header[8..16].copy_from_slice(&(kept.len() as u64).to_le_bytes());
+    header[h.block_count_at..h.block_count_at + 4].copy_from_slice(&blocks.to_le_bytes());
     let mut offset = 0u64;
     for t in &kept {
         header.extend((t.name.len() as u64).to_le_bytes());
@@ -303,33 +272,19 @@ pub fn keep_blocks(
     Ok(())
 }
 
-/// The metadata of `raw` (the file up to the tensor entries) with
-/// `blocks` blocks and, given a `twin`, that architecture.
-fn metadata(raw: &[u8], h: &Header, blocks: u32, twin: Option<&[u8]>) -> Vec<u8> {
-    let string = |s: &[u8]| [&(s.len() as u64).to_le_bytes()[..], s].concat();
-    // Magic, version, tensor count, entry count.
-    let mut out = raw[..24].to_vec();
-    for kv in &h.kvs {
-        let mut key = kv.key.clone();
-        let mut value = raw[kv.value.clone()].to_vec();
-        if let Some(twin) = twin {
-            if let Some(rest) = kv.key.strip_prefix(h.arch.as_slice()) {
-                if rest.starts_with(b".") {
-                    key = [twin, rest].concat();
-                }
-            }
-            if kv.key == b"general.architecture" {
-                value = string(twin);
-            }
-        }
-        if kv.key.ends_with(b".block_count") && kv.kind == UINT32 {
-            value = blocks.to_le_bytes().to_vec();
-        }
-        out.extend(string(&key));
-        out.extend(kv.kind.to_le_bytes());
-        out.extend(value);
+/// An `output.weight` entry that reads the token table's bytes, when the
+/// model has a token table and no output matrix of its own.
+fn untied_output(tensors: &[TensorInfo]) -> Option<TensorInfo> {
+    if tensors.iter().any(|t| t.name == b"output.weight") {
+        return None;
     }
-    out
+    let table = tensors.iter().find(|t| t.name == b"token_embd.weight")?;
+    Some(TensorInfo {
+        name: b"output.weight".to_vec(),
+        dims: table.dims.clone(),
+        kind: table.kind,
+        offset: table.offset,
+    })
 }
 
 /// Where a file for `dst` is written before it is renamed into place:
@@ -469,51 +424,42 @@ mod tests {
     }
 
     #[test]
-    fn a_hidden_only_cut_is_the_architectures_twin_with_the_same_tensors() {
+    fn a_tied_output_layer_can_be_given_a_matrix_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let (src, plain, twin) = (
-            dir.path().join("m.gguf"),
-            dir.path().join("plain.gguf"),
-            dir.path().join("twin.gguf"),
-        );
-        std::fs::write(&src, test_model(3, 0)).unwrap();
-        keep_blocks(&src, &plain, 2, false).unwrap();
-        keep_blocks(&src, &twin, 2, true).unwrap();
-        let h = read_header(&mut File::open(&twin).unwrap()).unwrap();
-        assert_eq!(h.arch, b"llama-embed");
-        assert_eq!(h.block_count, 2);
-        let keys: Vec<&[u8]> = h.kvs.iter().map(|kv| kv.key.as_slice()).collect();
+        let src = dir.path().join("m.gguf");
+        std::fs::write(&src, test_model(2, 0)).unwrap();
+        let names_and_data = |path: &Path| {
+            let mut f = File::open(path).unwrap();
+            let h = read_header(&mut f).unwrap();
+            let bytes = std::fs::read(path).unwrap();
+            h.tensors
+                .iter()
+                .map(|t| {
+                    let at = (h.data_start + t.offset) as usize;
+                    let value = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+                    (
+                        String::from_utf8(t.name.clone()).unwrap(),
+                        t.dims.clone(),
+                        value,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let untied = dir.path().join("untied.gguf");
+        keep_blocks(&src, &untied, 2, true).unwrap();
+        let tensors = names_and_data(&untied);
+        let table = tensors[0].clone();
+        assert_eq!(table.0, "token_embd.weight");
         assert_eq!(
-            keys,
-            [
-                &b"general.architecture"[..],
-                b"tokenizer.ggml.tokens",
-                b"llama-embed.block_count"
-            ]
+            tensors.last().unwrap(),
+            &("output.weight".to_string(), table.1, table.2),
+            "the output matrix is a copy of the token table"
         );
-        // Tensor entries and data are the plain cut's, after a longer header.
-        let p = read_header(&mut File::open(&plain).unwrap()).unwrap();
-        let (pb, tb) = (
-            std::fs::read(&plain).unwrap(),
-            std::fs::read(&twin).unwrap(),
-        );
-        assert_eq!(pb[p.data_start as usize..], tb[h.data_start as usize..]);
-        let names = |h: &Header| h.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&p), names(&h));
-        // A model of another architecture is cut as it is.
-        let mut other = test_model(3, 0);
-        let at = find(&other, b"llama");
-        other[at..at + 5].copy_from_slice(b"gemma");
-        std::fs::write(&src, other).unwrap();
-        keep_blocks(&src, &twin, 2, true).unwrap();
-        assert_eq!(
-            read_header(&mut File::open(&twin).unwrap()).unwrap().arch,
-            b"gemma"
-        );
-    }
-
-    fn find(hay: &[u8], needle: &[u8]) -> usize {
-        hay.windows(needle.len()).position(|w| w == needle).unwrap()
+        assert_eq!(tensors.len(), 5);
+        // A model with an output matrix of its own keeps just that one.
+        let again = dir.path().join("again.gguf");
+        keep_blocks(&untied, &again, 2, true).unwrap();
+        assert_eq!(names_and_data(&again), tensors);
     }
 
     #[test]

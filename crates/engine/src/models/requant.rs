@@ -13,10 +13,16 @@
 //! all Q4_1 is rewritten: Q4_1 and Q4_0 hold 4 bits per weight alike, so
 //! nothing finer is lost. The token table is copied as it is.
 //!
-//! The cut computes no logits (see [`super::gguf::keep_blocks`]), so its
-//! output layer, tied to SmolLM2's Q8_0 token table, is never multiplied.
-//! The work is llama.cpp's own quantiser, so the result is what its
-//! `llama-quantize` tool would write.
+//! The output matrix becomes Q4_0 too. A head reads hidden states, never
+//! logits, but llama.cpp computes the logits of every token it outputs,
+//! and a head outputs every token: the output layer (49152 x 576 on
+//! SmolLM2, a quarter of a token's multiplications) runs on every request
+//! token. SmolLM2 ties it to its Q8_0 token table, which llama.cpp does
+//! not repack; the cut is therefore given an output matrix of its own
+//! ([`super::gguf::keep_blocks`]) for this step to make Q4_0. The hidden
+//! states are unchanged, bit for bit: the token table that embeds the input
+//! is not touched. The work is llama.cpp's own quantiser, so the result is
+//! what its `llama-quantize` tool would write.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -37,8 +43,8 @@ pub fn has_q4_1_blocks(tensors: &[Tensor]) -> bool {
     matrices.peek().is_some() && matrices.all(|t| t.kind == Q4_1)
 }
 
-/// Writes to `dst` the model at `src` with its block matrices (and its
-/// output matrix, if it has one of its own) as Q4_0, using `threads`
+/// Writes to `dst` the model at `src` with its block matrices and its
+/// output matrix (if it has one of its own) as Q4_0, using `threads`
 /// threads. The file is written beside `dst` and renamed
 /// into place, so a file at `dst` is always whole.
 pub fn to_q4_0(src: &Path, dst: &Path, threads: i32) -> Result<(), GgufError> {
