@@ -33,7 +33,7 @@ use super::EngineError;
 use crate::models::PromptFormat;
 
 /// Tokens put through llama.cpp per call (and its micro-batch): bounds the
-/// logits it computes and keeps (see the module docs) to 16 MiB here.
+/// logits it computes and keeps (see the module docs) to 12 MiB here.
 pub const CHUNK: usize = 64;
 
 /// The most requests decoded together in one batch.

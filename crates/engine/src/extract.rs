@@ -57,7 +57,8 @@ const WORK_CELLS: usize = 2048;
 /// Prompt tokens decoded per call while warming (progress is reported
 /// between calls).
 const DECODE_GROUP: usize = 512;
-/// The smallest context a generator is given.
+/// The smallest ceiling of a generator's context (it is given less when
+/// its prompts need less; see `context_for`).
 pub const MIN_CONTEXT: u32 = 4096;
 
 /// The default instruction of an extract task.
@@ -195,7 +196,9 @@ fn prompt_tokens(model: &LlamaModel, prompt: &IntentPrompt) -> Vec<LlamaToken> {
 /// when they do not all fit in it.
 fn context_for(prompts: impl ExactSizeIterator<Item = usize>, most: u32) -> u32 {
     let count = prompts.len();
-    let needed = prompts.sum::<usize>() + WORK_CELLS;
+    // A request's reply may hold its last token and a draft beyond the
+    // cells its group reserved.
+    let needed = prompts.sum::<usize>() + WORK_CELLS + MAX_REQUESTS * (2 + DRAFT);
     match u32::try_from(needed.next_multiple_of(256)) {
         Ok(n) if count <= CACHED_PROMPTS && n <= most => n,
         _ => most,
@@ -323,7 +326,7 @@ impl<'m> Generator<'m> {
                 text: "",
             })
             .collect();
-        self.ensure_prompts(requests.iter())
+        self.ensure_prompts(requests.iter(), true)
             .map(|(_, brought)| brought)
     }
 
@@ -383,7 +386,7 @@ impl<'m> Generator<'m> {
         &mut self,
         requests: &[(&Request<'_>, &[LlamaToken])],
     ) -> Result<Vec<Result<Generated, EngineError>>, EngineError> {
-        let (prompts, brought) = self.ensure_prompts(requests.iter().map(|(r, _)| *r))?;
+        let (prompts, brought) = self.ensure_prompts(requests.iter().map(|(r, _)| *r), false)?;
         if brought != Brought::default() {
             log::debug!("{brought}");
         }
@@ -556,6 +559,7 @@ impl<'m> Generator<'m> {
     fn ensure_prompts<'r, 'p: 'r>(
         &mut self,
         requests: impl Iterator<Item = &'r Request<'p>>,
+        save: bool,
     ) -> Result<(Vec<SeqTokens>, Brought), EngineError> {
         let started = std::time::Instant::now();
         self.clock += 1;
@@ -570,7 +574,13 @@ impl<'m> Generator<'m> {
                 continue;
             }
             let tokens = self.prompt_tokens(r.prompt);
-            let seq = self.make_room(tokens.len())?;
+            let seq = match self.make_room(tokens.len()) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    self.forget(&missing);
+                    return Err(e);
+                }
+            };
             self.cached[seq] = Some(Cached {
                 key: r.key,
                 tokens: tokens.clone(),
@@ -588,17 +598,14 @@ impl<'m> Generator<'m> {
             }
         }
         if let Err(e) = self.decode_prompts(&missing) {
-            // Leave nothing half-cached behind.
-            for (seq, _) in &missing {
-                self.cached[*seq] = None;
-                let _ = self.clear(*seq as i32);
-            }
+            self.forget(&missing);
             return Err(decode_err(format!("intent prompts: {e}")));
         }
         brought.decoded = missing.len();
         brought.tokens = missing.iter().map(|(_, t)| t.len()).sum();
 
-        if let Some(files) = &self.files {
+        // Saved while warming, not on a request's time (a save fsyncs).
+        if let (Some(files), true) = (&self.files, save) {
             for (seq, tokens) in &missing {
                 files.save(&self.ctx, *seq as i32, tokens);
             }
@@ -607,6 +614,14 @@ impl<'m> Generator<'m> {
             brought.ms = started.elapsed().as_secs_f64() * 1000.0;
         }
         Ok((out, brought))
+    }
+
+    /// Leaves nothing half-cached behind: `prompts` lose their sequences.
+    fn forget(&mut self, prompts: &[SeqTokens]) {
+        for (seq, _) in prompts {
+            self.cached[*seq] = None;
+            let _ = self.clear(*seq as i32);
+        }
     }
 
     /// Decodes each `(sequence, prompt tokens)`: the tokens every prompt
@@ -795,8 +810,8 @@ mod tests {
     #[test]
     fn the_context_holds_every_prompt_beside_the_working_cells_and_no_more() {
         let most = 8192;
-        assert_eq!(context_for([100, 150].into_iter(), most), 2304);
-        assert_eq!(context_for([3318].into_iter(), most), 5376);
+        assert_eq!(context_for([100, 150].into_iter(), most), 2560);
+        assert_eq!(context_for([3318].into_iter(), most), 5632);
         assert_eq!(context_for([7000].into_iter(), most), most, "too many");
         let many = vec![1; CACHED_PROMPTS + 1];
         assert_eq!(context_for(many.into_iter(), most), most);

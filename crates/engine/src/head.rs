@@ -281,6 +281,43 @@ impl Adam {
 mod tests {
     use super::*;
 
+    #[test]
+    fn parallel_jobs_come_back_in_order_whatever_the_threads() {
+        for threads in [0, 1, 2, 7] {
+            assert_eq!(in_parallel(5, threads, |i| i * 10), [0, 10, 20, 30, 40]);
+        }
+        assert!(in_parallel(0, 2, |i| i).is_empty());
+    }
+
+    #[test]
+    fn a_calibrated_head_is_the_same_on_one_thread_or_several() {
+        let xs: Vec<Vec<f32>> = (0..40)
+            .map(|i| {
+                let a = (i % 4) as f32;
+                let mut x = vec![a, 1.0 - a * 0.2, (i as f32 * 0.37).sin()];
+                l2_normalise(&mut x);
+                x
+            })
+            .collect();
+        let ys: Vec<usize> = (0..40).map(|i| i % 4).collect();
+        let labels: Vec<String> = (0..4).map(|i| i.to_string()).collect();
+        let fit = |threads| {
+            Head::train_calibrated(
+                labels.clone(),
+                &xs,
+                &ys,
+                TrainOptions::default(),
+                5,
+                threads,
+                || {},
+            )
+        };
+        let (one, two) = (fit(1), fit(2));
+        assert_eq!(one.weights, two.weights);
+        assert_eq!(one.temperature, two.temperature);
+        assert_ne!(one.temperature, 1.0, "calibrated");
+    }
+
     fn point(a: f32, b: f32) -> Vec<f32> {
         let mut v = vec![a, b, 0.1];
         l2_normalise(&mut v);

@@ -1,6 +1,7 @@
 //! What a starting engine is doing: a line for systemd's `STATUS=` (the
-//! daemon reads [`Progress::get`] while it waits) and info log lines at
-//! least every [`LOG_EVERY`] while a long step runs, with the time left.
+//! daemon reads [`Progress::get`] while it waits) and, within a long step,
+//! an info log line when a unit of it ends at least [`LOG_EVERY`] after the
+//! last, with the time left.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +20,11 @@ impl Progress {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Control characters (a task name may hold any) become spaces: the
+    /// line goes into an sd_notify message, where a newline starts a field.
     pub(crate) fn set(&self, what: String) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = what;
+        let line = what.replace(char::is_control, " ");
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = line;
     }
 
     /// A step of `total` units, named `what` (`task home: examples
@@ -106,5 +110,8 @@ mod tests {
         );
         step.advance(9);
         assert_eq!(progress.get(), "task home: examples embedded 4/4");
+        // A task named with a newline cannot add a field to sd_notify.
+        progress.step("task a\nREADY=1: fits".into(), 1);
+        assert_eq!(progress.get(), "task a READY=1: fits 0/1");
     }
 }
