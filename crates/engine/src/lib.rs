@@ -15,6 +15,11 @@
 //! ([`extract`], [`schema`]), and grounded in the input ([`ground`]) and
 //! the query's context ([`context`]); an intent whose examples grounding
 //! alone reads is not generated for ([`ground::Grounding::reads_all`]).
+//!
+//! What start-up derives is kept for the next one: the cut and Q4_0 model
+//! files and trained heads in the head cache, and the decoded intent
+//! prompts ([`kv_files`]); while it works it reports each step with the time
+//! left ([`progress`]).
 
 pub mod concepts;
 pub mod context;
