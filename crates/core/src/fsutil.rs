@@ -28,6 +28,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     commit(&tmp, path)
 }
 
+/// [`write_atomic`] under a temporary name of its own (process id and a
+/// counter), for a file that other writers (another engine in this
+/// process, another process) may be writing at the same moment: each
+/// rename installs a whole file. Temporaries end in `.tmp`.
+pub fn write_atomic_unique(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let tmp = PathBuf::from(name);
+    let written = std::fs::write(&tmp, bytes).and_then(|()| commit(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Makes a file written elsewhere (a download, a derived model) the file at
 /// `dest`: fsyncs it, renames it and fsyncs the directory.
 pub fn commit(written: &Path, dest: &Path) -> io::Result<()> {
@@ -61,6 +78,25 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn concurrent_writers_each_install_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.kv");
+        std::thread::scope(|s| {
+            for b in [b'a', b'b', b'c', b'd'] {
+                let path = &path;
+                s.spawn(move || write_atomic_unique(path, &[b; 4096]).unwrap());
+            }
+        });
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() == 4096 && bytes.iter().all(|&x| x == bytes[0]));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporaries"
+        );
     }
 
     #[test]

@@ -21,7 +21,6 @@
 //! for [`STALE`].
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
@@ -47,25 +46,29 @@ pub struct KvFiles {
     dir: PathBuf,
     /// What every file's cells depend on besides its tokens.
     salt: String,
+    /// What its files' names begin with: a hash of `salt`.
+    group: String,
 }
 
 impl KvFiles {
     /// Files under `dir` for the model whose file has SHA-256
     /// `model_sha256`.
     pub fn new(dir: &Path, model_sha256: &str) -> KvFiles {
+        KvFiles::salted(dir, format!("{LLAMA_CPP}\n{model_sha256}\n"))
+    }
+
+    fn salted(dir: &Path, salt: String) -> KvFiles {
         KvFiles {
             dir: dir.to_path_buf(),
-            salt: format!("{LLAMA_CPP}\n{model_sha256}\n"),
+            group: hex::encode(&Sha256::digest(salt.as_bytes())[..8]),
+            salt,
         }
     }
 
     /// These files, for a context described by `layout` (its size, cell
     /// type, micro-batch and sequence sharing).
     pub fn with_layout(&self, layout: &str) -> KvFiles {
-        KvFiles {
-            dir: self.dir.clone(),
-            salt: format!("{}{layout}\n", self.salt),
-        }
+        KvFiles::salted(&self.dir, format!("{}{layout}\n", self.salt))
     }
 
     /// The file of the sequence holding `tokens`: `<group>-<tokens>.kv`.
@@ -77,12 +80,7 @@ impl KvFiles {
         }
         let hex = hex::encode(h.finalize());
         self.dir
-            .join(format!("{}-{}.{EXTENSION}", self.group(), &hex[..32]))
-    }
-
-    /// What names this group's files begin with.
-    fn group(&self) -> String {
-        hex::encode(&Sha256::digest(self.salt.as_bytes())[..8])
+            .join(format!("{}-{}.{EXTENSION}", self.group, &hex[..32]))
     }
 
     /// Loads `tokens`' saved sequence into `seq`; false when there is none
@@ -106,11 +104,6 @@ impl KvFiles {
         if !set {
             return unusable(ctx, seq, &path, "llama.cpp refused it", false);
         }
-        // Its age says it is in use (see `prune`).
-        let _ = std::fs::File::options()
-            .append(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
         true
     }
 
@@ -128,7 +121,9 @@ impl KvFiles {
             // sequence, on this thread, with nothing decoded in between.
             let n = unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), seq, flags) };
             if n == size {
-                self.write(&path, &wrap(&self.salt, tokens, &state))
+                std::fs::create_dir_all(&self.dir).and_then(|()| {
+                    slmd_core::fsutil::write_atomic_unique(&path, &wrap(&self.salt, tokens, &state))
+                })
             } else {
                 Err(std::io::Error::other(format!(
                     "llama.cpp copied {n} of {size} bytes"
@@ -140,31 +135,16 @@ impl KvFiles {
         }
     }
 
-    /// Writes `bytes` to `path` under a temporary name no other engine
-    /// uses, then fsyncs and renames it.
-    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(&self.dir)?;
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
-        let written =
-            std::fs::write(&tmp, bytes).and_then(|()| slmd_core::fsutil::commit(&tmp, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
-    }
-
     /// Removes the oldest files of this group not in `current` while the
     /// group takes more than twice what `current`'s take, files of other
     /// groups unused for [`STALE`], and temporaries a crash left (an hour
-    /// old).
+    /// old); `current`'s files are marked as used now.
     pub fn prune(&self, current: &[Vec<LlamaToken>]) {
         let keep: Vec<PathBuf> = current.iter().map(|t| self.path(t)).collect();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
-        let group = format!("{}-", self.group());
+        let group = format!("{}-", self.group);
         let now = SystemTime::now();
         let mut ours: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
         let mut kept = 0u64;
@@ -182,6 +162,12 @@ impl KvFiles {
                 continue;
             } else if keep.contains(&path) {
                 kept += meta.len();
+                // Its age says it is in use (a request's restore stays off
+                // the disk's metadata).
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(now));
             } else if name.starts_with(&group) {
                 ours.push((modified, meta.len(), path));
             } else if age > STALE {

@@ -49,6 +49,7 @@ use llama_cpp_2::model::LlamaModel;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::models::gguf::Description;
 use crate::models::{requant, PromptFormat};
 use embed::{DecodeOptions, Embedder, States, Template};
 use extract::{Generator, IntentPrompt};
@@ -557,7 +558,15 @@ fn inference_thread(
         let _ = ready.send(Err(e));
         return;
     }
-    let head_model = match head_model(&opts, &tasks) {
+    // The header is read once: the cut and the Q4_0 copy both depend on it.
+    let header = match crate::models::gguf::describe(&opts.model_path) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = ready.send(Err(load_err(&opts.model_path, e)));
+            return;
+        }
+    };
+    let head_model = match head_model(&opts, &header, &tasks) {
         Ok(m) => m,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -571,7 +580,7 @@ fn inference_thread(
         || tasks
             .iter()
             .any(|t| t.strategy == Strategy::LabelScoring || t.extract.is_some());
-    let model = match whole_needed.then(|| load_model(&opts)).transpose() {
+    let model = match whole_needed.then(|| load_model(&opts, &header)).transpose() {
         Ok(m) => m,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -608,8 +617,11 @@ fn inference_thread(
 /// ([`crate::models::requant`]), read rather than mapped.
 /// Returns it with its identity (the fetched file's SHA-256, marked when
 /// it is the Q4_0 copy).
-fn load_model(opts: &EngineOptions) -> Result<(LlamaModel, String), EngineError> {
-    let Some(path) = whole_q4_0(opts)? else {
+fn load_model(
+    opts: &EngineOptions,
+    header: &Description,
+) -> Result<(LlamaModel, String), EngineError> {
+    let Some(path) = whole_q4_0(opts, header)? else {
         let model = load_model_file(&opts.model_path, &opts.model.name, &opts.tuning, true)?;
         return Ok((model, opts.model.sha256.clone()));
     };
@@ -620,13 +632,8 @@ fn load_model(opts: &EngineOptions) -> Result<(LlamaModel, String), EngineError>
 
 /// The Q4_0 copy of the whole model, derived if missing; `None` when it is
 /// not wanted or the model's blocks are not all Q4_1.
-fn whole_q4_0(opts: &EngineOptions) -> Result<Option<PathBuf>, EngineError> {
-    if !opts.generate_requantize {
-        return Ok(None);
-    }
-    let header = crate::models::gguf::describe(&opts.model_path)
-        .map_err(|e| load_err(&opts.model_path, e))?;
-    if !requant::has_q4_1_blocks(&header.tensors) {
+fn whole_q4_0(opts: &EngineOptions, header: &Description) -> Result<Option<PathBuf>, EngineError> {
+    if !opts.generate_requantize || !requant::has_q4_1_blocks(&header.tensors) {
         return Ok(None);
     }
     let dir = opts.head_cache.clone().unwrap_or_else(std::env::temp_dir);
@@ -707,13 +714,12 @@ fn remove_other_derived(dir: &Path, keep: &Path, kind: &str) {
 /// `None` when no task has a head or the depth keeps every block.
 fn head_model(
     opts: &EngineOptions,
+    header: &Description,
     tasks: &[TaskSpec],
 ) -> Result<Option<(LlamaModel, String)>, EngineError> {
     if !tasks.iter().any(|t| t.strategy == Strategy::Head) {
         return Ok(None);
     }
-    let header = crate::models::gguf::describe(&opts.model_path)
-        .map_err(|e| load_err(&opts.model_path, e))?;
     let all = header.block_count;
     let blocks = ((opts.head_depth * all as f32).round() as u32).clamp(1, all);
     if blocks == all {
@@ -866,12 +872,7 @@ impl<'m> Worker<'m> {
             })
             .collect();
         let generator = if tasks.iter().any(|t| t.extract.is_some()) {
-            let generated: Vec<&IntentPrompt> = prompts
-                .iter()
-                .flatten()
-                .flatten()
-                .filter(|p| p.generate)
-                .collect();
+            let generated = generated(&prompts);
             let id = model.map_or(opts.model.sha256.as_str(), |(_, id)| id.as_str());
             Some(Generator::new(backend()?, whole()?, id, opts, &generated)?)
         } else {
@@ -909,12 +910,7 @@ impl<'m> Worker<'m> {
 
     /// The intent prompts whose replies are generated, of every task.
     fn intent_prompts(&self) -> Vec<&IntentPrompt> {
-        self.prompts
-            .iter()
-            .flatten()
-            .flatten()
-            .filter(|p| p.generate)
-            .collect()
+        generated(&self.prompts)
     }
 
     /// Restores or decodes task `task`'s intent prompts into the
@@ -1117,6 +1113,17 @@ fn settle(prompt: &IntentPrompt, slots: &mut Vec<Slot>, query: &Query) {
 }
 
 /// The generator's cache key of task `task`'s label `label`.
+/// The prompts of `prompts` (per task, per label) whose replies are
+/// generated.
+fn generated(prompts: &[Vec<Option<IntentPrompt>>]) -> Vec<&IntentPrompt> {
+    prompts
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|p| p.generate)
+        .collect()
+}
+
 fn prompt_key(task: usize, label: usize) -> u64 {
     ((task as u64) << 32) | label as u64
 }
