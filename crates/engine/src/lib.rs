@@ -1306,6 +1306,7 @@ fn train(
         }
         step.advance(rs.len());
     }
+    let embedded_ms = started.elapsed().as_millis();
     let centre = embed::centre_of(task.examples.iter().map(|e| &memo[&key(&e.text)]));
     let xs: Vec<Vec<f32>> = task
         .examples
@@ -1327,10 +1328,11 @@ fn train(
     );
     head.token_centre = centre;
     log::info!(
-        "task {}: head trained on {} examples ({} embedded), {} labels, temperature {:.2}, in {} ms",
+        "task {}: head trained on {} examples ({} embedded in {} ms), {} labels, temperature {:.2}, in {} ms",
         task.name,
         xs.len(),
         requests.len(),
+        embedded_ms,
         task.labels.len(),
         head.temperature,
         started.elapsed().as_millis()
