@@ -34,10 +34,15 @@ run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
 run ha-extract-catalogue --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml" --extra-train "$DATA/ha_intents/intents.yaml"
 run automotive-extract --kind extract --train "$DATA/ms_automotive_poi.jsonl" --cv 5
+# Generation from a Q4_0 copy of the model (model.generate_requantize, on in
+# the HA configs, off by default): slot F1 moves by dataset.
+run ha-extract-catalogue-q4_0 --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml" --extra-train "$DATA/ha_intents/intents.yaml" --generate-requantize true
+run automotive-extract-q4_0 --kind extract --train "$DATA/ms_automotive_poi.jsonl" --cv 5 --generate-requantize true
 # Extraction on another source: a seeded sample of 40 rows per intent of
 # SNIPS 2017 (7 intents, 39 slots).
 python3 scripts/sample-per-label.py "$DATA/snips2017.jsonl" 40 7 >"$OUT/snips280.jsonl"
 run snips-sample-extract --kind extract --train "$OUT/snips280.jsonl" --cv 5
+run snips-sample-extract-q4_0 --kind extract --train "$OUT/snips280.jsonl" --cv 5 --generate-requantize true
 # The factory pack: detector grids on the NAB windows and the synthetic
 # spindle series, causes from the model, the grounding check.
 run factory-anomaly --kind anomaly --test "$DATA/nab_windows.jsonl" \

@@ -121,9 +121,9 @@ pub struct ModelConfig {
     pub head_requantize: bool,
     /// Likewise for the whole model that slot generation and label scoring
     /// read: a Q4_0 copy is derived once into the state directory (about
-    /// half the time per generated token; docs/EVAL.md "Q4_0 heads"); false
-    /// reads the fetched file as it is.
-    #[serde(default = "default_requantize")]
+    /// half the time per generated token; docs/EVAL.md "Q4_0 heads"). Off
+    /// unless set: slot F1 moves by dataset, up or down.
+    #[serde(default = "default_generate_requantize")]
     pub generate_requantize: bool,
     /// Lock the model in RAM (needs RLIMIT_MEMLOCK >= the model's size).
     #[serde(default)]
@@ -491,6 +491,10 @@ fn default_head_depth() -> f32 {
 }
 fn default_requantize() -> bool {
     true
+}
+
+fn default_generate_requantize() -> bool {
+    slmd_engine::GENERATE_REQUANTIZE
 }
 
 pub fn default_extract_context() -> u32 {

@@ -34,6 +34,7 @@
 
 use serde_json::{json, Value};
 
+use crate::payload::round4;
 use slmd_engine::schema::{Slot, SlotValue};
 use slmd_engine::Scores;
 
@@ -201,10 +202,6 @@ fn hermes_slot(input: &str, slot: &Slot, confidence: f64) -> Value {
         out["range"] = json!({"start": start, "end": end});
     }
     out
-}
-
-fn round4(x: f32) -> f64 {
-    (f64::from(x) * 10000.0).round() / 10000.0
 }
 
 #[cfg(test)]

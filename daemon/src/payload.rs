@@ -239,13 +239,13 @@ impl TaskResult {
             task: task.to_owned(),
             recognised: scores.label.is_some(),
             answer: Answer::new(scores),
-            confidence: round4(scores.ranked[0].1),
+            confidence: round4(scores.ranked[0].1) as f32,
             alternatives: scores.ranked[skip..]
                 .iter()
                 .take(3)
                 .map(|(l, p)| Alternative {
                     label: l.clone(),
-                    confidence: round4(*p),
+                    confidence: round4(*p) as f32,
                 })
                 .collect(),
             model: model.clone(),
@@ -311,8 +311,10 @@ impl DeadLetter {
     }
 }
 
-fn round4(x: f32) -> f32 {
-    (x * 10000.0).round() / 10000.0
+/// A confidence as answers print it: four decimals, as the `f64` nearest
+/// to them (JSON shows it as written; an `f32` field shows the same).
+pub(crate) fn round4(x: f32) -> f64 {
+    (f64::from(x) * 10000.0).round() / 10000.0
 }
 
 fn round2(x: f64) -> f64 {

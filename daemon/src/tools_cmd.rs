@@ -193,7 +193,7 @@ struct EngineArgs {
     head_requantize: bool,
     /// Requantise a Q4_1 model to Q4_0 for generation and label scoring
     /// (see the `model.generate_requantize` setting).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = slmd_engine::GENERATE_REQUANTIZE, action = clap::ArgAction::Set)]
     generate_requantize: bool,
     #[command(flatten)]
     dirs: DirArgs,

@@ -499,9 +499,16 @@ impl<'m> Generator<'m> {
                 break;
             }
             if l.generated > MAX_NEW_TOKENS {
-                l.result = Some(Err(decode_err(format!(
-                    "the reply did not end within {MAX_NEW_TOKENS} tokens"
-                ))));
+                // A small model can repeat itself inside a long value; the
+                // members it finished are still an answer.
+                let text = complete_members(&l.bytes);
+                log::warn!(
+                    "a reply did not end within {MAX_NEW_TOKENS} tokens; kept what it completed: {text}"
+                );
+                l.result = Some(Ok(Generated {
+                    text,
+                    tokens: l.fed + l.generated,
+                }));
                 break;
             }
             if l.draft.get(k) != Some(&token) {
@@ -778,6 +785,25 @@ impl JsonEnd {
     }
 }
 
+/// The object a reply cut short was writing, closed after its last
+/// complete member (`{}` when it has none). Replies are flat objects of
+/// string and number members (the grammar says so).
+fn complete_members(reply: &[u8]) -> String {
+    let mut json = JsonEnd::default();
+    let mut end = None;
+    for (i, &b) in reply.iter().enumerate() {
+        let outside = !json.in_string && json.depth == 1;
+        json.feed(&[b]);
+        if outside && b == b',' {
+            end = Some(i);
+        }
+    }
+    match end {
+        Some(i) => format!("{}}}", String::from_utf8_lossy(&reply[..i])),
+        None => "{}".into(),
+    }
+}
+
 /// Tokens likely to follow `history` (prompt lookup): after the latest
 /// earlier place where its last three tokens occurred, the tokens that came
 /// next there. A reply mostly copies the input's words
@@ -805,6 +831,20 @@ fn argmax(xs: &[f32]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reply_cut_short_keeps_its_complete_members() {
+        let cut = br#"{"artist":"maki ohguro","playlist":"rock hard rock hard rock"#;
+        assert_eq!(super::complete_members(cut), r#"{"artist":"maki ohguro"}"#);
+        // A comma inside a value is not a member's end.
+        let cut = br#"{"item":"eggs, milk","n":2,"note":"a, b"#;
+        assert_eq!(
+            super::complete_members(cut),
+            r#"{"item":"eggs, milk","n":2}"#
+        );
+        assert_eq!(super::complete_members(br#"{"a":"xxxxx"#), "{}");
+        assert_eq!(super::complete_members(b""), "{}");
+    }
+
     use super::*;
 
     #[test]

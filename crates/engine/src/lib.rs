@@ -39,7 +39,7 @@ pub mod scorer;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -232,6 +232,11 @@ pub struct EngineOptions {
 /// The head depth used unless configured: measured best on SmolLM2-135M
 /// (docs/EVAL.md, "Head depth").
 pub const HEAD_DEPTH: f32 = 0.8;
+
+/// Whether generation reads a Q4_0 copy of a Q4_1 model unless configured
+/// otherwise: no, as the copy's slot F1 moves by dataset (HA +0.01, SNIPS
+/// +0.02, automotive -0.09; docs/EVAL.md), so a configuration opts in.
+pub const GENERATE_REQUANTIZE: bool = false;
 
 /// How the inference thread and the model's memory are treated by the OS.
 #[derive(Debug, Clone, Default)]
@@ -620,7 +625,7 @@ fn inference_thread(
 fn load_model(
     opts: &EngineOptions,
     header: &Description,
-) -> Result<(LlamaModel, String), EngineError> {
+) -> Result<(Arc<LlamaModel>, String), EngineError> {
     let Some(path) = whole_q4_0(opts, header)? else {
         let model = load_model_file(&opts.model_path, &opts.model.name, &opts.tuning, true)?;
         return Ok((model, opts.model.sha256.clone()));
@@ -662,12 +667,29 @@ const WHOLE_Q4_0: &str = "-q4_0-whole.gguf";
 /// Loads a model, mapping its file when `mmap`. A file whose weights
 /// llama.cpp repacks is better read: mapped, its pages stay resident beside
 /// the repacked copy (40 MB more peak RSS for the Q4_0 cut).
+///
+/// A model another engine of this process still holds is shared, not
+/// loaded again: an entity injection or a reload starts a new engine while
+/// the old one serves, and their weights are the same (a model's file name
+/// is its content's: its SHA-256 and how it was derived from it).
 fn load_model_file(
     path: &Path,
     name: &str,
     tuning: &Tuning,
     mmap: bool,
-) -> Result<LlamaModel, EngineError> {
+) -> Result<Arc<LlamaModel>, EngineError> {
+    type Loaded = HashMap<(PathBuf, bool, bool), std::sync::Weak<LlamaModel>>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let key = (path.to_path_buf(), mmap, tuning.mlock);
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    loaded.retain(|_, model| model.strong_count() > 0);
+    if let Some(model) = loaded.get(&key).and_then(std::sync::Weak::upgrade) {
+        log::info!("model {name} shared with the serving engine");
+        return Ok(model);
+    }
     let backend = backend()?;
     let started = Instant::now();
     let params = LlamaModelParams::default()
@@ -680,6 +702,8 @@ fn load_model_file(
         path.display(),
         started.elapsed().as_millis()
     );
+    let model = Arc::new(model);
+    loaded.insert(key, Arc::downgrade(&model));
     Ok(model)
 }
 
@@ -716,7 +740,7 @@ fn head_model(
     opts: &EngineOptions,
     header: &Description,
     tasks: &[TaskSpec],
-) -> Result<Option<(LlamaModel, String)>, EngineError> {
+) -> Result<Option<(Arc<LlamaModel>, String)>, EngineError> {
     if !tasks.iter().any(|t| t.strategy == Strategy::Head) {
         return Ok(None);
     }
@@ -808,8 +832,8 @@ impl<'m> Worker<'m> {
     /// it (see [`inference_thread`]).
     fn new(
         opts: &EngineOptions,
-        model: Option<&'m (LlamaModel, String)>,
-        head_model: Option<&'m (LlamaModel, String)>,
+        model: Option<&'m (Arc<LlamaModel>, String)>,
+        head_model: Option<&'m (Arc<LlamaModel>, String)>,
         tasks: Vec<TaskSpec>,
     ) -> Result<Self, EngineError> {
         let whole = || {
