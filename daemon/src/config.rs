@@ -117,7 +117,7 @@ pub struct ModelConfig {
     /// When the model's block weights are Q4_1, the heads' cut model is
     /// requantised to Q4_0, which llama.cpp's CPU kernels multiply faster
     /// (about a quarter less time per message); false keeps Q4_1.
-    #[serde(default = "default_requantize")]
+    #[serde(default = "default_head_requantize")]
     pub head_requantize: bool,
     /// Likewise for the whole model that slot generation and label scoring
     /// read: a Q4_0 copy is derived once into the state directory (about
@@ -489,8 +489,8 @@ pub fn default_context() -> u32 {
 fn default_head_depth() -> f32 {
     slmd_engine::HEAD_DEPTH
 }
-fn default_requantize() -> bool {
-    true
+fn default_head_requantize() -> bool {
+    slmd_engine::HEAD_REQUANTIZE
 }
 
 fn default_generate_requantize() -> bool {

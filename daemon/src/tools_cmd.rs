@@ -189,7 +189,7 @@ struct EngineArgs {
     head_depth: f32,
     /// Requantise a Q4_1 model's cut for heads to Q4_0 (see the
     /// `model.head_requantize` setting); `--head-requantize false` keeps Q4_1.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = slmd_engine::HEAD_REQUANTIZE, action = clap::ArgAction::Set)]
     head_requantize: bool,
     /// Requantise a Q4_1 model to Q4_0 for generation and label scoring
     /// (see the `model.generate_requantize` setting).

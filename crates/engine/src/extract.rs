@@ -831,21 +831,18 @@ fn argmax(xs: &[f32]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_reply_cut_short_keeps_its_complete_members() {
         let cut = br#"{"artist":"maki ohguro","playlist":"rock hard rock hard rock"#;
-        assert_eq!(super::complete_members(cut), r#"{"artist":"maki ohguro"}"#);
+        assert_eq!(complete_members(cut), r#"{"artist":"maki ohguro"}"#);
         // A comma inside a value is not a member's end.
         let cut = br#"{"item":"eggs, milk","n":2,"note":"a, b"#;
-        assert_eq!(
-            super::complete_members(cut),
-            r#"{"item":"eggs, milk","n":2}"#
-        );
-        assert_eq!(super::complete_members(br#"{"a":"xxxxx"#), "{}");
-        assert_eq!(super::complete_members(b""), "{}");
+        assert_eq!(complete_members(cut), r#"{"item":"eggs, milk","n":2}"#);
+        assert_eq!(complete_members(br#"{"a":"xxxxx"#), "{}");
+        assert_eq!(complete_members(b""), "{}");
     }
-
-    use super::*;
 
     #[test]
     fn the_context_holds_every_prompt_beside_the_working_cells_and_no_more() {

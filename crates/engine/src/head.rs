@@ -66,19 +66,19 @@ impl Head {
         let l2 = 1.0 / (opt.c * n);
         let mut grad = Weights::new(k, &set);
         let mut grad_b = vec![0.0f32; k];
-        let d = set.mean_dense.len();
-        let (mut logits, mut err) = (vec![0.0f32; k], vec![0.0f32; k]);
+        let d = set.width;
+        let (mut shift, mut logits, mut err) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         for step in 1..=opt.steps {
             grad.flat.iter_mut().for_each(|g| *g = 0.0);
             grad_b.iter_mut().for_each(|g| *g = 0.0);
             // W.(x - mean) = W.x - W.mean: the centred features are never
             // formed, so the zeros of the sparse columns cost nothing.
-            let shift = w.times(&set.mean_dense, set.mean_sparse.iter().copied().enumerate());
+            w.times(set.mean_dense(), set.mean_sparse(), &mut shift);
             for (i, (sparse, &y)) in set.sparse.iter().zip(ys).enumerate() {
                 let dense = &set.dense[i * d..(i + 1) * d];
-                let wx = w.times(dense, sparse.iter().copied());
-                for (((l, wx), b), s) in logits.iter_mut().zip(wx).zip(&bias).zip(&shift) {
-                    *l = b - s + wx;
+                w.times(dense, sparse.iter().copied(), &mut logits);
+                for ((l, b), s) in logits.iter_mut().zip(&bias).zip(&shift) {
+                    *l += b - s;
                 }
                 for (c, (e, p)) in err.iter_mut().zip(softmax(&logits, 1.0)).enumerate() {
                     *e = (p - if c == y { 1.0 } else { 0.0 }) / n;
@@ -89,11 +89,7 @@ impl Head {
             // The gradient of the centred features is sum(err x) - sum(err)
             // mean; then the L2 penalty's.
             let neg_b: Vec<f32> = grad_b.iter().map(|g| -g).collect();
-            grad.add_outer(
-                &neg_b,
-                &set.mean_dense,
-                set.mean_sparse.iter().copied().enumerate(),
-            );
+            grad.add_outer(&neg_b, set.mean_dense(), set.mean_sparse());
             grad.flat
                 .iter_mut()
                 .zip(&w.flat)
@@ -219,12 +215,11 @@ fn in_parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync)
 /// uses keeps a zero weight and is not trained at all.
 struct Samples {
     dim: usize,
+    /// How many leading columns are dense.
+    width: usize,
     /// The dense columns of every sample, row by row.
     dense: Vec<f32>,
     mean: Vec<f32>,
-    mean_dense: Vec<f32>,
-    /// The mean of each used sparse column, in the order of `used`.
-    mean_sparse: Vec<f32>,
     /// The columns after the dense ones that some sample uses.
     used: Vec<usize>,
     /// Per sample, `(index into used, value)` of its nonzero sparse columns.
@@ -257,13 +252,21 @@ impl Samples {
             .collect();
         Samples {
             dim,
+            width: dense,
             dense: xs.iter().flat_map(|x| &x[..dense]).copied().collect(),
-            mean_dense: mean[..dense].to_vec(),
-            mean_sparse: used.iter().map(|&j| mean[j]).collect(),
             mean,
             used,
             sparse,
         }
+    }
+
+    fn mean_dense(&self) -> &[f32] {
+        &self.mean[..self.width]
+    }
+
+    /// `(index into used, mean)` of each used sparse column.
+    fn mean_sparse(&self) -> impl Iterator<Item = (usize, f32)> + '_ {
+        self.used.iter().map(|&j| self.mean[j]).enumerate()
     }
 }
 
@@ -279,11 +282,10 @@ struct Weights {
 
 impl Weights {
     fn new(k: usize, set: &Samples) -> Weights {
-        let dense = set.mean_dense.len();
         Weights {
             k,
-            dense,
-            flat: vec![0.0; k * (dense + set.used.len())],
+            dense: set.width,
+            flat: vec![0.0; k * (set.width + set.used.len())],
         }
     }
 
@@ -291,20 +293,18 @@ impl Weights {
         self.flat.split_at(self.k * self.dense)
     }
 
-    /// `W x` for the features `dense` and `sparse` (`(used column, value)`).
-    fn times(&self, dense: &[f32], sparse: impl Iterator<Item = (usize, f32)>) -> Vec<f32> {
+    /// `out = W x` for the features `dense` and `sparse` (`(used column,
+    /// value)`); `out` has a place per label.
+    fn times(&self, dense: &[f32], sparse: impl Iterator<Item = (usize, f32)>, out: &mut [f32]) {
         let (rows, columns) = self.split();
-        let mut out: Vec<f32> = rows
-            .chunks_exact(self.dense.max(1))
-            .take(self.k)
-            .map(|row| dot(row, dense))
-            .collect();
-        out.resize(self.k, 0.0);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(self.dense.max(1))) {
+            *o = dot(row, dense);
+        }
         for (u, v) in sparse {
             let column = &columns[u * self.k..(u + 1) * self.k];
             out.iter_mut().zip(column).for_each(|(o, w)| *o += v * w);
         }
-        out
     }
 
     /// `W += a x^T` for per-label factors `a` and features `x`.
@@ -520,7 +520,7 @@ mod tests {
             ..TrainOptions::default()
         };
         let head = Head::train(labels, &xs, &ys, opt);
-        assert_eq!(Samples::new(&xs).mean_dense.len(), 8);
+        assert_eq!(Samples::new(&xs).width, 8);
         for (x, want) in xs.iter().zip(plain_logits(&xs, &ys, k, 50)) {
             for (got, want) in head.logits(x).iter().zip(&want) {
                 assert!((got - want).abs() < 1e-3, "{got} vs {want}");

@@ -233,6 +233,11 @@ pub struct EngineOptions {
 /// (docs/EVAL.md, "Head depth").
 pub const HEAD_DEPTH: f32 = 0.8;
 
+/// Whether a Q4_1 model's cut for heads is requantised to Q4_0 unless
+/// configured otherwise (docs/EVAL.md, "Q4_0 heads": same accuracy, a
+/// quarter less time).
+pub const HEAD_REQUANTIZE: bool = true;
+
 /// Whether generation reads a Q4_0 copy of a Q4_1 model unless configured
 /// otherwise: no, as the copy's slot F1 moves by dataset (HA +0.01, SNIPS
 /// +0.02, automotive -0.09; docs/EVAL.md), so a configuration opts in.
@@ -1136,7 +1141,6 @@ fn settle(prompt: &IntentPrompt, slots: &mut Vec<Slot>, query: &Query) {
     context::fill(&prompt.slots, slots, &query.context);
 }
 
-/// The generator's cache key of task `task`'s label `label`.
 /// The prompts of `prompts` (per task, per label) whose replies are
 /// generated.
 fn generated(prompts: &[Vec<Option<IntentPrompt>>]) -> Vec<&IntentPrompt> {
@@ -1148,6 +1152,7 @@ fn generated(prompts: &[Vec<Option<IntentPrompt>>]) -> Vec<&IntentPrompt> {
         .collect()
 }
 
+/// The generator's cache key of task `task`'s label `label`.
 fn prompt_key(task: usize, label: usize) -> u64 {
     ((task as u64) << 32) | label as u64
 }
@@ -1337,7 +1342,7 @@ fn train(
         .iter()
         .map(|e| features(task, embed::pool(&memo[&key(&e.text)], &centre), &e.text))
         .collect();
-    let fits = std::sync::Mutex::new(progress.step(
+    let fits = Mutex::new(progress.step(
         format!("task {}: head fits", task.name),
         CALIBRATION_FOLDS + 1,
     ));
