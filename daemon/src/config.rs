@@ -70,7 +70,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub updates: UpdatesConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "tasks")]
     pub tasks: Vec<TaskConfig>,
     /// Directory the file was loaded from; relative paths in it resolve here.
     #[serde(skip)]
@@ -355,22 +355,111 @@ fn default_trial_starts() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// What a task does, with the settings only that kind has. In the file it is
+/// the task's `kind` key beside those settings' own keys.
+#[derive(Debug, Clone, Default)]
 pub enum TaskKind {
     /// One label per message.
+    #[default]
     Classify,
     /// An intent (a label) and its slots.
-    Extract,
+    Extract(ExtractConfig),
     /// Sensor readings judged by detectors; an anomaly gets a note whose
     /// cause (one of the labels) the model picks (`[tasks.monitor]`).
-    Monitor,
+    Monitor(crate::monitor::settings::MonitorConfig),
+}
+
+/// The keys of an extract task beside the ones every task has.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractConfig {
+    /// The slot schema, `{ name, type = "string" | "number" | "enum",
+    /// values = [...], open = false }`.
+    pub slots: Vec<slmd_engine::schema::SlotSpec>,
+    /// What the model is told before an intent's examples.
+    #[serde(default = "default_slot_instruction")]
+    pub slot_instruction: String,
+}
+
+/// The keys that belong to one kind of task.
+const KIND_KEYS: [&str; 3] = ["slots", "slot_instruction", "monitor"];
+
+impl TaskKind {
+    /// Takes `kind` and the kind's own keys out of a task's table; a key
+    /// of another kind is an error that names the kind it belongs to.
+    fn split(table: &mut toml::Table) -> Result<TaskKind, String> {
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(k)) => k,
+            Some(other) => return Err(format!("`kind` must be a string, not {other}")),
+            None => return Err("missing `kind` (classify, extract or monitor)".into()),
+        };
+        let mut own = toml::Table::new();
+        for key in KIND_KEYS {
+            if let Some(v) = table.remove(key) {
+                own.insert(key.into(), v);
+            }
+        }
+        let misplaced = |allowed: &[&str]| {
+            own.keys()
+                .find(|k| !allowed.contains(&k.as_str()))
+                .map(|k| {
+                    let owner = if k == "monitor" { "monitor" } else { "extract" };
+                    format!("`{k}` is for {owner} tasks, and this is a {kind} task")
+                })
+        };
+        let allowed: &[&str] = match kind.as_str() {
+            "classify" => &[],
+            "extract" => &["slots", "slot_instruction"],
+            "monitor" => &["monitor"],
+            _ => {
+                return Err(format!(
+                    "unknown kind {kind:?} (classify, extract or monitor)"
+                ))
+            }
+        };
+        if let Some(why) = misplaced(allowed) {
+            return Err(why);
+        }
+        match kind.as_str() {
+            "extract" => toml::Value::Table(own).try_into().map(TaskKind::Extract),
+            "monitor" => match own.remove("monitor") {
+                Some(m) => m.try_into().map(TaskKind::Monitor),
+                None => return Err("a monitor task needs a [tasks.monitor] table".into()),
+            },
+            _ => Ok(TaskKind::Classify),
+        }
+        .map_err(|e| e.message().to_owned())
+    }
+}
+
+/// Every task's table: its `kind` and that kind's keys become the typed
+/// [`TaskKind`], the rest the task's common keys.
+fn tasks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TaskConfig>, D::Error> {
+    use serde::de::Error;
+    let tables = Vec::<toml::Table>::deserialize(d)?;
+    let mut out = Vec::with_capacity(tables.len());
+    for (i, mut table) in tables.into_iter().enumerate() {
+        let at = match table.get("name").and_then(toml::Value::as_str) {
+            Some(name) => format!("tasks[{i}] ({name:?})"),
+            None => format!("tasks[{i}]"),
+        };
+        let kind =
+            TaskKind::split(&mut table).map_err(|e| D::Error::custom(format!("{at}: {e}")))?;
+        let mut task: TaskConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| D::Error::custom(format!("{at}: {}", e.message())))?;
+        task.kind = kind;
+        out.push(task);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     pub name: String,
+    /// Set from the task's `kind` key and that kind's own keys ([`tasks`]).
+    #[serde(skip)]
     pub kind: TaskKind,
     /// `head` (default) or `label_scoring`.
     #[serde(default)]
@@ -417,13 +506,6 @@ pub struct TaskConfig {
     /// shown to the model as extraction examples of their intent.
     #[serde(default, deserialize_with = "one_or_many")]
     pub examples_file: Vec<PathBuf>,
-    /// Extract tasks: the slot schema, `{ name, type = "string" | "number"
-    /// | "enum", values = [...], open = false }`.
-    #[serde(default)]
-    pub slots: Vec<slmd_engine::schema::SlotSpec>,
-    /// Extract tasks: what the model is told before an intent's examples.
-    #[serde(default = "default_slot_instruction")]
-    pub slot_instruction: String,
     /// What the task's messages look like on the wire: slmd's own JSON
     /// (default) or the Hermes protocol of Rhasspy and Snips
     /// ([`crate::hermes`]).
@@ -437,8 +519,6 @@ pub struct TaskConfig {
     /// Safety policy for commands that act on the world: each result gets
     /// an `action` (execute, confirm or refuse) ([`crate::policy`]).
     pub policy: Option<crate::policy::PolicyConfig>,
-    /// Monitor tasks: how readings are read and judged.
-    pub monitor: Option<crate::monitor::settings::MonitorConfig>,
 }
 
 /// A task's wire format.
@@ -556,6 +636,22 @@ pub fn default_concept_weight() -> f32 {
 }
 
 impl TaskConfig {
+    /// An extract task's slots; none for the other kinds.
+    pub fn slots(&self) -> &[slmd_engine::schema::SlotSpec] {
+        match &self.kind {
+            TaskKind::Extract(e) => &e.slots,
+            _ => &[],
+        }
+    }
+
+    /// A monitor task's settings.
+    pub fn monitor(&self) -> Option<&crate::monitor::settings::MonitorConfig> {
+        match &self.kind {
+            TaskKind::Monitor(m) => Some(m),
+            _ => None,
+        }
+    }
+
     pub fn error_topic(&self) -> String {
         self.error_topic
             .clone()
@@ -968,65 +1064,32 @@ impl Config {
 impl Config {
     fn validate_policy(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
         let Some(policy) = &task.policy else { return };
-        if let Some(t) = &policy.state_topic {
-            if let Err(why) = slmd_core::topic::check_filter(t) {
-                p.add(format!("{key}.policy.state_topic"), why);
-            }
-        }
-        for (i, rule) in policy.rules.iter().enumerate() {
-            let at = format!("{key}.policy.rules[{i}]");
-            if !task.labels.iter().any(|l| l.name == rule.intent) {
-                p.add(
-                    format!("{at}.intent"),
-                    format!("{:?} is not one of the task's labels", rule.intent),
-                );
-            }
-            for (j, f) in rule.topics.iter().enumerate() {
-                if let Err(why) = slmd_core::topic::check_filter(f) {
-                    p.add(format!("{at}.topics[{j}]"), why);
-                }
-            }
-            if rule.range.is_some_and(|[lo, hi]| lo > hi) {
-                p.add(format!("{at}.range"), "min is above max");
-            }
-            if !(0.0..=1.0).contains(&rule.min_confidence) {
-                p.add(format!("{at}.min_confidence"), "must be between 0 and 1");
-            }
+        let labels: Vec<&str> = task.labels.iter().map(|l| l.name.as_str()).collect();
+        for (k, message) in policy.problems(&format!("{key}.policy"), &labels) {
+            p.add(k, message);
         }
     }
 
     fn validate_slots(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
-        match (task.kind, &task.monitor) {
-            (TaskKind::Monitor, None) => p.add(
-                format!("{key}.monitor"),
-                "a monitor task needs a [tasks.monitor] table with its detectors",
-            ),
-            (TaskKind::Monitor, Some(m)) => {
+        match &task.kind {
+            TaskKind::Monitor(m) => {
                 for (k, message) in m.problems(&format!("{key}.monitor")) {
                     p.add(k, message);
                 }
             }
-            (_, Some(_)) => p.add(format!("{key}.monitor"), "only monitor tasks have one"),
-            _ => {}
-        }
-        match task.kind {
-            TaskKind::Classify | TaskKind::Monitor => {
-                if !task.slots.is_empty() {
-                    p.add(format!("{key}.slots"), "only extract tasks have slots");
-                }
+            TaskKind::Extract(e) if e.slots.is_empty() => {
+                p.add(format!("{key}.slots"), "an extract task needs slots");
             }
-            TaskKind::Extract => {
-                if task.slots.is_empty() {
-                    p.add(format!("{key}.slots"), "an extract task needs slots");
-                }
-                if let Err(e) = slmd_engine::schema::validate_schema(&task.slots) {
+            TaskKind::Extract(e) => {
+                if let Err(e) = slmd_engine::schema::validate_schema(&e.slots) {
                     p.add(format!("{key}.slots"), e.to_string());
                 }
             }
+            TaskKind::Classify => {}
         }
         for (j, label) in task.labels.iter().enumerate() {
             for name in label.slots.iter().flatten() {
-                if !task.slots.iter().any(|s| &s.name == name) {
+                if !task.slots().iter().any(|s| &s.name == name) {
                     p.add(
                         format!("{key}.labels[{j}].slots"),
                         format!("{name:?} is not one of the task's slots"),
@@ -1055,7 +1118,12 @@ pub(crate) mod tests {
 
     /// A config with one task of two labels; `task` adds lines to it.
     pub(crate) fn config(task: &str) -> Config {
-        toml::from_str(&format!(
+        toml::from_str(&task_text(task)).unwrap()
+    }
+
+    /// The text of [`config`]'s file.
+    fn task_text(task: &str) -> String {
+        format!(
             r#"
             [broker]
             client_id = "t"
@@ -1070,8 +1138,7 @@ pub(crate) mod tests {
             labels = [{{ name = "a", examples = ["x"] }}, {{ name = "b", examples = ["y"] }}]
             {task}
             "#
-        ))
-        .unwrap()
+        )
     }
 
     fn keys(c: &Config) -> Vec<String> {
@@ -1126,19 +1193,31 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_monitor_task_needs_its_table_and_only_it_has_one() {
-        assert_eq!(keys(&config(r#"kind = "monitor""#)), ["tasks[0].monitor"]);
-        let with = |kind: &str| {
-            config(&format!(
-                "kind = \"{kind}\"\n[tasks.monitor]\ndetectors = [{{ kind = \"zscore\", k = 4.0 }}]"
-            ))
+    fn a_kinds_own_keys_belong_to_that_kind_only() {
+        let parse = |kind: &str, extra: &str| {
+            let text = format!("{}\nkind = \"{kind}\"\n{extra}", task_text(""));
+            toml::from_str::<Config>(&text).map_err(|e| e.message().to_owned())
         };
-        assert!(
-            keys(&with("monitor")).is_empty(),
-            "{:?}",
-            with("monitor").validate()
+        let monitor = "[tasks.monitor]\ndetectors = [{ kind = \"zscore\", k = 4.0 }]";
+        let slots = "slots = [{ name = \"area\", type = \"string\" }]";
+        let err = |kind: &str, extra: &str| parse(kind, extra).unwrap_err();
+        assert!(keys(&parse("monitor", monitor).unwrap()).is_empty());
+        assert!(keys(&parse("extract", slots).unwrap()).is_empty());
+        assert_eq!(
+            err("monitor", ""),
+            "tasks[0] (\"f\"): a monitor task needs a [tasks.monitor] table"
         );
-        assert_eq!(keys(&with("classify")), ["tasks[0].monitor"]);
+        assert_eq!(
+            err("classify", monitor),
+            "tasks[0] (\"f\"): `monitor` is for monitor tasks, and this is a classify task"
+        );
+        assert_eq!(
+            err("monitor", &format!("{slots}\n{monitor}")),
+            "tasks[0] (\"f\"): `slots` is for extract tasks, and this is a monitor task"
+        );
+        assert!(err("extract", "").contains("missing field `slots`"));
+        assert!(err("sort", "").contains("unknown kind \"sort\""));
+        assert!(err("classify", "slotz = 1").contains("unknown field `slotz`"));
     }
 
     #[test]

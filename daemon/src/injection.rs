@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, TaskKind};
 use slmd_engine::schema::{add_value, SlotKind, MAX_STRING_CHARS};
 
 pub const PERFORM_TOPIC: &str = "hermes/injection/perform";
@@ -245,7 +245,10 @@ impl Injected {
     pub fn apply(&self, config: &Config) -> Config {
         let mut out = config.clone();
         for task in &mut out.tasks {
-            for slot in &mut task.slots {
+            let TaskKind::Extract(extract) = &mut task.kind else {
+                continue;
+            };
+            for slot in &mut extract.slots {
                 let (Some(e), SlotKind::Enum { values, .. }) =
                     (self.entities.get(&slot.name), &mut slot.kind)
                 else {
@@ -279,7 +282,7 @@ fn vanilla_values(config: &Config, name: &str) -> Option<Vec<String>> {
     config
         .tasks
         .iter()
-        .flat_map(|t| &t.slots)
+        .flat_map(|t| t.slots())
         .find_map(|s| match &s.kind {
             SlotKind::Enum { values, .. } if s.name == name => Some(values.clone()),
             _ => None,
@@ -313,7 +316,7 @@ slots = [
     }
 
     fn areas(c: &Config) -> Vec<String> {
-        match &c.tasks[0].slots[0].kind {
+        match &c.tasks[0].slots()[0].kind {
             SlotKind::Enum { values, .. } => values.clone(),
             _ => unreachable!(),
         }

@@ -14,7 +14,9 @@
 //! [`slmd_store`] (the durable inbox and outbox), [`slmd_engine`] (the
 //! llama.cpp model, heads, slots and the model store), [`slmd_bundle`]
 //! (signed model bundles and their store, re-exported as [`bundle`]),
-//! [`slmd_core`] (shared types). This crate is the daemon around them;
+//! [`slmd_core`] (shared types). This crate is the daemon around them (the
+//! `slmd` binary, crates/cli, parses arguments and calls it; `slmd eval`,
+//! `bench` and `replay` are crate slmd-tools, which depends on this one);
 //! its modules depend on each other one way, and this file on all of them:
 //!
 //! - [`config`]: the TOML file, validated whole before anything starts.
@@ -36,16 +38,16 @@
 //! - [`notify`]: systemd's notify socket and watchdog.
 //! - [`metrics`], [`status`]: the Prometheus endpoint; `slmd status`.
 //! - [`error`]: why the daemon cannot run, and the exit code it implies.
-//! - `eval`: `slmd eval` and `slmd bench` (the `tools` feature).
+//! - [`cli`]: what the `slmd` command's subcommands share (loading a
+//!   config, the state and manifest directories).
 //! - [`fuzzing`]: the fuzz targets' entry points and the corpus replay.
 //! - [`logging`]: the journal or stderr.
 
 pub mod answer;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
-#[cfg(feature = "tools")]
-pub mod eval;
 pub mod fuzzing;
 pub mod hermes;
 pub mod injection;

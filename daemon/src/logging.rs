@@ -90,23 +90,26 @@ fn line(record: &log::Record) -> String {
     )
 }
 
-/// Installs the logger once; later calls only change the level.
+/// Installs the logger (the journal when stderr is connected to it, else
+/// stderr); called once, by `main`, before anything logs.
 pub fn init(level: log::LevelFilter) {
     let journal = systemd_journal_logger::connected_to_journal();
-    let installed = if journal {
-        systemd_journal_logger::JournalLog::new()
-            .map(|j| j.with_syslog_identifier("slmd".into()).install().is_ok())
-            .unwrap_or(false)
+    if journal {
+        if let Ok(j) = systemd_journal_logger::JournalLog::new() {
+            let _ = j.with_syslog_identifier("slmd".into()).install();
+        }
     } else {
-        log::set_boxed_logger(Box::new(Stderr)).is_ok()
-    };
-    if installed || journal {
-        log::set_max_level(level);
+        let _ = log::set_boxed_logger(Box::new(Stderr));
     }
+    set_level(level);
+}
+
+/// The most detailed level logged from now on (a config's `[log] level`).
+pub fn set_level(level: log::LevelFilter) {
+    log::set_max_level(level);
     // llama.cpp is chatty at info; keep its lines to warnings unless debugging.
-    if level < log::LevelFilter::Debug {
-        LLAMA_QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    let quiet = level < log::LevelFilter::Debug;
+    LLAMA_QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub static LLAMA_QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -569,7 +569,7 @@ impl Router {
 impl Routing {
     pub fn new(engine: Engine, tasks: Vec<TaskConfig>, limits: Limits) -> Routing {
         Routing {
-            monitors: Monitors::new(tasks.iter().map(|t| (t.name.as_str(), t.monitor.as_ref()))),
+            monitors: Monitors::new(tasks.iter().map(|t| (t.name.as_str(), t.monitor()))),
             engine,
             tasks,
             limits,

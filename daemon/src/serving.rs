@@ -176,11 +176,14 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
         concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
         abstain_below: t.abstain_below,
         reject_label: t.reject_label.clone(),
-        extract: (t.kind == config::TaskKind::Extract).then(|| slmd_engine::ExtractSpec {
-            slots: t.slots.clone(),
-            instruction: t.slot_instruction.clone(),
-            label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
-        }),
+        extract: match &t.kind {
+            config::TaskKind::Extract(e) => Some(slmd_engine::ExtractSpec {
+                slots: e.slots.clone(),
+                instruction: e.slot_instruction.clone(),
+                label_slots: t.labels.iter().map(|l| l.slots.clone()).collect(),
+            }),
+            _ => None,
+        },
     })
 }
 

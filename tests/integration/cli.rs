@@ -390,7 +390,7 @@ fn eval_json(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn eval_cross_validates_and_reports_every_key() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::util::repo_root();
     let rows = root.join("configs/examples/smart-home-hwu64.jsonl");
     let v = eval_json(&["--train", rows.to_str().unwrap(), "--cv", "2"]);
     for key in [

@@ -57,8 +57,6 @@
 pub mod detect;
 pub mod note;
 pub mod reading;
-#[cfg(feature = "tools")]
-pub mod replay;
 pub mod settings;
 pub mod window;
 

@@ -45,6 +45,39 @@ pub struct PolicyConfig {
     pub rules: Vec<Rule>,
 }
 
+impl PolicyConfig {
+    /// What is wrong with the `[tasks.policy]` table at `key` of a task
+    /// whose labels are `labels`, as (key, message) pairs.
+    pub fn problems(&self, key: &str, labels: &[&str]) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if let Some(t) = &self.state_topic {
+            if let Err(why) = slmd_core::topic::check_filter(t) {
+                p.push((format!("{key}.state_topic"), why));
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = format!("{key}.rules[{i}]");
+            if !labels.contains(&rule.intent.as_str()) {
+                let why = format!("{:?} is not one of the task's labels", rule.intent);
+                p.push((format!("{at}.intent"), why));
+            }
+            for (j, f) in rule.topics.iter().enumerate() {
+                if let Err(why) = slmd_core::topic::check_filter(f) {
+                    p.push((format!("{at}.topics[{j}]"), why));
+                }
+            }
+            if rule.range.is_some_and(|[lo, hi]| lo > hi) {
+                p.push((format!("{at}.range"), "min is above max".into()));
+            }
+            if !(0.0..=1.0).contains(&rule.min_confidence) {
+                let why = "must be between 0 and 1".to_string();
+                p.push((format!("{at}.min_confidence"), why));
+            }
+        }
+        p
+    }
+}
+
 fn default_state_age() -> u64 {
     10
 }

@@ -58,7 +58,7 @@ PACKAGECONFIG[vulkan] = "--features vulkan,,vulkan-loader vulkan-headers shaderc
 # the device's binary unless asked for.
 PACKAGECONFIG[tools] = "--features tools"
 
-# The workspace's default member is the daemon.
+# The workspace's default member is the `slmd` binary (crates/cli).
 CARGO_BUILD_FLAGS += "--bins --no-default-features"
 
 do_install:append() {

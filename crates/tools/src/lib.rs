@@ -1,6 +1,14 @@
 //! `slmd eval | bench | replay`: the tools for measuring and demonstrating
-//! slmd, built with the `tools` feature (on by default; a device build
-//! can leave them out: `--no-default-features`).
+//! slmd. The `slmd` binary carries them with its `tools` feature (on by
+//! default; a device build leaves them out: `--no-default-features`).
+//!
+//! - [`eval`]: accuracy, slot F1, calibration and latency on labelled rows
+//!   (k-fold or a held-out file), and the monitor's anomaly scoring;
+//! - [`eval::bench`]: latency and throughput through the engine;
+//! - [`replay`]: publishing a recorded sensor file as readings.
+
+pub mod eval;
+pub mod replay;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::{dirs, load, DirArgs};
+use slmd::cli::{dirs, load, DirArgs};
 
 #[derive(Subcommand)]
 pub enum ToolCommand {
@@ -44,6 +52,19 @@ pub enum ToolCommand {
     },
 }
 
+impl ToolCommand {
+    /// Eval prints its progress unless its output is JSON; the rest only
+    /// warn.
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self {
+            ToolCommand::Eval(a) if !a.json && a.kind != EvalKind::Anomaly => {
+                log::LevelFilter::Info
+            }
+            _ => log::LevelFilter::Warn,
+        }
+    }
+}
+
 pub fn run(cmd: ToolCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ToolCommand::Eval(args) => eval(*args),
@@ -61,11 +82,11 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<ExitCode> {
             }
             slmd_core::topic::check_name(&topic)
                 .map_err(|why| anyhow::anyhow!("--topic: {why}"))?;
-            let rows = slmd::monitor::replay::read(&file, sensor.as_deref())?;
+            let rows = crate::replay::read(&file, sensor.as_deref())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let opts = slmd::monitor::replay::Options {
+            let opts = crate::replay::Options {
                 host: &broker.host,
                 port: broker.port,
                 topic: &topic,
@@ -73,7 +94,7 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<ExitCode> {
                 unit: unit.as_deref(),
                 ack_timeout: std::time::Duration::from_secs(30),
             };
-            let sent = runtime.block_on(slmd::monitor::replay::publish(&rows, &opts))?;
+            let sent = runtime.block_on(crate::replay::publish(&rows, &opts))?;
             println!(
                 "{}: {sent} readings published to {topic} and acknowledged",
                 file.display()
@@ -229,7 +250,7 @@ enum BenchKind {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    use slmd::eval::{self, TaskSettings};
+    use crate::eval::{self, TaskSettings};
     use slmd_core::examples::read_jsonl;
     if a.kind == EvalKind::Anomaly {
         return eval_anomaly(a);
@@ -299,12 +320,6 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             (None, Some(test)) => eval::holdout(&train, read_jsonl(test)?, &settings),
             _ => anyhow::bail!("give either --cv K or --test FILE"),
         };
-        let level = if a.json {
-            log::LevelFilter::Warn
-        } else {
-            log::LevelFilter::Info
-        };
-        slmd::logging::init(level);
         let opts = engine_options(&a.engine)?;
         let names = trials
             .iter()
@@ -336,7 +351,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
 
 /// `slmd eval --kind anomaly`.
 fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    use slmd::eval::anomaly;
+    use crate::eval::anomaly;
     let test = a
         .test
         .as_ref()
@@ -350,15 +365,12 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
         (Some(path), Some(task)) => {
             let config = load(path)?;
             let t = config.task(task).context("no such task")?.clone();
-            if t.monitor.is_none() {
+            if t.monitor().is_none() {
                 anyhow::bail!("task {task:?} is not a monitor task");
             }
             Some((config, t))
         }
-        (None, None) => {
-            slmd::logging::init(log::LevelFilter::Warn);
-            None
-        }
+        (None, None) => None,
         _ => anyhow::bail!("--config and --task go together"),
     };
     let engine = match &config {
@@ -372,7 +384,7 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
         (Some(file), Some(faults)) => Some(anomaly::Series {
             file,
             faults,
-            configured: config.as_ref().and_then(|(_, t)| t.monitor.as_ref()),
+            configured: config.as_ref().and_then(|(_, t)| t.monitor()),
         }),
         (None, None) => None,
         _ => anyhow::bail!("--series and --faults go together"),
@@ -394,9 +406,9 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--slot-values`: the known values of slots, none when not given.
-fn known_values(path: Option<&Path>) -> anyhow::Result<slmd::eval::slots::Known> {
+fn known_values(path: Option<&Path>) -> anyhow::Result<crate::eval::slots::Known> {
     Ok(match path {
-        Some(path) => slmd::eval::slots::read_known(path)?,
+        Some(path) => crate::eval::slots::read_known(path)?,
         None => Default::default(),
     })
 }
@@ -443,9 +455,8 @@ fn engine_options(a: &EngineArgs) -> anyhow::Result<slmd_engine::EngineOptions> 
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
-    slmd::logging::init(log::LevelFilter::Warn);
     let rows = slmd_core::examples::read_jsonl(&a.train)?;
-    let settings = slmd::eval::TaskSettings {
+    let settings = crate::eval::TaskSettings {
         strategy: Default::default(),
         instruction: slmd::config::default_instruction(),
         cue: slmd::config::default_cue(),
@@ -455,7 +466,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         reject_label: None,
         extract: match a.kind {
             BenchKind::Classify => None,
-            BenchKind::Extract => Some(slmd::eval::ExtractSettings {
+            BenchKind::Extract => Some(crate::eval::ExtractSettings {
                 instruction: slmd_engine::extract::DEFAULT_INSTRUCTION.into(),
                 known: known_values(a.slot_values.as_deref())?,
                 intent_slots: Default::default(),
@@ -463,18 +474,18 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         },
         extra: Vec::new(),
     };
-    let trial = slmd::eval::holdout(&rows, Vec::new(), &settings).remove(0);
+    let trial = crate::eval::holdout(&rows, Vec::new(), &settings).remove(0);
     let mut opts = engine_options(&a.engine)?;
     // Train once; the other configurations load the same head.
     let cache = tempfile_dir()?;
     opts.head_cache = Some(cache.clone());
-    let results = slmd::eval::bench::run(&opts, &trial.spec, &rows, &a.concurrency, a.messages);
+    let results = crate::eval::bench::run(&opts, &trial.spec, &rows, &a.concurrency, a.messages);
     let _ = std::fs::remove_dir_all(&cache);
     let results = results?;
     if a.json {
         println!("{}", serde_json::to_string(&results)?);
     } else {
-        print!("{}", slmd::eval::bench::to_markdown(&results));
+        print!("{}", crate::eval::bench::to_markdown(&results));
     }
     Ok(ExitCode::SUCCESS)
 }

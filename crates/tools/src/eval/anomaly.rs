@@ -25,12 +25,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::eval::metrics::{harmonic, ratio};
-use crate::monitor::detect::SensorDetector;
-use crate::monitor::note::{ungrounded, Facts};
-use crate::monitor::reading::{parse_time, Reading};
-use crate::monitor::replay;
-use crate::monitor::settings::{DetectorConfig, MonitorConfig};
-use crate::monitor::{TaskMonitor, Verdict};
+use crate::replay;
+use slmd::monitor::detect::SensorDetector;
+use slmd::monitor::note::{ungrounded, Facts};
+use slmd::monitor::reading::{parse_time, Reading};
+use slmd::monitor::settings::{DetectorConfig, MonitorConfig};
+use slmd::monitor::{TaskMonitor, Verdict};
 use slmd_core::examples::Row;
 use slmd_engine::Engine;
 

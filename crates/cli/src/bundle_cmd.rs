@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use slmd::bundle::store::BundleStore;
 use slmd::bundle::{self, BundleManifest};
+use slmd::cli::load;
 use slmd::config::Config;
 use slmd::update;
 
@@ -92,10 +93,7 @@ fn tell_daemon(config: &Config) {
     }
 }
 
-pub fn run(
-    cmd: BundleCommand,
-    load: impl Fn(&Path) -> anyhow::Result<Config>,
-) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BundleCommand::Install {
             source,

@@ -6,10 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 mod bundle_cmd;
-#[cfg(feature = "tools")]
-mod tools_cmd;
 
 use clap::{Parser, Subcommand};
+use slmd::cli::{dirs, load, DirArgs};
 use slmd::config::{Config, ConfigError, EXIT_CONFIG};
 
 #[derive(Parser)]
@@ -55,7 +54,7 @@ enum Command {
     Model(ModelCommand),
     #[cfg(feature = "tools")]
     #[command(flatten)]
-    Tools(tools_cmd::ToolCommand),
+    Tools(slmd_tools::ToolCommand),
     /// Inbox depth, outbox depth, dead letters and the oldest pending ages,
     /// as JSON; works while the daemon runs.
     Status {
@@ -82,16 +81,15 @@ enum ModelCommand {
     Bundle(bundle_cmd::BundleCommand),
 }
 
-/// Where models are stored and manifests are read.
-#[derive(clap::Args)]
-struct DirArgs {
-    /// Take the state directory and manifest directory from this config.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    #[arg(long)]
-    manifests: Option<PathBuf>,
+impl Command {
+    /// The level logged until a config says otherwise.
+    fn log_level(&self) -> log::LevelFilter {
+        match self {
+            #[cfg(feature = "tools")]
+            Command::Tools(t) => t.log_level(),
+            _ => log::LevelFilter::Info,
+        }
+    }
 }
 
 /// glibc gives threads that allocate at the same moment arenas of their
@@ -114,6 +112,7 @@ fn bound_malloc_arenas() {
 fn main() -> ExitCode {
     bound_malloc_arenas();
     let cli = Cli::parse();
+    slmd::logging::init(cli.command.log_level());
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -148,34 +147,6 @@ fn describe(e: &anyhow::Error) -> String {
         }
     }
     out
-}
-
-fn load(path: &std::path::Path) -> anyhow::Result<Config> {
-    let config = Config::load(path)?;
-    let level = config.log.level.parse().unwrap_or(log::LevelFilter::Info);
-    slmd::logging::init(level);
-    Ok(config)
-}
-
-/// State and manifest directories from flags, else the config, else defaults.
-fn dirs(
-    DirArgs {
-        config,
-        state_dir,
-        manifests,
-    }: DirArgs,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let config = config.map(|c| load(&c)).transpose()?;
-    if config.is_none() {
-        slmd::logging::init(log::LevelFilter::Info);
-    }
-    let state = state_dir
-        .or_else(|| config.as_ref().map(Config::state_dir))
-        .unwrap_or_else(|| PathBuf::from("/var/lib/slmd"));
-    let manifests = manifests
-        .or_else(|| config.as_ref().map(|c| c.resolve(&c.model.manifests)))
-        .unwrap_or_else(|| PathBuf::from("/usr/share/slmd/models"));
-    Ok((state, manifests))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -252,7 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "tools")]
-        Command::Tools(t) => tools_cmd::run(t),
+        Command::Tools(t) => slmd_tools::run(t),
         Command::Model(ModelCommand::Fetch { name, dirs: d }) => {
             let (state, manifests) = dirs(d)?;
             let manifest = slmd_engine::models::find_manifest(&manifests, &name)?;
@@ -274,7 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Bundle(cmd)) => bundle_cmd::run(cmd, load),
+        Command::Model(ModelCommand::Bundle(cmd)) => bundle_cmd::run(cmd),
         Command::Model(ModelCommand::List { dirs: d }) => {
             let (state, manifests) = dirs(d)?;
             let store = slmd_engine::models::ModelStore::open(&state)?;

@@ -97,7 +97,7 @@ pub fn parse_csv(text: &str, sensor: &str) -> Result<Vec<Row>, ReplayError> {
                 names.len()
             )));
         }
-        let ts = super::reading::parse_time(cells[ts_col])
+        let ts = slmd::monitor::reading::parse_time(cells[ts_col])
             .ok_or_else(|| bad(format!("bad time stamp {:?}", cells[ts_col])))?;
         for (col, name) in &sensors {
             let cell = cells[*col];
