@@ -31,6 +31,17 @@ run hwu64-head-no-lexical --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5
 run hwu64-label-scoring --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --strategy label_scoring
 run automotive-head --train "$DATA/ms_automotive_poi.jsonl" --cv 5
 run clinc-oos-head --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos
+# Out of scope never trained on (the realistic estimate, docs/EVAL.md "Out of
+# scope"): by the novelty score at its default, off, and raised.
+run clinc-unseen-oos --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos --unseen-oos
+run clinc-unseen-oos-novelty-off --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos --unseen-oos --novelty-quantile 0
+run clinc-unseen-oos-novelty-0.03 --train "$DATA/clinc150_auto_home_oos.jsonl" --cv 5 --reject-label oos --unseen-oos --novelty-quantile 0.03
+run hwu64-head-seeds-novelty-off --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --cv 5 --seed 1,2,3,4 --novelty-quantile 0
+# A task without out-of-scope examples against out-of-scope text of another
+# source: HWU64 trained whole, tested on CLINC's 100 oos rows.
+grep '"intent": "oos"' "$DATA/clinc150_auto_home_oos.jsonl" >"$OUT/oos100.jsonl"
+run hwu64-on-clinc-oos --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --test "$OUT/oos100.jsonl" --reject-label oos
+run hwu64-on-clinc-oos-novelty-0.03 --train "$DATA/smarthome_iot_hwu64_slurp.jsonl" --test "$OUT/oos100.jsonl" --reject-label oos --novelty-quantile 0.03
 run ha-extract --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml"
 run ha-extract-catalogue --kind extract --train "$DATA/ha_intents_en.jsonl" --cv 5 --slot-values "$DATA/ha_intents/fixtures_en.yaml" --extra-train "$DATA/ha_intents/intents.yaml"
 run automotive-extract --kind extract --train "$DATA/ms_automotive_poi.jsonl" --cv 5

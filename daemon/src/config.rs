@@ -498,6 +498,12 @@ pub struct TaskConfig {
     /// A label whose examples are things the task should refuse (out of
     /// scope); when it wins the result is "not recognised".
     pub reject_label: Option<String>,
+    /// An input less like the task's examples than this share of the
+    /// examples themselves is "not recognised" (out of scope, with no
+    /// out-of-scope examples needed; [`slmd_engine::novelty`]). 0 turns
+    /// it off.
+    #[serde(default = "default_novelty_quantile")]
+    pub novelty_quantile: f32,
     #[serde(default)]
     pub labels: Vec<LabelConfig>,
     /// JSONL file(s) of `{"text": ..., "intent": ..., "slots": {...}}`
@@ -571,6 +577,10 @@ fn default_head_depth() -> f32 {
 }
 fn default_head_requantize() -> bool {
     slmd_engine::HEAD_REQUANTIZE
+}
+
+fn default_novelty_quantile() -> f32 {
+    slmd_engine::NOVELTY_QUANTILE
 }
 
 fn default_generate_requantize() -> bool {
@@ -1001,6 +1011,9 @@ impl Config {
         self.validate_policy(key, task, p);
         if !(0.0..=1.0).contains(&task.abstain_below) {
             p.add(format!("{key}.abstain_below"), "must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&task.novelty_quantile) {
+            p.add(format!("{key}.novelty_quantile"), "must be between 0 and 1");
         }
         for (name, weight) in [
             ("lexical_weight", task.lexical_weight),

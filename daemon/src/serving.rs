@@ -176,6 +176,7 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
         concepts: t.concepts.as_ref().map(Into::into).unwrap_or_default(),
         abstain_below: t.abstain_below,
         reject_label: t.reject_label.clone(),
+        novelty_quantile: t.novelty_quantile,
         extract: match &t.kind {
             config::TaskKind::Extract(e) => Some(slmd_engine::ExtractSpec {
                 slots: e.slots.clone(),

@@ -24,6 +24,9 @@ pub struct Head {
     /// ([`super::embed::pool`]); requests are pooled the same way.
     #[serde(default)]
     pub token_centre: Vec<f32>,
+    /// How unlike the examples an input is ([`super::novelty`]).
+    #[serde(default)]
+    pub novelty: Option<super::novelty::Novelty>,
 }
 
 /// Training settings.
@@ -105,6 +108,7 @@ impl Head {
             bias,
             temperature: 1.0,
             token_centre: Vec::new(),
+            novelty: None,
         }
     }
 

@@ -174,6 +174,15 @@ pub struct EvalArgs {
     /// A label that means out of scope (e.g. `oos`): predicting it rejects.
     #[arg(long)]
     reject_label: Option<String>,
+    /// Inputs less like the examples than this share of the examples are
+    /// not recognised (see the task option `novelty_quantile`; 0 off).
+    #[arg(long, default_value_t = slmd_engine::NOVELTY_QUANTILE)]
+    novelty_quantile: f32,
+    /// With --cv and --reject-label: never train on out-of-scope rows, so
+    /// each fold tests the reject path on out-of-scope text of a kind the
+    /// head never saw (the estimate for a task without such examples).
+    #[arg(long, requires = "reject_label")]
+    unseen_oos: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -290,6 +299,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         concept_weight: a.concept_weight,
         abstain_below: a.abstain_below,
         reject_label: a.reject_label.clone(),
+        novelty_quantile: a.novelty_quantile,
+        unseen_oos: a.unseen_oos,
     };
     if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
         anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
@@ -464,6 +475,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         concept_weight: slmd::config::default_concept_weight(),
         abstain_below: 0.0,
         reject_label: None,
+        novelty_quantile: slmd_engine::NOVELTY_QUANTILE,
+        unseen_oos: false,
         extract: match a.kind {
             BenchKind::Classify => None,
             BenchKind::Extract => Some(crate::eval::ExtractSettings {

@@ -39,6 +39,11 @@ pub struct TaskSettings {
     pub concept_weight: f32,
     pub abstain_below: f32,
     pub reject_label: Option<String>,
+    pub novelty_quantile: f32,
+    /// Cross-validation never trains on rows of the reject label: each
+    /// fold tests its own out-of-scope rows on a head that has seen none
+    /// (`--unseen-oos`).
+    pub unseen_oos: bool,
     /// Set for `--kind extract`.
     pub extract: Option<ExtractSettings>,
     /// Rows added to every task's training examples and never tested
@@ -87,8 +92,12 @@ pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings)
                 true => format!("seed{seed}-fold{f}"),
                 false => format!("fold{f}"),
             };
+            let mut train = in_fold(false);
+            if s.unseen_oos {
+                train.retain(|r| s.reject_label.as_ref() != Some(&r.intent));
+            }
             trials.push(Trial {
-                spec: spec(&name, &in_fold(false), s),
+                spec: spec(&name, &train, s),
                 test: in_fold(true),
             });
         }
@@ -115,6 +124,7 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
         concepts: Default::default(),
         abstain_below: s.abstain_below,
         reject_label: s.reject_label.clone(),
+        novelty_quantile: s.novelty_quantile,
         extract: s.extract.as_ref().map(|x| slmd_engine::ExtractSpec {
             slots: slots::infer_schema(train, &x.known),
             instruction: x.instruction.clone(),
@@ -329,6 +339,8 @@ mod tests {
             concept_weight: 0.0,
             abstain_below: 0.0,
             reject_label: None,
+            novelty_quantile: 0.0,
+            unseen_oos: false,
             extract: None,
             extra: Vec::new(),
         }
