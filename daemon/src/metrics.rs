@@ -127,7 +127,7 @@ impl Metrics {
             &mut text,
             "abstentions_total",
             "counter",
-            "Results below the abstain threshold (not recognised), per task.",
+            "Results not recognised (below the abstain threshold, the reject label won, or unlike the task's examples), per task.",
         );
         per_task(&mut text, "abstentions_total", &c.abstentions);
         head(

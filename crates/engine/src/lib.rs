@@ -1057,8 +1057,9 @@ impl<'m> Worker<'m> {
                     let head = self.heads[job.task].as_ref().expect("a head");
                     let pooled = embed::pool(&x, &head.token_centre);
                     let novel = head.novelty.as_ref().is_some_and(|n| {
-                        let lexical = lexical::features(&job.query.text);
-                        n.score(&pooled, &lexical) < n.threshold(task.novelty_quantile)
+                        let bar = n.threshold(task.novelty_quantile);
+                        bar > f32::NEG_INFINITY
+                            && n.score(&pooled, &lexical::features(&job.query.text)) < bar
                     });
                     let probs = head.predict(&features(task, pooled, &job.query.text));
                     let probs = restrict(task, probs, job.query.among.as_deref());
@@ -1384,7 +1385,21 @@ fn train(
         || fits.lock().unwrap_or_else(|e| e.into_inner()).advance(1),
     );
     head.token_centre = centre;
-    head.novelty = novelty::Novelty::fit(&pooled, &lexical, &ys);
+    // What is typical of the task is what it accepts: its reject label's
+    // examples (out of scope) would make out-of-scope input look typical.
+    let accepted: Vec<usize> = (0..ys.len())
+        .filter(|&i| task.reject_label.as_ref() != Some(&task.labels[ys[i]]))
+        .collect();
+    let pick = |v: &[Vec<f32>]| accepted.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+    let accepted_ys: Vec<usize> = accepted.iter().map(|&i| ys[i]).collect();
+    head.novelty = novelty::Novelty::fit(&pick(&pooled), &pick(&lexical), &accepted_ys);
+    if head.novelty.is_none() {
+        log::info!(
+            "task {}: no novelty score (fewer than {} examples to accept)",
+            task.name,
+            novelty::MIN_EXAMPLES
+        );
+    }
     log::info!(
         "task {}: head trained on {} examples ({} embedded in {} ms), {} labels, temperature {:.2}, in {} ms",
         task.name,

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::head::dot;
 
+/// The smallest spread a part's scores are divided by (cosines).
+const SD_FLOOR: f32 = 0.01;
+
 /// The fewest examples a task needs for a novelty score.
 pub const MIN_EXAMPLES: usize = 10;
 
@@ -34,9 +37,11 @@ pub struct Novelty {
 }
 
 impl Novelty {
-    /// From the examples' pooled hidden states, n-gram vectors (both
-    /// L2-normalised) and label indices; `None` with fewer than
-    /// [`MIN_EXAMPLES`], too few to say what is typical of them.
+    /// From the examples' pooled hidden states (as [`crate::embed::pool`]
+    /// makes them: both parts compare them by their dot product with unit
+    /// centroids, so their own norm cancels out of the standardisation),
+    /// L2-normalised n-gram vectors and label indices; `None` with fewer
+    /// than [`MIN_EXAMPLES`], too few to say what is typical of them.
     pub fn fit(hidden: &[Vec<f32>], lexical: &[Vec<f32>], ys: &[usize]) -> Option<Novelty> {
         let n = hidden.len();
         if n < MIN_EXAMPLES {
@@ -100,10 +105,12 @@ impl Novelty {
     /// The score below which an input is novel: the `q` quantile of the
     /// examples' own left-out scores (below all of them for 0).
     pub fn threshold(&self, q: f32) -> f32 {
-        if q <= 0.0 {
+        let Some(last) = self.left_out.len().checked_sub(1) else {
+            return f32::NEG_INFINITY;
+        };
+        if q.is_nan() || q <= 0.0 {
             return f32::NEG_INFINITY;
         }
-        let last = self.left_out.len() - 1;
         self.left_out[((q.min(1.0) * last as f32).round() as usize).min(last)]
     }
 
@@ -132,7 +139,9 @@ fn mean_sd(v: &[f32]) -> (f32, f32) {
     let n = v.len() as f32;
     let mean = v.iter().sum::<f32>() / n;
     let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
-    (mean, var.sqrt().max(1e-6))
+    // A floor on the spread: examples that all have a near-duplicate
+    // would otherwise make a tiny difference count thousands of times.
+    (mean, var.sqrt().max(SD_FLOOR))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -241,6 +250,23 @@ mod tests {
         assert!(n.left_out.iter().all(|s| s.is_finite()));
         let few = MIN_EXAMPLES - 1;
         assert!(Novelty::fit(&hidden[..few], &lexical[..few], &ys[..few]).is_none());
+    }
+
+    #[test]
+    fn the_threshold_is_the_quantile_of_the_left_out_scores() {
+        let n = Novelty {
+            centroids: Vec::new(),
+            lexical: Vec::new(),
+            scale: [(0.0, 1.0); 2],
+            left_out: (0..101).map(|i| i as f32).collect(),
+        };
+        assert_eq!(n.threshold(0.01), 1.0);
+        assert_eq!(n.threshold(0.05), 5.0);
+        assert_eq!(n.threshold(1.0), 100.0);
+        assert_eq!(n.threshold(0.0), f32::NEG_INFINITY);
+        assert_eq!(n.threshold(f32::NAN), f32::NEG_INFINITY);
+        let back: Novelty = serde_json::from_str(&serde_json::to_string(&n).unwrap()).unwrap();
+        assert_eq!(back.left_out, n.left_out);
     }
 
     #[test]

@@ -52,6 +52,14 @@ pub enum ToolCommand {
     },
 }
 
+/// A share between 0 and 1.
+fn quantile(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(q) if (0.0..=1.0).contains(&q) => Ok(q),
+        _ => Err(format!("{s:?} is not a number between 0 and 1")),
+    }
+}
+
 impl ToolCommand {
     /// Eval prints its progress unless its output is JSON; the rest only
     /// warn.
@@ -176,12 +184,12 @@ pub struct EvalArgs {
     reject_label: Option<String>,
     /// Inputs less like the examples than this share of the examples are
     /// not recognised (see the task option `novelty_quantile`; 0 off).
-    #[arg(long, default_value_t = slmd_engine::NOVELTY_QUANTILE)]
+    #[arg(long, default_value_t = slmd_engine::NOVELTY_QUANTILE, value_parser = quantile)]
     novelty_quantile: f32,
     /// With --cv and --reject-label: never train on out-of-scope rows, so
     /// each fold tests the reject path on out-of-scope text of a kind the
     /// head never saw (the estimate for a task without such examples).
-    #[arg(long, requires = "reject_label")]
+    #[arg(long, requires_all = ["reject_label", "cv"])]
     unseen_oos: bool,
     #[command(flatten)]
     engine: EngineArgs,
