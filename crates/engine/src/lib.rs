@@ -1056,12 +1056,13 @@ impl<'m> Worker<'m> {
                     let task = &self.tasks[job.task];
                     let head = self.heads[job.task].as_ref().expect("a head");
                     let pooled = embed::pool(&x, &head.token_centre);
+                    let text = &job.query.text;
+                    let words = lexical::features(text);
                     let novel = head.novelty.as_ref().is_some_and(|n| {
                         let bar = n.threshold(task.novelty_quantile);
-                        bar > f32::NEG_INFINITY
-                            && n.score(&pooled, &lexical::features(&job.query.text)) < bar
+                        bar > f32::NEG_INFINITY && n.score(&pooled, &words) < bar
                     });
-                    let probs = head.predict(&features(task, pooled, &job.query.text));
+                    let probs = head.predict(&features(task, pooled, &words, text));
                     let probs = restrict(task, probs, job.query.among.as_deref());
                     let mut scores = Scores {
                         tokens,
@@ -1180,14 +1181,11 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 /// The head's input: the hidden state, then the text's n-gram features
-/// and its command concepts, each scaled by the task's weight for them.
-fn features(task: &TaskSpec, mut hidden: Vec<f32>, text: &str) -> Vec<f32> {
+/// (`words`, [`lexical::features`] of `text`) and its command concepts,
+/// each scaled by the task's weight for them.
+fn features(task: &TaskSpec, mut hidden: Vec<f32>, words: &[f32], text: &str) -> Vec<f32> {
     if task.lexical_weight > 0.0 {
-        hidden.extend(
-            lexical::features(text)
-                .into_iter()
-                .map(|v| v * task.lexical_weight),
-        );
+        hidden.extend(words.iter().map(|v| v * task.lexical_weight));
     }
     if task.concept_weight > 0.0 {
         hidden.extend(
@@ -1360,16 +1358,16 @@ fn train(
         .iter()
         .map(|e| embed::pool(&memo[&key(&e.text)], &centre))
         .collect();
-    let xs: Vec<Vec<f32>> = task
-        .examples
-        .iter()
-        .zip(&pooled)
-        .map(|(e, p)| features(task, p.clone(), &e.text))
-        .collect();
     let lexical: Vec<Vec<f32>> = task
         .examples
         .iter()
         .map(|e| lexical::features(&e.text))
+        .collect();
+    let xs: Vec<Vec<f32>> = task
+        .examples
+        .iter()
+        .zip(pooled.iter().zip(&lexical))
+        .map(|(e, (p, w))| features(task, p.clone(), w, &e.text))
         .collect();
     let fits = Mutex::new(progress.step(
         format!("task {}: head fits", task.name),
@@ -1390,9 +1388,10 @@ fn train(
     let accepted: Vec<usize> = (0..ys.len())
         .filter(|&i| task.reject_label.as_ref() != Some(&task.labels[ys[i]]))
         .collect();
-    let pick = |v: &[Vec<f32>]| accepted.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+    let hidden: Vec<&[f32]> = accepted.iter().map(|&i| pooled[i].as_slice()).collect();
+    let words: Vec<&[f32]> = accepted.iter().map(|&i| lexical[i].as_slice()).collect();
     let accepted_ys: Vec<usize> = accepted.iter().map(|&i| ys[i]).collect();
-    head.novelty = novelty::Novelty::fit(&pick(&pooled), &pick(&lexical), &accepted_ys);
+    head.novelty = novelty::Novelty::fit(&hidden, &words, &accepted_ys);
     if head.novelty.is_none() {
         log::info!(
             "task {}: no novelty score (fewer than {} examples to accept)",

@@ -42,7 +42,7 @@ impl Novelty {
     /// centroids, so their own norm cancels out of the standardisation),
     /// L2-normalised n-gram vectors and label indices; `None` with fewer
     /// than [`MIN_EXAMPLES`], too few to say what is typical of them.
-    pub fn fit(hidden: &[Vec<f32>], lexical: &[Vec<f32>], ys: &[usize]) -> Option<Novelty> {
+    pub fn fit(hidden: &[&[f32]], lexical: &[&[f32]], ys: &[usize]) -> Option<Novelty> {
         let n = hidden.len();
         if n < MIN_EXAMPLES {
             return None;
@@ -52,26 +52,34 @@ impl Novelty {
         let mut sums = vec![vec![0.0f32; dim]; labels];
         let mut counts = vec![0usize; labels];
         for (h, &y) in hidden.iter().zip(ys) {
-            sums[y].iter_mut().zip(h).for_each(|(s, v)| *s += v);
+            sums[y].iter_mut().zip(*h).for_each(|(s, v)| *s += v);
             counts[y] += 1;
         }
+        let norms: Vec<f32> = sums.iter().map(|s| dot(s, s).sqrt()).collect();
         let lexical: Vec<Vec<(u32, f32)>> = lexical.iter().map(|v| sparse(v)).collect();
         // Each example against the centroids without it, and against the
-        // other examples' n-grams.
+        // other examples' n-grams. Its own label's centroid without it is
+        // that label's sum minus itself: h.(s - h) / |s - h|, with
+        // |s - h|^2 = |s|^2 - 2 h.s + |h|^2.
         let mut parts = [Vec::with_capacity(n), Vec::with_capacity(n)];
-        for i in 0..n {
+        for (i, h) in hidden.iter().enumerate() {
             let own = ys[i];
+            let hh = dot(h, h);
             let mut best = f32::NEG_INFINITY;
             for (k, sum) in sums.iter().enumerate() {
-                let left = counts[k] - usize::from(k == own);
-                if left == 0 {
+                let hs = dot(h, sum);
+                let (along, norm) = if k == own {
+                    if counts[k] == 1 {
+                        continue;
+                    }
+                    let left = norms[k] * norms[k] - 2.0 * hs + hh;
+                    (hs - hh, left.max(0.0).sqrt())
+                } else if counts[k] == 0 {
                     continue;
-                }
-                let mut c = sum.clone();
-                if k == own {
-                    c.iter_mut().zip(&hidden[i]).for_each(|(s, v)| *s -= v);
-                }
-                best = best.max(cosine(&hidden[i], &c));
+                } else {
+                    (hs, norms[k])
+                };
+                best = best.max(if norm > 0.0 { along / norm } else { 0.0 });
             }
             parts[0].push(if best.is_finite() { best } else { 0.0 });
             let nearest = (0..n)
@@ -144,15 +152,6 @@ fn mean_sd(v: &[f32]) -> (f32, f32) {
     (mean, var.sqrt().max(SD_FLOOR))
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let nb = dot(b, b).sqrt();
-    if nb > 0.0 {
-        dot(a, b) / nb
-    } else {
-        0.0
-    }
-}
-
 fn sparse(v: &[f32]) -> Vec<(u32, f32)> {
     v.iter()
         .enumerate()
@@ -181,6 +180,10 @@ fn sparse_dot(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refs(v: &[Vec<f32>]) -> Vec<&[f32]> {
+        v.iter().map(Vec::as_slice).collect()
+    }
 
     fn unit(v: &[f32]) -> Vec<f32> {
         let mut v = v.to_vec();
@@ -222,7 +225,7 @@ mod tests {
         .map(|v| unit(v))
         .collect();
         let ys = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
-        let n = Novelty::fit(&hidden, &lexical, &ys).unwrap();
+        let n = Novelty::fit(&refs(&hidden), &refs(&lexical), &ys).unwrap();
         let like = n.score(&unit(&[1.0, 0.05, 0.05]), &unit(&[1.0, 0.9, 0.0, 0.0, 0.0]));
         let unlike = n.score(&unit(&[0.0, 0.0, 1.0]), &unit(&[0.0, 0.0, 0.0, 0.0, 1.0]));
         assert!(like >= n.threshold(0.2), "{like} vs {}", n.threshold(0.2));
@@ -246,10 +249,11 @@ mod tests {
             lexical.push(unit(&[0.0, 1.0 + i as f32]));
             ys.push(1);
         }
-        let n = Novelty::fit(&hidden, &lexical, &ys).unwrap();
+        let n = Novelty::fit(&refs(&hidden), &refs(&lexical), &ys).unwrap();
         assert!(n.left_out.iter().all(|s| s.is_finite()));
         let few = MIN_EXAMPLES - 1;
-        assert!(Novelty::fit(&hidden[..few], &lexical[..few], &ys[..few]).is_none());
+        let (hidden, lexical) = (refs(&hidden[..few]), refs(&lexical[..few]));
+        assert!(Novelty::fit(&hidden, &lexical, &ys[..few]).is_none());
     }
 
     #[test]
