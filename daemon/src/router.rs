@@ -69,6 +69,8 @@ pub struct Router {
     pub control: Control,
     /// The vehicle's speed, for the tasks' policies.
     speeds: Speeds,
+    /// Marks messages `dispatched` as the inference thread takes them.
+    admit: slmd_engine::Admit,
 }
 
 /// Where a message goes; decided once, in inbox order, as it leaves the
@@ -95,7 +97,16 @@ impl Router {
         outbox_wake: Arc<dyn Fn() + Send + Sync>,
         metrics: Arc<Metrics>,
     ) -> Router {
+        let marks = store.clone();
+        let admit: slmd_engine::Admit = Arc::new(move |keys: &[u64]| {
+            if let Err(e) = marks.mark_dispatched(keys) {
+                // Inference goes ahead: the store's trouble is reported and
+                // healed elsewhere, and a lost mark only spares a blame.
+                log::debug!("message(s) {keys:?} dispatched unmarked: {e}");
+            }
+        });
         Router {
+            admit,
             store,
             routing: RwLock::new(Arc::new(routing)),
             inbox_wake,
@@ -536,8 +547,10 @@ impl Router {
         Ok(())
     }
 
-    /// Hands a message to the engine, once its `dispatched` mark is durable:
-    /// only what reached the engine is blamed if the process dies.
+    /// Hands a message to the engine. Its `dispatched` mark is made durable
+    /// as the inference thread takes it into a batch, before anything is
+    /// decoded: only what reached the model is blamed if the process dies,
+    /// not what waited in the engine's queue.
     async fn dispatch(
         &self,
         key: u64,
@@ -545,12 +558,8 @@ impl Router {
         task: &str,
         query: impl Into<slmd_engine::Query>,
     ) -> Result<slmd_engine::Scores, EngineError> {
-        if let Err(e) = self.store.mark_dispatched(key).await {
-            // Inference goes ahead: the store's trouble is reported and
-            // healed elsewhere, and a lost mark only spares it a blame.
-            log::debug!("message {key} dispatched unmarked: {e}");
-        }
-        routing.engine.infer(task, query).await
+        let admit = Some((key, self.admit.clone()));
+        routing.engine.infer_admitted(task, query, admit).await
     }
 
     /// An error result for `task`, counted.

@@ -466,6 +466,64 @@ async fn a_message_that_crashes_the_engine_goes_to_the_dead_letters_and_only_it(
     drop(daemon);
 }
 
+/// A crash blames what the model was working on, not what waited in the
+/// engine's queue. The inference thread wedges on one message (as a
+/// backend that hangs would) while seven more wait behind it; the process
+/// is then killed. With `max_attempts = 1` one blame is a dead letter, so
+/// blaming the queue would dead-letter all eight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_blames_the_batch_on_the_model_not_the_queue_behind_it() {
+    const STALL: &str = "the engine hangs on this one";
+    let mut s = Setup::new(Broker::start(), "max_attempts = 1\nmax_in_flight = 8").await;
+    let url = s.broker.url();
+    let mut inputs = inputs("q", 8);
+    let hung = inputs[0].0.clone();
+    inputs[0].1 = serde_json::json!({"id": hung, "text": STALL})
+        .to_string()
+        .into_bytes();
+    let mut daemon = Daemon::start_env(
+        &s.config,
+        &url,
+        &s.log(0),
+        &[("SLMD_FAULT_STALL_ON", STALL)],
+    );
+    daemon.wait_subscribed().await;
+    publish_paced(&s.producer, &inputs[..1], Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        logged(&mut daemon, "stalling the thread", Duration::from_secs(30)).await,
+        "the engine never took the message: {}",
+        daemon.log_text()
+    );
+    publish_paced(&s.producer, &inputs[1..], Duration::ZERO)
+        .await
+        .unwrap();
+    // Received, stored and handed to the engine's queue in milliseconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        s.sub.next(Duration::ZERO).await.is_none(),
+        "nothing runs past the hang"
+    );
+    daemon.kill();
+    let daemon = Daemon::start_logged(&s.config, &url, &s.log(1));
+    let mut ledger = Ledger::default();
+    ledger
+        .collect(&mut s.sub, &inputs, Duration::from_secs(60))
+        .await;
+    ledger.report(
+        "SIGKILL while the engine hangs on one of 8 (max_attempts 1)",
+        &inputs,
+    );
+    assert_eq!(
+        ledger.dead.iter().collect::<Vec<_>>(),
+        [&hung],
+        "only the message the model was on is blamed"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("did not stop cleanly: 1 message(s)"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_splits_work_between_two_instances() {
     let broker = Broker::start();

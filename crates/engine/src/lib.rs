@@ -362,9 +362,16 @@ impl From<String> for Query {
     }
 }
 
+/// Told on the inference thread, before anything is decoded, the tags of
+/// the requests a batch takes (once per batch, so one durable write can
+/// cover them all); it may block.
+pub type Admit = Arc<dyn Fn(&[u64]) + Send + Sync>;
+
 struct Job {
     task: usize,
     query: Query,
+    /// The caller's tag for the request, and whom to tell when it is taken.
+    admit: Option<(u64, Admit)>,
     reply: oneshot::Sender<Result<Scores, EngineError>>,
 }
 
@@ -461,6 +468,9 @@ impl Engine {
             while let Some(cmd) = rx.recv().await {
                 match cmd {
                     Command::Infer(job) => {
+                        if let Some((tag, admit)) = job.admit {
+                            let _ = tokio::task::spawn_blocking(move || admit(&[tag])).await;
+                        }
                         let _ = job.reply.send(answer(job.task, &job.query));
                     }
                     Command::Warm { reply, .. } => {
@@ -490,10 +500,16 @@ impl Engine {
         &self,
         task: &str,
         query: Query,
+        admit: Option<(u64, Admit)>,
     ) -> Result<(Command, oneshot::Receiver<Result<Scores, EngineError>>), EngineError> {
         let task = self.task_index(task)?;
         let (reply, rx) = oneshot::channel();
-        let job = Job { task, query, reply };
+        let job = Job {
+            task,
+            query,
+            admit,
+            reply,
+        };
         Ok((Command::Infer(job), rx))
     }
 
@@ -525,7 +541,19 @@ impl Engine {
     /// probabilities are renormalised over them, and the task's reject label
     /// always stays in; names that are not labels of the task are ignored.
     pub async fn infer(&self, task: &str, query: impl Into<Query>) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, query.into())?;
+        self.infer_admitted(task, query, None).await
+    }
+
+    /// [`Engine::infer`], telling `admit` the request's `tag` when the
+    /// inference thread takes it into a batch: what waits in the queue has
+    /// not reached the model, and a process that dies then did not die of it.
+    pub async fn infer_admitted(
+        &self,
+        task: &str,
+        query: impl Into<Query>,
+        admit: Option<(u64, Admit)>,
+    ) -> Result<Scores, EngineError> {
+        let (job, rx) = self.job(task, query.into(), admit)?;
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
@@ -536,7 +564,7 @@ impl Engine {
         task: &str,
         query: impl Into<Query>,
     ) -> Result<Scores, EngineError> {
-        let (job, rx) = self.job(task, query.into())?;
+        let (job, rx) = self.job(task, query.into(), None)?;
         self.tx
             .blocking_send(job)
             .map_err(|_| EngineError::Stopped)?;
@@ -552,6 +580,35 @@ impl Engine {
 fn stall_if_asked(text: &str) {
     slmd_core::fault::stall_if("SLMD_FAULT_STALL_ON", text);
     slmd_core::fault::kill_if("SLMD_FAULT_CRASH_ON", text);
+}
+
+/// Tells each batch's [`Admit`] the tags of its requests, once.
+fn admit(commands: &[Command]) {
+    let mut told: Vec<&Admit> = Vec::new();
+    for command in commands {
+        let Command::Infer(Job {
+            admit: Some((_, to)),
+            ..
+        }) = command
+        else {
+            continue;
+        };
+        if told.iter().any(|t| Arc::ptr_eq(t, to)) {
+            continue;
+        }
+        let tags: Vec<u64> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Infer(Job {
+                    admit: Some((tag, t)),
+                    ..
+                }) if Arc::ptr_eq(t, to) => Some(*tag),
+                _ => None,
+            })
+            .collect();
+        to(&tags);
+        told.push(to);
+    }
 }
 
 /// Everything the inference thread owns once set up.
@@ -977,6 +1034,7 @@ impl<'m> Worker<'m> {
 
     /// Answers a batch of commands; returns the tokens put through the model.
     fn run_batch(&mut self, commands: Vec<Command>, started: Instant) -> usize {
+        admit(&commands);
         let mut jobs = Vec::with_capacity(commands.len());
         for command in commands {
             match command {
@@ -1415,6 +1473,36 @@ fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_tells_each_admit_its_own_tags_once() {
+        type Told = Vec<(char, Vec<u64>)>;
+        let calls: Arc<Mutex<Told>> = Arc::default();
+        let to = |name: char| -> Admit {
+            let calls = calls.clone();
+            Arc::new(move |tags: &[u64]| calls.lock().unwrap().push((name, tags.to_vec())))
+        };
+        let (a, b) = (to('a'), to('b'));
+        let job = |admit: Option<(u64, Admit)>| {
+            let (reply, _) = oneshot::channel();
+            Command::Infer(Job {
+                task: 0,
+                query: Query::default(),
+                admit,
+                reply,
+            })
+        };
+        let (ping, _) = oneshot::channel();
+        let batch = [
+            job(Some((7, a.clone()))),
+            Command::Ping(ping),
+            job(None),
+            job(Some((3, b.clone()))),
+            job(Some((9, a))),
+        ];
+        admit(&batch);
+        assert_eq!(*calls.lock().unwrap(), [('a', vec![7, 9]), ('b', vec![3])]);
+    }
 
     #[test]
     fn tuning_pins_and_renices_only_the_inference_thread() {

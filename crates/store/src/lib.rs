@@ -48,7 +48,8 @@
 //!   message (DUP set); the router finds it in `seen` and publishes the stored
 //!   result again instead of processing it twice.
 //! - During processing: the inbox entry, its `dispatched` mark (made
-//!   durable before the engine sees the message), and `running` still set.
+//!   durable as the inference thread takes it into a batch, before
+//!   anything is decoded; what waits in the engine's queue is not marked), and `running` still set.
 //!   On start each dispatched entry is blamed (`attempts` + 1) and runs one
 //!   at a time; one blamed `max_attempts` times goes to the dead letters. A
 //!   crash before anything was dispatched (during start-up or the model
@@ -574,14 +575,19 @@ impl Store {
             .collect()
     }
 
-    /// Records, durably, that a message is being handed to the engine: if
-    /// the process dies before it completes, the message is a suspect.
-    pub async fn mark_dispatched(&self, key: u64) -> Result<(), StoreError> {
-        self.check(
-            self.trees()
-                .and_then(|t| Ok(t.dispatched.insert(key.to_be_bytes(), &[])?)),
-        )?;
-        self.flush().await
+    /// Records, durably, that messages are being handed to the model: if
+    /// the process dies before they complete, they are suspects. Blocking
+    /// (one flush for them all): for the inference thread, which calls it
+    /// as they enter a batch.
+    pub fn mark_dispatched(&self, keys: &[u64]) -> Result<(), StoreError> {
+        self.check((|| {
+            let t = self.trees()?;
+            for key in keys {
+                t.dispatched.insert(key.to_be_bytes(), &[])?;
+            }
+            t.db.flush()?;
+            Ok(())
+        })())
     }
 
     /// After a crash: every message the last run had dispatched and not
@@ -1180,8 +1186,7 @@ mod tests {
                 .collect();
             store.flush().await.unwrap();
             // Two reached the engine; the others were still waiting.
-            store.mark_dispatched(keys[0]).await.unwrap();
-            store.mark_dispatched(keys[2]).await.unwrap();
+            store.mark_dispatched(&[keys[0], keys[2]]).unwrap();
             keys
             // Dropped without mark_stopped: a crash.
         };
@@ -1190,7 +1195,7 @@ mod tests {
         assert_eq!(store.blame_dispatched().await.unwrap(), 2);
         // A crash during the next start-up, before anything ran: no blame.
         assert_eq!(store.blame_dispatched().await.unwrap(), 0);
-        store.mark_dispatched(keys[0]).await.unwrap();
+        store.mark_dispatched(&keys[..1]).unwrap();
         assert_eq!(store.blame_dispatched().await.unwrap(), 1);
         let attempts: Vec<u32> = keys.iter().map(|&k| store.attempts(k).unwrap()).collect();
         assert_eq!(attempts, [2, 0, 1, 0]);
@@ -1209,7 +1214,7 @@ mod tests {
         );
         assert!(stats.oldest_outbox_age_ms.unwrap() < 60_000);
         // Dispatched, then a clean stop: not a suspect.
-        store.mark_dispatched(keys[3]).await.unwrap();
+        store.mark_dispatched(&keys[3..4]).unwrap();
         store.mark_stopped().await.unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();

@@ -247,7 +247,7 @@ async fn a_message_blamed_for_crashes_is_a_dead_letter_and_never_runs() {
     let key = store
         .append_inbox(&message("f/1/in", r#"{"id": "d1", "text": "crash"}"#))
         .unwrap();
-    store.mark_dispatched(key).await.unwrap();
+    store.mark_dispatched(&[key]).unwrap();
     assert_eq!(store.blame_dispatched().await.unwrap(), 1);
     let rig = rig.run();
     let out = rig.settled().await;
