@@ -112,7 +112,7 @@ pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
         }
     } else if let Some(name) = &config.model.name {
         let manifests = config.resolve(&config.model.manifests);
-        match slmd_engine::models::find_manifest(&manifests, name) {
+        match slmd_engine::models::find_kind(&manifests, name, slmd_engine::models::Kind::Model) {
             Err(e) => problem("model.name", e.to_string()),
             Ok(m) => {
                 if ModelStore::installed_in(&config.state_dir(), &m).is_none() {

@@ -75,7 +75,8 @@ pub fn locate_model(r: ModelRef<'_>) -> Result<(PathBuf, ModelInfo, PromptFormat
             state_dir,
             manifests,
         } => {
-            let manifest = slmd_engine::models::find_manifest(&manifests, name)?;
+            let manifest =
+                slmd_engine::models::find_kind(&manifests, name, slmd_engine::models::Kind::Model)?;
             let store = ModelStore::open(&state_dir)?;
             let path = store
                 .installed(&manifest)

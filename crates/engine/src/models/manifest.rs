@@ -19,6 +19,36 @@ pub enum PromptFormat {
     Plain,
 }
 
+/// What a manifest's file is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A GGUF model.
+    #[default]
+    Model,
+    /// A language's sentence templates as the `home-assistant-intents`
+    /// package ships them (JSON): the template stage's data.
+    Templates,
+}
+
+impl Kind {
+    /// The installed file's extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Kind::Model => "gguf",
+            Kind::Templates => "json",
+        }
+    }
+
+    /// Whether a file of this kind may start with `head`.
+    pub(crate) fn accepts(self, head: &[u8; 4]) -> bool {
+        match self {
+            Kind::Model => head == b"GGUF",
+            Kind::Templates => head.first() == Some(&b'{'),
+        }
+    }
+}
+
 /// Where (part of) a model file comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -174,9 +204,12 @@ impl fmt::Display for Source {
 #[serde(deny_unknown_fields)]
 struct ManifestFile {
     name: String,
+    #[serde(default)]
+    kind: Kind,
     description: String,
     licence: String,
-    prompt_format: PromptFormat,
+    /// Required for a model.
+    prompt_format: Option<PromptFormat>,
     size: u64,
     sha256: String,
     sources: Vec<String>,
@@ -186,6 +219,7 @@ struct ManifestFile {
 #[derive(Clone, Debug)]
 pub struct Manifest {
     pub name: String,
+    pub kind: Kind,
     pub description: String,
     pub licence: String,
     pub prompt_format: PromptFormat,
@@ -245,6 +279,17 @@ impl Manifest {
                 "size must be the byte size of the GGUF, not 0".into(),
             ));
         }
+        let prompt_format = match (raw.kind, raw.prompt_format) {
+            (Kind::Model, None) => {
+                return Err(invalid(
+                    "prompt_format is missing: a model needs one".into(),
+                ))
+            }
+            (Kind::Templates, Some(_)) => {
+                return Err(invalid("prompt_format is for models, not templates".into()))
+            }
+            (_, format) => format.unwrap_or(PromptFormat::Plain),
+        };
         if raw.sources.is_empty() {
             return Err(invalid("sources is empty: give at least one".into()));
         }
@@ -260,9 +305,10 @@ impl Manifest {
             .map_err(|e| invalid(e.to_string()))?;
         Ok(Manifest {
             name: raw.name,
+            kind: raw.kind,
             description: raw.description,
             licence: raw.licence,
-            prompt_format: raw.prompt_format,
+            prompt_format,
             size: raw.size,
             sha256,
             sources,
@@ -292,6 +338,18 @@ pub fn list_manifests(manifest_dir: &Path) -> Result<Vec<Manifest>, ModelError> 
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// [`find_manifest`], refusing a manifest of another kind.
+pub fn find_kind(manifest_dir: &Path, name: &str, kind: Kind) -> Result<Manifest, ModelError> {
+    let m = find_manifest(manifest_dir, name)?;
+    if m.kind != kind {
+        return Err(ModelError::ManifestInvalid {
+            path: m.path.clone(),
+            reason: format!("{name} is a {:?} manifest, not {kind:?}", m.kind),
+        });
+    }
+    Ok(m)
 }
 
 /// The manifest for model `name`: `<dir>/<name>.toml` if it exists, else the

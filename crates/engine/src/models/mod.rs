@@ -43,7 +43,9 @@ use sha2::{Digest, Sha256};
 pub use fetch::{
     agent_builder, new_agent, normalize_dist, pypi_index_from_env, DEFAULT_PYPI_INDEX,
 };
-pub use manifest::{find_manifest, list_manifests, Manifest, PromptFormat, Source};
+pub use manifest::{
+    find_kind, find_manifest, list_manifests, Kind, Manifest, PromptFormat, Source,
+};
 
 /// Everything that can go wrong loading manifests or fetching models.
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +116,12 @@ pub enum ModelError {
         expected: String,
         actual: String,
     },
-    #[error(
-        "model {name}: not a GGUF file (starts with {magic:?}, expected \"GGUF\"); nothing was installed"
-    )]
-    NotGguf { name: String, magic: String },
+    #[error("{name}: not a {kind:?} file (starts with {magic:?}); nothing was installed")]
+    WrongFormat {
+        name: String,
+        kind: Kind,
+        magic: String,
+    },
 }
 
 fn io_err(what: impl Into<String>, e: io::Error) -> ModelError {
@@ -223,9 +227,11 @@ impl ModelStore {
         &self.root
     }
 
-    /// Where the model's file lives once installed: `<root>/<sha256>.gguf`.
+    /// Where the model's file lives once installed: `<root>/<sha256>.gguf`
+    /// (`.json` for templates).
     pub fn path_for(&self, m: &Manifest) -> PathBuf {
-        self.root.join(format!("{}.gguf", m.sha256))
+        self.root
+            .join(format!("{}.{}", m.sha256, m.kind.extension()))
     }
 
     /// The model's path if a file of the right size is there (no hashing).
@@ -237,7 +243,9 @@ impl ModelStore {
     /// create its directories: for checks that must leave no trace.
     pub fn installed_in(state_dir: &Path, m: &Manifest) -> Option<PathBuf> {
         installed_file(
-            state_dir.join("models").join(format!("{}.gguf", m.sha256)),
+            state_dir
+                .join("models")
+                .join(format!("{}.{}", m.sha256, m.kind.extension())),
             m,
         )
     }
@@ -294,7 +302,7 @@ impl ModelStore {
             return Ok(p);
         }
 
-        let part = staging.join(format!("{}.gguf.part", m.sha256));
+        let part = staging.join(format!("{}.{}.part", m.sha256, m.kind.extension()));
         let mut guard = Staged(Some(&part));
         let mut out = File::options()
             .read(true)
@@ -350,9 +358,10 @@ impl ModelStore {
         File::open(&part)
             .and_then(|mut f| f.read_exact(&mut magic))
             .map_err(|e| io_err(format!("reading {}", part.display()), e))?;
-        if &magic != b"GGUF" {
-            return Err(ModelError::NotGguf {
+        if !m.kind.accepts(&magic) {
+            return Err(ModelError::WrongFormat {
                 name: m.name.clone(),
+                kind: m.kind,
                 magic: String::from_utf8_lossy(&magic).into_owned(),
             });
         }

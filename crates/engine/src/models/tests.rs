@@ -249,7 +249,7 @@ fn not_gguf_refused() {
     let mp = write_manifest(t.path(), "h.toml", "h", data.len(), &sha(&data), &["x"]);
     let s = store(&t.path().join("state"));
     let e = s.fetch(&Manifest::load(&mp).unwrap()).unwrap_err();
-    assert!(matches!(e, ModelError::NotGguf { .. }), "{e}");
+    assert!(matches!(e, ModelError::WrongFormat { .. }), "{e}");
     assert!(leftovers(&s).is_empty());
     assert_eq!(installed_files(&s), 0);
 }
@@ -446,6 +446,42 @@ fn shipped_manifests_load() {
     assert!(all
         .iter()
         .all(|m| matches!(m.sources[0], Source::Pypi { .. })));
+    let en = find_kind(&dir, "home-assistant-intents-en", Kind::Templates).unwrap();
+    assert_eq!(en.kind.extension(), "json");
+    let e = find_kind(&dir, "home-assistant-intents-en", Kind::Model).unwrap_err();
+    assert!(e.to_string().contains("not Model"), "{e}");
+}
+
+#[test]
+fn a_templates_manifest_is_installed_as_json_and_checked_as_json() {
+    let t = tempfile::tempdir().unwrap();
+    let body = b"{\"intents\": {}}";
+    std::fs::write(t.path().join("en.json"), body).unwrap();
+    std::fs::write(t.path().join("not.json"), b"GGUF....").unwrap();
+    let manifest = |name: &str, file: &str, body: &[u8], extra: &str| {
+        let text = format!(
+            "name = \"{name}\"\nkind = \"templates\"\ndescription = \"d\"\nlicence = \"x\"\n{extra}\
+             size = {}\nsha256 = \"{}\"\nsources = [\"{file}\"]\n",
+            body.len(),
+            hex::encode(Sha256::digest(body))
+        );
+        Manifest::parse(&text, &t.path().join(format!("{name}.toml")))
+    };
+    let m = manifest("en", "en.json", body, "").unwrap();
+    let s = store(&t.path().join("state"));
+    let path = s.fetch(&m).unwrap();
+    assert!(
+        path.to_string_lossy().ends_with(".json"),
+        "{}",
+        path.display()
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    let e = manifest("en", "en.json", body, "prompt_format = \"plain\"\n").unwrap_err();
+    assert!(e.to_string().contains("not templates"), "{e}");
+    let gguf = b"GGUF....";
+    let m = manifest("bad", "not.json", gguf, "").unwrap();
+    let e = s.fetch(&m).unwrap_err();
+    assert!(matches!(e, ModelError::WrongFormat { .. }), "{e}");
 }
 
 // ---- HTTP -----------------------------------------------------------------
