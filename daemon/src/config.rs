@@ -379,10 +379,39 @@ pub struct ExtractConfig {
     /// What the model is told before an intent's examples.
     #[serde(default = "default_slot_instruction")]
     pub slot_instruction: String,
+    /// Sentence templates tried before the model (`[tasks.templates]`).
+    #[serde(default)]
+    pub templates: Option<TemplatesConfig>,
+}
+
+/// An extract task's template stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Intents files in order: a templates manifest's name (fetched into
+    /// the model store like a model), a file, or a folder of YAML sentence
+    /// files (relative to the configuration file). A later one adds
+    /// sentences to an intent and replaces lists and rules of its names.
+    pub sources: Vec<String>,
+    /// The home in Home Assistant's fixture form (areas, floors, entities
+    /// with their domains); the task's `area`, `floor` and `name` slot
+    /// values are added to it, injected ones included.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
+    /// Whether what the templates miss goes to the model; without it, it
+    /// is not recognised.
+    #[serde(default = "TemplatesConfig::default_model_stage")]
+    pub model_stage: bool,
+}
+
+impl TemplatesConfig {
+    fn default_model_stage() -> bool {
+        true
+    }
 }
 
 /// The keys that belong to one kind of task.
-const KIND_KEYS: [&str; 3] = ["slots", "slot_instruction", "monitor"];
+const KIND_KEYS: [&str; 4] = ["slots", "slot_instruction", "templates", "monitor"];
 
 impl TaskKind {
     /// Takes `kind` and the kind's own keys out of a task's table; a key
@@ -409,7 +438,7 @@ impl TaskKind {
         };
         let allowed: &[&str] = match kind.as_str() {
             "classify" => &[],
-            "extract" => &["slots", "slot_instruction"],
+            "extract" => &["slots", "slot_instruction", "templates"],
             "monitor" => &["monitor"],
             _ => {
                 return Err(format!(

@@ -25,6 +25,8 @@ pub enum RunError {
     Lock(#[from] slmd_store::lock::LockError),
     #[error(transparent)]
     Injection(#[from] injection::InjectionError),
+    #[error(transparent)]
+    Templates(#[from] slmd_templates::TemplateError),
     #[error(
         "model.mlock needs RLIMIT_MEMLOCK of at least {needed} bytes (the model file); the \
          limit is {limit}. Raise it (LimitMEMLOCK=infinity in the unit, ulimit -l) or set \
@@ -64,6 +66,7 @@ impl RunError {
                     | ModelError::ManifestInvalid { .. }
             ),
             RunError::Examples(_)
+            | RunError::Templates(_)
             | RunError::Tls(_)
             | RunError::NotInstalled { .. }
             | RunError::Hash { .. }

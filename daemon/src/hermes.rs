@@ -137,7 +137,7 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
     let Some(intent) = &scores.label else {
         return (NOT_RECOGNIZED_TOPIC.into(), body);
     };
-    let confidence = round4(scores.ranked[0].1);
+    let confidence = scores.ranked.first().map_or(0.0, |r| round4(r.1));
     let slots: Vec<Value> = scores
         .slots
         .iter()
@@ -145,6 +145,8 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
         .map(|slot| hermes_slot(input, slot, confidence))
         .collect();
     body["rawInput"] = json!(input);
+    // Which stage answered; Hermes clients ignore keys they do not know.
+    body["by"] = json!(scores.by);
     body["intent"] = json!({"intentName": intent, "confidenceScore": confidence});
     body["slots"] = Value::Array(slots);
     (format!("{output_topic}/{intent}"), body)
@@ -216,6 +218,7 @@ mod tests {
             slots: Some(slots),
             inference_ms: 1.0,
             tokens: 3,
+            by: slmd_engine::Stage::Model,
         }
     }
 

@@ -177,8 +177,10 @@ pub struct TaskResult {
     pub model: ModelInfo,
     /// From the message being stored to its result being ready.
     pub latency_ms: f64,
-    /// Of that, time on the inference thread.
+    /// Of that, time on the inference thread (or in the template stage).
     pub inference_ms: f64,
+    /// The stage that answered: `template` or `model`.
+    pub by: slmd_engine::Stage,
     /// What the task's safety policy says to do (tasks with a policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<crate::policy::Action>,
@@ -239,8 +241,8 @@ impl TaskResult {
             task: task.to_owned(),
             recognised: scores.label.is_some(),
             answer: Answer::new(scores),
-            confidence: round4(scores.ranked[0].1) as f32,
-            alternatives: scores.ranked[skip..]
+            confidence: scores.ranked.first().map_or(0.0, |r| round4(r.1) as f32),
+            alternatives: scores.ranked[skip.min(scores.ranked.len())..]
                 .iter()
                 .take(3)
                 .map(|(l, p)| Alternative {
@@ -251,6 +253,7 @@ impl TaskResult {
             model: model.clone(),
             latency_ms: round2(latency_ms),
             inference_ms: round2(scores.inference_ms),
+            by: scores.by,
             action: None,
         }
     }

@@ -186,6 +186,99 @@ pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, Ru
             }),
             _ => None,
         },
+        templates: match &t.kind {
+            config::TaskKind::Extract(e) => e
+                .templates
+                .as_ref()
+                .map(|tc| template_stage(config, tc, &e.slots))
+                .transpose()?,
+            _ => None,
+        },
+    })
+}
+
+/// An extract task's template stage: its sources compiled with its home
+/// (paths relative to the configuration file).
+pub fn template_stage(
+    config: &Config,
+    tc: &config::TemplatesConfig,
+    slots: &[slmd_engine::schema::SlotSpec],
+) -> Result<slmd_engine::TemplateStage, RunError> {
+    let resolved = config::TemplatesConfig {
+        sources: tc
+            .sources
+            .iter()
+            .map(|s| {
+                let path = config.resolve(Path::new(s));
+                match path.exists() {
+                    true => path.display().to_string(),
+                    false => s.clone(),
+                }
+            })
+            .collect(),
+        home: tc.home.as_ref().map(|h| config.resolve(h)),
+        model_stage: tc.model_stage,
+    };
+    let manifests = config.resolve(&config.model.manifests);
+    template_stage_in(&config.state_dir(), &manifests, &resolved, slots)
+}
+
+/// [`template_stage`] with the model store and manifests given; a source
+/// that is not a file or folder is a templates manifest's name.
+pub fn template_stage_in(
+    state_dir: &Path,
+    manifests: &Path,
+    tc: &config::TemplatesConfig,
+    slots: &[slmd_engine::schema::SlotSpec],
+) -> Result<slmd_engine::TemplateStage, RunError> {
+    use slmd_templates::{Home, TemplateError};
+    let mut sources = slmd_templates::Sources::default();
+    for source in &tc.sources {
+        let path = Path::new(source);
+        if path.exists() {
+            sources.add_path(path)?;
+            continue;
+        }
+        let m = slmd_engine::models::find_kind(
+            manifests,
+            source,
+            slmd_engine::models::Kind::Templates,
+        )?;
+        let installed =
+            ModelStore::installed_in(state_dir, &m).ok_or_else(|| RunError::NotInstalled {
+                name: source.to_owned(),
+                store: state_dir.join("models"),
+            })?;
+        sources.add_path(&installed)?;
+    }
+    let mut home = match &tc.home {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| TemplateError::Read {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            Home::from_fixtures(&text).map_err(|e| TemplateError::Format {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?
+        }
+        None => Home::default(),
+    };
+    for s in slots {
+        if let slmd_engine::schema::SlotKind::Enum { values, .. } = &s.kind {
+            home.add_names(&s.name, values);
+        }
+    }
+    let started = std::time::Instant::now();
+    let templates = sources.compile(&home)?;
+    log::info!(
+        "{} template sentence(s) compiled in {} ms",
+        templates.len(),
+        started.elapsed().as_millis()
+    );
+    Ok(slmd_engine::TemplateStage {
+        templates: std::sync::Arc::new(templates),
+        model_stage: tc.model_stage,
     })
 }
 

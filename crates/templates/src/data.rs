@@ -133,6 +133,39 @@ struct FixtureEntity {
 }
 
 impl Home {
+    /// Adds the values of slot `slot` the home does not have yet: areas
+    /// for `area`, floors for `floor`, entities (of no known domain) for
+    /// `name`; other slots add nothing.
+    pub fn add_names(&mut self, slot: &str, values: &[String]) {
+        let known = |names: &[&String], v: &str| names.iter().any(|n| n.eq_ignore_ascii_case(v));
+        for v in values {
+            let named = || Named {
+                name: v.clone(),
+                aliases: Vec::new(),
+            };
+            match slot {
+                "area" if !known(&self.areas.iter().map(|a| &a.name).collect::<Vec<_>>(), v) => {
+                    self.areas.push(named())
+                }
+                "floor" if !known(&self.floors.iter().map(|a| &a.name).collect::<Vec<_>>(), v) => {
+                    self.floors.push(named())
+                }
+                "name"
+                    if !known(
+                        &self.entities.iter().map(|e| &e.name).collect::<Vec<_>>(),
+                        v,
+                    ) =>
+                {
+                    self.entities.push(Entity {
+                        name: v.clone(),
+                        ..Entity::default()
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// A home in Home Assistant's test-fixture form (YAML with `areas`,
     /// `floors` and `entities`; an entity's `id` gives its domain and its
     /// `attributes.device_class` its class).

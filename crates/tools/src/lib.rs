@@ -191,6 +191,18 @@ pub struct EvalArgs {
     /// head never saw (the estimate for a task without such examples).
     #[arg(long, requires_all = ["reject_label", "cv"])]
     unseen_oos: bool,
+    /// Extract: a template stage before the model, from these intents
+    /// files (a templates manifest's name, a file or a folder, as the task
+    /// option `templates.sources`); the report gives each stage's share.
+    #[arg(long, value_delimiter = ',')]
+    templates: Vec<String>,
+    /// The home the templates name (Home Assistant's fixture form; as
+    /// `templates.home`).
+    #[arg(long, requires = "templates")]
+    home: Option<PathBuf>,
+    /// With --templates: what the templates miss is not recognised.
+    #[arg(long, requires = "templates")]
+    no_model_stage: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -309,6 +321,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         reject_label: a.reject_label.clone(),
         novelty_quantile: a.novelty_quantile,
         unseen_oos: a.unseen_oos,
+        templates: template_stage(&a)?,
     };
     if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
         anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
@@ -352,6 +365,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.seed.len() > 1 {
         report.per_seed = eval::metrics::per_seed(&outcomes, &a.seed, reject.as_deref());
     }
+    report.per_stage = eval::metrics::per_stage(&outcomes, reject.as_deref());
     if let Some(path) = &a.predictions {
         let mut lines = String::new();
         for o in &outcomes {
@@ -424,6 +438,31 @@ fn eval_anomaly(a: EvalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--templates`: the stage, with the home and the known slot values
+/// (`--slot-values`) as the daemon compiles it; none when not asked for.
+fn template_stage(a: &EvalArgs) -> anyhow::Result<Option<slmd_engine::TemplateStage>> {
+    if a.templates.is_empty() {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        a.kind == EvalKind::Extract,
+        "--templates is for --kind extract"
+    );
+    let (state, manifests) = dirs(DirArgs {
+        config: None,
+        state_dir: a.engine.dirs.state_dir.clone(),
+        manifests: a.engine.dirs.manifests.clone(),
+    })?;
+    let config = slmd::config::TemplatesConfig {
+        sources: a.templates.clone(),
+        home: a.home.clone(),
+        model_stage: !a.no_model_stage,
+    };
+    let stage = slmd::serving::template_stage_in(&state, &manifests, &config, &[])?;
+    eprintln!("--templates: {} sentences", stage.templates.len());
+    Ok(Some(stage))
+}
+
 /// `--slot-values`: the known values of slots, none when not given.
 fn known_values(path: Option<&Path>) -> anyhow::Result<crate::eval::slots::Known> {
     Ok(match path {
@@ -494,6 +533,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             }),
         },
         extra: Vec::new(),
+        templates: None,
     };
     let trial = crate::eval::holdout(&rows, Vec::new(), &settings).remove(0);
     let mut opts = engine_options(&a.engine)?;

@@ -52,6 +52,7 @@ fn rig(task: &str, tune: impl FnOnce(&mut Config)) -> Rig {
                 slots: None,
                 inference_ms: 1.0,
                 tokens: 3,
+                by: slmd_engine::Stage::Model,
             }),
         }
     });

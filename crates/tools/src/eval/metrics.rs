@@ -42,6 +42,8 @@ pub struct Outcome {
     pub predicted_slots: BTreeMap<String, String>,
     /// Time to answer this row, in milliseconds.
     pub latency_ms: f64,
+    /// The stage that answered.
+    pub by: slmd_engine::Stage,
 }
 
 /// Precision, recall and F1 of one label (never the reject label).
@@ -128,6 +130,45 @@ pub struct Report {
     /// seed's rows, so `accuracy` is the mean of the seeds' accuracies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_seed: Vec<SeedScore>,
+    /// With a template stage: the rows each stage answered, and how well.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_stage: Vec<StageScore>,
+}
+
+/// The rows one stage of a cascade answered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageScore {
+    pub stage: slmd_engine::Stage,
+    pub rows: usize,
+    /// Of all rows.
+    pub share: f64,
+    /// On its own rows.
+    pub accuracy: f64,
+    pub slot_f1: Option<f64>,
+    pub p50_ms: f64,
+}
+
+/// Each stage's share and scores; empty when the model answered every row.
+pub fn per_stage(outcomes: &[Outcome], reject_label: Option<&str>) -> Vec<StageScore> {
+    use slmd_engine::Stage;
+    if outcomes.iter().all(|o| o.by == Stage::Model) {
+        return Vec::new();
+    }
+    [Stage::Template, Stage::Model]
+        .into_iter()
+        .map(|stage| {
+            let own: Vec<Outcome> = outcomes.iter().filter(|o| o.by == stage).cloned().collect();
+            let r = report(&own, 0.0, reject_label);
+            StageScore {
+                stage,
+                rows: own.len(),
+                share: ratio(own.len(), outcomes.len()),
+                accuracy: r.accuracy,
+                slot_f1: r.slot_f1,
+                p50_ms: r.p50_ms,
+            }
+        })
+        .collect()
 }
 
 /// One fold seed's share of a repeated cross-validation.
@@ -252,6 +293,7 @@ pub fn report(outcomes: &[Outcome], wall_secs: f64, reject_label: Option<&str>) 
         per_label,
         confusion: confusion(outcomes),
         per_seed: Vec::new(),
+        per_stage: Vec::new(),
     }
 }
 
@@ -455,6 +497,24 @@ impl Report {
                 .collect();
             line("accuracy by seed", seeds.join("  "));
         }
+        for s in &self.per_stage {
+            let slots = s
+                .slot_f1
+                .map_or(String::new(), |f| format!("  slot F1 {f:.3}"));
+            line(
+                &format!(
+                    "by {}",
+                    serde_json::to_value(s.stage)
+                        .unwrap_or_default()
+                        .as_str()
+                        .unwrap_or("?")
+                ),
+                format!(
+                    "{} rows ({:.3})  accuracy {:.3}{slots}  p50 {:.2} ms",
+                    s.rows, s.share, s.accuracy, s.p50_ms
+                ),
+            );
+        }
 
         if !self.per_label.is_empty() {
             self.write_label_table(&mut out);
@@ -588,6 +648,7 @@ mod tests {
             truth_slots: BTreeMap::new(),
             predicted_slots: BTreeMap::new(),
             latency_ms: 1.0,
+            by: slmd_engine::Stage::Model,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct TaskSettings {
     /// (`--extra-train`); those whose intent is not among the training
     /// rows' are left out.
     pub extra: Vec<Row>,
+    /// Sentence templates before the model (`--templates`).
+    pub templates: Option<slmd_engine::TemplateStage>,
 }
 
 /// How extraction tasks are built: the slot schema comes from the training
@@ -145,6 +147,7 @@ fn spec(name: &str, train: &[Row], s: &TaskSettings) -> TaskSpec {
                 .collect(),
         }),
         labels,
+        templates: s.templates.clone(),
     }
 }
 
@@ -235,14 +238,14 @@ pub fn run(
             };
             let scores = engine.infer_blocking(task, query)?;
             let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            let (top, confidence) = scores.ranked[0].clone();
+            let (top, confidence) = scores.ranked.first().cloned().unwrap_or_default();
             outcomes.push(Outcome {
                 text: row.text.clone(),
                 truth: row.intent.clone(),
+                abstained: scores.label.is_none() && reject_label != Some(top.as_str()),
                 top,
                 confidence,
-                abstained: scores.label.is_none()
-                    && reject_label != Some(scores.ranked[0].0.as_str()),
+                by: scores.by,
                 truth_slots: row
                     .slots
                     .iter()
@@ -343,6 +346,7 @@ mod tests {
             unseen_oos: false,
             extract: None,
             extra: Vec::new(),
+            templates: None,
         }
     }
 
