@@ -17,6 +17,10 @@ config=configs/$pack.toml
 cargo build --release --locked --bins
 bin=target/release/slmd
 $bin model fetch smollm2-135m-instruct-q4_1 --config "$config"
+# Sentence templates a pack's template stage names are fetched the same way.
+for t in $(grep -o 'home-assistant-intents-[a-z]*' "$config" | sort -u); do
+  $bin model fetch "$t" --config "$config"
+done
 
 . scripts/local-broker.sh
 start_broker
@@ -72,7 +76,8 @@ demo)
 smart-home)
   filters=(-t 'hermes/intent/#' -t 'hermes/nlu/intentNotRecognized' -t 'hermes/error/#' -t 'hermes/injection/complete')
   for c in "turn off the kitchen lights" "set the bedroom lamp to 40 percent" \
-    "what is the temperature in the living room" "start a 10 minute timer"; do
+    "what is the temperature in the living room" "start a 10 minute timer" \
+    "it is far too dark in the kitchen"; do
     send hermes/nlu/query "{\"input\": \"$c\", \"id\": \"$run-$RANDOM\", \"siteId\": \"kitchen\", \"sessionId\": \"$run\"}"
   done
   send hermes/nlu/query "{\"input\": \"turn on the lights\", \"id\": \"$run-f\", \"intentFilter\": [\"HassTurnOff\"]}"

@@ -134,6 +134,8 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
         "asrConfidence": s.asr_confidence,
         "alternatives": alternatives,
     });
+    // Which stage answered; Hermes clients ignore keys they do not know.
+    body["by"] = json!(scores.by);
     let Some(intent) = &scores.label else {
         return (NOT_RECOGNIZED_TOPIC.into(), body);
     };
@@ -145,8 +147,6 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
         .map(|slot| hermes_slot(input, slot, confidence))
         .collect();
     body["rawInput"] = json!(input);
-    // Which stage answered; Hermes clients ignore keys they do not know.
-    body["by"] = json!(scores.by);
     body["intent"] = json!({"intentName": intent, "confidenceScore": confidence});
     body["slots"] = Value::Array(slots);
     (format!("{output_topic}/{intent}"), body)

@@ -126,6 +126,22 @@ pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
             }
         }
     }
+    // Template stages compile as they would at start-up; not yet fetched
+    // templates are a note, as a model is.
+    for (i, t) in config.tasks.iter().enumerate() {
+        let config::TaskKind::Extract(e) = &t.kind else {
+            continue;
+        };
+        let Some(tc) = &e.templates else { continue };
+        match serving::template_stage(config, tc, &e.slots) {
+            Ok(_) => {}
+            Err(error::RunError::NotInstalled { name, .. }) => out.notes.push(format!(
+                "templates {name:?} are not installed: run `slmd model fetch {name} --config {}`",
+                config_path.display()
+            )),
+            Err(e) => problem(&format!("tasks[{i}].templates"), e.to_string()),
+        }
+    }
     // Opening the bundle store creates it: look only where one exists.
     if config.state_dir().join("bundles/current.json").is_file() {
         match bundle::store::BundleStore::open(&config.state_dir()).and_then(|s| s.active()) {

@@ -79,6 +79,26 @@ async fn smart_home_speaks_hermes_with_home_assistant_intents_and_injected_entit
         .expect("an area slot");
     assert_eq!(area["value"], json!({"kind": "Custom", "value": "Kitchen"}));
     assert_eq!(area["rawValue"], "kitchen");
+    // Home Assistant's own sentences cover it: the template stage answered.
+    assert_eq!(v["by"], "template", "{v}");
+    assert_eq!(p, 1.0, "a template match is certain: {v}");
+    let domain = slots.iter().find(|s| s["slotName"] == "domain");
+    assert_eq!(
+        domain.expect("the sentence's domain")["value"]["value"],
+        "light"
+    );
+
+    // Free phrasing no template covers goes to the model.
+    let query = json!({"input": "it is far too dark in the kitchen", "id": "q1b"});
+    sub.publish("hermes/nlu/query", query.to_string()).await;
+    let v = loop {
+        let m = sub.next(WAIT).await.expect("an answer to q1b");
+        let v = m.json();
+        if v["id"] == "q1b" && m.topic != "hermes/nlu/query" {
+            break v;
+        }
+    };
+    assert_eq!(v["by"], "model", "{v}");
 
     // intentFilter: only the allowed intents are chosen among.
     let query = json!({"input": input, "id": "q2", "intentFilter": ["HassTurnOn"]});
@@ -128,6 +148,10 @@ async fn smart_home_speaks_hermes_with_home_assistant_intents_and_injected_entit
     )
     .await;
     let v = on(&mut sub, "hermes/intent/HassTurnOn").await.json();
+    assert_eq!(
+        v["by"], "template",
+        "an injected area reaches the templates: {v}"
+    );
     let area = v["slots"]
         .as_array()
         .unwrap()

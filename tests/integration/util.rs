@@ -53,6 +53,23 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The installed file of templates manifest `name` (fetched into .cache
+/// on first use, as the model is).
+pub fn templates_path(name: &str) -> PathBuf {
+    let root = repo_root();
+    let manifest = slmd_engine::models::find_kind(
+        &root.join("models"),
+        name,
+        slmd_engine::models::Kind::Templates,
+    )
+    .unwrap();
+    let store = slmd_engine::models::ModelStore::open(&root.join(".cache/state")).unwrap();
+    match store.installed(&manifest) {
+        Some(p) => p,
+        None => store.fetch(&manifest).expect("fetching the test templates"),
+    }
+}
+
 /// A mosquitto process on its own port, killed on drop.
 pub struct Broker {
     pub port: u16,
@@ -781,6 +798,26 @@ pub fn pack_config(dir: &Path, broker_port: u16, pack: &str) -> PathBuf {
             None => continue,
         };
         task.insert("examples_file".into(), toml::Value::Array(files));
+        if let Some(t) = task
+            .get_mut("templates")
+            .and_then(toml::Value::as_table_mut)
+        {
+            let sources: Vec<toml::Value> = t["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    templates_path(s.as_str().unwrap())
+                        .display()
+                        .to_string()
+                        .into()
+                })
+                .collect();
+            t.insert("sources".into(), sources.into());
+            if let Some(home) = t.get("home").map(absolute) {
+                t.insert("home".into(), home);
+            }
+        }
     }
     // Tests run beside each other on two cores, where one inference has
     // taken 12 s: longer than a car's state stays fresh (10 s), which
