@@ -20,7 +20,9 @@ cargo build --locked --workspace --all-targets
 scripts/msrv-check.sh
 # Tests run against the real model; fetch it once into .cache/.
 target/debug/slmd model fetch smollm2-135m-instruct-q4_1 --state-dir .cache/state --manifests models
-target/debug/slmd model fetch home-assistant-intents-en --state-dir .cache/state --manifests models
+for t in home-assistant-intents-en home-assistant-intents-de; do
+  target/debug/slmd model fetch "$t" --state-dir .cache/state --manifests models
+done
 # The Yocto recipe's linter (a bitbake parser; tests/integration/packaging.rs).
 oelint=.cache/tools/oelint
 [ -x "$oelint/bin/oelint-adv" ] || {

@@ -402,6 +402,11 @@ pub struct TemplatesConfig {
     /// is not recognised.
     #[serde(default = "TemplatesConfig::default_model_stage")]
     pub model_stage: bool,
+    /// For a task with labels of its own: `{ intent, slots = {..}, label }`
+    /// rules naming template matches by the task's labels (first fitting
+    /// rule); a match no rule names goes to the model.
+    #[serde(default)]
+    pub labels: Vec<slmd_engine::LabelRule>,
 }
 
 impl TemplatesConfig {

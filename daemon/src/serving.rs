@@ -218,6 +218,7 @@ pub fn template_stage(
             .collect(),
         home: tc.home.as_ref().map(|h| config.resolve(h)),
         model_stage: tc.model_stage,
+        labels: tc.labels.clone(),
     };
     let manifests = config.resolve(&config.model.manifests);
     template_stage_in(&config.state_dir(), &manifests, &resolved, slots)
@@ -279,6 +280,7 @@ pub fn template_stage_in(
     Ok(slmd_engine::TemplateStage {
         templates: std::sync::Arc::new(templates),
         model_stage: tc.model_stage,
+        labels: tc.labels.clone(),
     })
 }
 

@@ -41,6 +41,7 @@ fn shipped_and_good_configs_validate() {
         installed,
         repo_root().join("configs/factory.toml"),
         repo_root().join("configs/smart-home.toml"),
+        repo_root().join("configs/smart-home-de.toml"),
         repo_root().join("configs/vehicle.toml"),
     ] {
         let out = slmd(&["check-config", "--config", path.to_str().unwrap()]);

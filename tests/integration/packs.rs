@@ -261,3 +261,53 @@ async fn vehicle_commands_pass_the_safety_policy() {
     );
     assert!(daemon.is_running());
 }
+
+/// The German pack's template stage, compiled from its shipped config with
+/// the fetched Home Assistant templates, answers German commands (the model
+/// stage, Gemma, is measured in docs/EVAL.md and not loaded here).
+#[test]
+fn the_german_pack_compiles_its_templates_and_answers_german_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::util::pack_config(dir.path(), 1883, "smart-home-de");
+    let config = slmd::config::Config::load(&config).unwrap();
+    let slmd::config::TaskKind::Extract(e) = &config.tasks[0].kind else {
+        panic!("the assist task extracts");
+    };
+    let tc = e.templates.as_ref().expect("a template stage");
+    let stage = slmd::serving::template_stage(&config, tc, &e.slots).unwrap();
+    assert!(stage.templates.len() > 1000, "{}", stage.templates.len());
+    let answer = |text: &str| {
+        let s = stage
+            .answer(&slmd_engine::Query::from(text.to_owned()))
+            .unwrap_or_else(|| panic!("no template matched {text:?}"));
+        let slots: Vec<(String, String)> = s
+            .slots
+            .unwrap()
+            .iter()
+            .map(|s| (s.name.clone(), s.value.to_string()))
+            .collect();
+        (s.label.unwrap(), slots)
+    };
+    let (intent, slots) = answer("Schalte das Licht in der Küche aus");
+    assert_eq!(intent, "HassTurnOff");
+    assert!(
+        slots.contains(&("area".into(), "Küche".into())),
+        "{slots:?}"
+    );
+    assert!(
+        slots.contains(&("domain".into(), "light".into())),
+        "{slots:?}"
+    );
+    let (intent, slots) = answer("stelle die Helligkeit im Wohnzimmer auf 40%");
+    assert_eq!(intent, "HassLightSet");
+    assert!(
+        slots.contains(&("brightness".into(), "40".into())),
+        "{slots:?}"
+    );
+    // Free phrasing is the model's.
+    assert!(stage
+        .answer(&slmd_engine::Query::from(
+            "mir ist es hier zu dunkel".to_owned()
+        ))
+        .is_none());
+}

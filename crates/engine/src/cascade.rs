@@ -29,6 +29,31 @@ pub struct TemplateStage {
     /// Whether what the templates miss goes to the model; without it, it
     /// is not recognised.
     pub model_stage: bool,
+    /// For a task whose labels are not the templates' intents: which match
+    /// is which label, first rule first. A match no rule names is no
+    /// match. Empty: the intents are the labels.
+    pub labels: Vec<LabelRule>,
+}
+
+/// A template match of `intent` whose slots include `slots` is `label`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRule {
+    pub intent: String,
+    #[serde(default)]
+    pub slots: std::collections::BTreeMap<String, String>,
+    pub label: String,
+}
+
+impl LabelRule {
+    fn fits(&self, m: &slmd_templates::Match) -> bool {
+        self.intent == m.intent
+            && self.slots.iter().all(|(k, want)| {
+                m.slots.iter().any(|(name, v)| {
+                    name == k && v.as_str().map_or(v.to_string(), str::to_owned) == *want
+                })
+            })
+    }
 }
 
 impl TemplateStage {
@@ -39,6 +64,12 @@ impl TemplateStage {
         let hit = self
             .templates
             .recognise(&query.text, &query.context)
+            .and_then(|mut m| {
+                if !self.labels.is_empty() {
+                    m.intent = self.labels.iter().find(|r| r.fits(&m))?.label.clone();
+                }
+                Some(m)
+            })
             .filter(|m| query.among.as_ref().is_none_or(|a| a.contains(&m.intent)));
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let (ranked, label, slots) = match hit {
@@ -98,6 +129,7 @@ mod tests {
         TemplateStage {
             templates: Arc::new(sources.compile(&Default::default()).unwrap()),
             model_stage,
+            labels: Vec::new(),
         }
     }
 
@@ -120,6 +152,20 @@ mod tests {
         assert!(stage(true).answer(&q).is_none());
         let s = stage(false).answer(&q).unwrap();
         assert_eq!((s.label, s.ranked.len(), s.by), (None, 0, Stage::Template));
+    }
+
+    #[test]
+    fn rules_name_a_match_by_the_tasks_labels_and_unnamed_matches_go_to_the_model() {
+        let mut s = stage(true);
+        s.labels = vec![LabelRule {
+            intent: "HassLightSet".into(),
+            slots: [("domain".to_owned(), "light".to_owned())].into(),
+            label: "lights_dim".into(),
+        }];
+        let hit = s.answer(&Query::from("lights to 40".to_owned())).unwrap();
+        assert_eq!(hit.label.as_deref(), Some("lights_dim"));
+        assert_eq!(hit.ranked[0].0, "lights_dim");
+        assert!(s.answer(&Query::from("lights on".to_owned())).is_none());
     }
 
     #[test]

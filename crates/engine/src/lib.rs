@@ -51,7 +51,7 @@ use llama_cpp_2::model::LlamaModel;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-pub use cascade::{Stage, TemplateStage};
+pub use cascade::{LabelRule, Stage, TemplateStage};
 
 use crate::models::gguf::Description;
 use crate::models::{requant, PromptFormat};

@@ -14,14 +14,30 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// This process's resident memory in KiB (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut sources = Sources::default();
     sources.add_path(args[0].as_ref()).unwrap();
+    // What the compiled form costs, not the parsed files (dropped after).
     let home = Home::from_fixtures(&std::fs::read_to_string(&args[1]).unwrap()).unwrap();
-    let started = Instant::now();
+    let (before, started) = (rss_kib(), Instant::now());
     let t = sources.compile(&home).unwrap();
-    eprintln!("{} sentences compiled in {:?}", t.len(), started.elapsed());
+    eprintln!(
+        "{} sentences compiled in {:?}; resident memory {} KiB more than before",
+        t.len(),
+        started.elapsed(),
+        rss_kib().saturating_sub(before)
+    );
     let misses = args.iter().any(|a| a == "--misses");
     let (mut n, mut matched, mut right, mut tp, mut fp, mut fnn) = (0, 0, 0, 0, 0, 0);
     let mut times = Vec::new();

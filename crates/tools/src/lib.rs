@@ -203,6 +203,11 @@ pub struct EvalArgs {
     /// With --templates: what the templates miss is not recognised.
     #[arg(long, requires = "templates")]
     no_model_stage: bool,
+    /// With --templates, for rows whose labels are not the templates'
+    /// intents: a JSON list of `{"intent", "slots": {..}, "label"}` rules
+    /// (as the task option `templates.labels`).
+    #[arg(long, requires = "templates")]
+    template_labels: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -457,6 +462,11 @@ fn template_stage(a: &EvalArgs) -> anyhow::Result<Option<slmd_engine::TemplateSt
         sources: a.templates.clone(),
         home: a.home.clone(),
         model_stage: !a.no_model_stage,
+        labels: match &a.template_labels {
+            Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
+                .with_context(|| format!("--template-labels {}", p.display()))?,
+            None => Vec::new(),
+        },
     };
     let stage = slmd::serving::template_stage_in(&state, &manifests, &config, &[])?;
     eprintln!("--templates: {} sentences", stage.templates.len());
