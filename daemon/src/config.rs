@@ -407,6 +407,12 @@ pub struct TemplatesConfig {
     /// rule); a match no rule names goes to the model.
     #[serde(default)]
     pub labels: Vec<slmd_engine::LabelRule>,
+    /// Sentences written from each template sentence that join the
+    /// intent head's examples (intent only), for the task's labels: the
+    /// model stage learns the templates' phrasings (docs/EVAL.md,
+    /// "Template stage"). 0: none.
+    #[serde(default)]
+    pub train_samples: usize,
 }
 
 impl TemplatesConfig {

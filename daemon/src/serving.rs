@@ -165,6 +165,37 @@ fn check_memlock(model: &Path) -> Result<(), RunError> {
 /// What the engine needs to know about a configured task (monitor tasks
 /// are classify tasks to it: their labels are the cause categories).
 pub fn task_spec(config: &Config, t: &config::TaskConfig) -> Result<TaskSpec, RunError> {
+    let mut spec = task_spec_without_samples(config, t)?;
+    let wanted = match &t.kind {
+        config::TaskKind::Extract(e) => e.templates.as_ref().map_or(0, |tc| tc.train_samples),
+        _ => 0,
+    };
+    if let Some(stage) = spec.templates.as_ref().filter(|_| wanted > 0) {
+        let labels = &spec.labels;
+        let samples: Vec<_> = stage
+            .samples(wanted, 1)
+            .into_iter()
+            .filter(|s| labels.contains(&s.intent))
+            .map(|s| slmd_core::examples::Example {
+                text: s.text,
+                label: s.intent,
+                slots: None,
+            })
+            .collect();
+        log::info!(
+            "task {}: {} sentence(s) written from the templates join its examples",
+            t.name,
+            samples.len()
+        );
+        spec.examples.extend(samples);
+    }
+    Ok(spec)
+}
+
+fn task_spec_without_samples(
+    config: &Config,
+    t: &config::TaskConfig,
+) -> Result<TaskSpec, RunError> {
     Ok(TaskSpec {
         name: t.name.clone(),
         strategy: t.strategy,
@@ -219,6 +250,7 @@ pub fn template_stage(
         home: tc.home.as_ref().map(|h| config.resolve(h)),
         model_stage: tc.model_stage,
         labels: tc.labels.clone(),
+        train_samples: tc.train_samples,
     };
     let manifests = config.resolve(&config.model.manifests);
     template_stage_in(&config.state_dir(), &manifests, &resolved, slots)

@@ -310,4 +310,18 @@ fn the_german_pack_compiles_its_templates_and_answers_german_commands() {
             "mir ist es hier zu dunkel".to_owned()
         ))
         .is_none());
+
+    // train_samples: sentences written from the templates join the head's
+    // examples, intent only, for the task's own labels.
+    let mut config = config;
+    let base = slmd::serving::task_spec(&config, &config.tasks[0]).unwrap();
+    if let slmd::config::TaskKind::Extract(e) = &mut config.tasks[0].kind {
+        e.templates.as_mut().unwrap().train_samples = 1;
+    }
+    let spec = slmd::serving::task_spec(&config, &config.tasks[0]).unwrap();
+    let added = &spec.examples[base.examples.len()..];
+    assert!(added.len() > 300, "{} written", added.len());
+    assert!(added
+        .iter()
+        .all(|e| e.slots.is_none() && spec.labels.contains(&e.label)));
 }

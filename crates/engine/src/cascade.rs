@@ -47,9 +47,13 @@ pub struct LabelRule {
 
 impl LabelRule {
     fn fits(&self, m: &slmd_templates::Match) -> bool {
-        self.intent == m.intent
+        self.fits_parts(&m.intent, &m.slots)
+    }
+
+    fn fits_parts(&self, intent: &str, slots: &[(String, Value)]) -> bool {
+        self.intent == intent
             && self.slots.iter().all(|(k, want)| {
-                m.slots.iter().any(|(name, v)| {
+                slots.iter().any(|(name, v)| {
                     name == k && v.as_str().map_or(v.to_string(), str::to_owned) == *want
                 })
             })
@@ -57,20 +61,40 @@ impl LabelRule {
 }
 
 impl TemplateStage {
+    /// Sentences written from the templates ([`Templates::sample`]), named
+    /// by the task's labels when it has rules (a sentence no rule names is
+    /// left out): training rows for the model stage.
+    pub fn samples(&self, per_sentence: usize, seed: u64) -> Vec<slmd_templates::Sample> {
+        let mut samples = self.templates.sample(per_sentence, seed);
+        if !self.labels.is_empty() {
+            samples.retain_mut(|s| {
+                let rule = self
+                    .labels
+                    .iter()
+                    .find(|r| r.fits_parts(&s.intent, &s.slots));
+                rule.map(|r| s.intent = r.label.clone()).is_some()
+            });
+        }
+        samples
+    }
+
     /// The templates' answer; `None` leaves the query to the model. A
     /// match of an intent the query excludes (`among`) is no match.
     pub fn answer(&self, query: &Query) -> Option<Scores> {
         let started = Instant::now();
+        let accept = |mut m: slmd_templates::Match| {
+            if !self.labels.is_empty() {
+                m.intent = self.labels.iter().find(|r| r.fits(&m))?.label.clone();
+            }
+            query
+                .among
+                .as_ref()
+                .is_none_or(|a| a.contains(&m.intent))
+                .then_some(m)
+        };
         let hit = self
             .templates
-            .recognise(&query.text, &query.context)
-            .and_then(|mut m| {
-                if !self.labels.is_empty() {
-                    m.intent = self.labels.iter().find(|r| r.fits(&m))?.label.clone();
-                }
-                Some(m)
-            })
-            .filter(|m| query.among.as_ref().is_none_or(|a| a.contains(&m.intent)));
+            .recognise_with(&query.text, &query.context, &accept);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let (ranked, label, slots) = match hit {
             Some(m) => (

@@ -38,6 +38,25 @@ fn main() {
         started.elapsed(),
         rss_kib().saturating_sub(before)
     );
+    if args.iter().any(|a| a == "--samples") {
+        // Written sentences must match back to their own answer.
+        let samples = t.sample(2, 1);
+        let back = samples
+            .iter()
+            .filter(|s| {
+                t.recognise(&s.text, &BTreeMap::new())
+                    .is_some_and(|m| m.intent == s.intent)
+            })
+            .count();
+        for s in samples.iter().step_by(samples.len() / 12 + 1) {
+            println!("{} [{}] {:?}", s.text, s.intent, s.slots);
+        }
+        println!(
+            "{} samples, {back} match back to their intent",
+            samples.len()
+        );
+        return;
+    }
     let misses = args.iter().any(|a| a == "--misses");
     let (mut n, mut matched, mut right, mut tp, mut fp, mut fnn) = (0, 0, 0, 0, 0, 0);
     let mut times = Vec::new();

@@ -14,8 +14,9 @@
 //! and matches most literal text wins, then the one listed first.
 
 mod data;
-mod matcher;
+pub mod matcher;
 pub mod normal;
+mod sample;
 pub mod syntax;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use serde_json::Value;
 
 pub use data::{Entity, Home, Named};
 use data::{IntentsFile, ListFile, RangeFile, ValueFile};
+pub use sample::Sample;
 use syntax::Expr;
 
 /// Everything that can be wrong with templates.
@@ -44,6 +46,8 @@ pub enum TemplateError {
     },
     #[error("expansion rule <{0}> refers to itself")]
     RecursiveRule(String),
+    #[error("intent {intent}: sentence {sentence:?} expands to more than {MAX_NODES} parts")]
+    TooLarge { intent: String, sentence: String },
     #[error("intent {intent}: sentence {sentence:?} uses list {{{list}}}, which is not defined")]
     UnknownList {
         intent: String,
@@ -58,6 +62,10 @@ pub enum TemplateError {
     #[error("{path}: not an intents file: {why}")]
     Format { path: String, why: String },
 }
+
+/// The most parts one sentence may expand to (its rules inlined): a bound
+/// on memory and on the walk whatever the templates.
+const MAX_NODES: usize = 100_000;
 
 /// The lists a home fills; sentences may name them without defining them.
 const HOME_LISTS: [&str; 3] = ["area", "floor", "name"];
@@ -196,6 +204,7 @@ impl Sources {
             rules,
             lists: Vec::new(),
             index: HashMap::new(),
+            made: Default::default(),
         };
         c.add_home(home)?;
         let mut names: Vec<&str> = list_files.keys().copied().collect();
@@ -279,6 +288,8 @@ struct Compiler<'f> {
     rules: HashMap<&'f str, Expr>,
     lists: Vec<List>,
     index: HashMap<String, usize>,
+    /// Parts made for the sentence being compiled.
+    made: std::cell::Cell<usize>,
 }
 
 impl<'f> Compiler<'f> {
@@ -288,6 +299,7 @@ impl<'f> Compiler<'f> {
             rules: self.rules.clone(),
             lists: std::mem::take(&mut self.lists),
             index: self.index.clone(),
+            made: Default::default(),
         }
     }
 
@@ -297,8 +309,13 @@ impl<'f> Compiler<'f> {
                 std::iter::once(&n.name)
                     .chain(&n.aliases)
                     .map(|text| {
+                        // A name is what it says; one written as a template
+                        // ("Trader Joe[']s") is one, if it parses as one.
+                        let expr =
+                            syntax::parse(text).unwrap_or_else(|_| Expr::Text(normal::fold(text)));
+                        self.made.set(0);
                         Ok(Item {
-                            node: self.node(&syntax::parse(text)?, "", "", &mut Vec::new())?,
+                            node: self.node(&expr, "", "", &mut Vec::new())?,
                             out: Some(Value::String(n.name.replace("[']", "'"))),
                             context: context
                                 .iter()
@@ -353,6 +370,7 @@ impl<'f> Compiler<'f> {
                                     .collect(),
                             ),
                         };
+                        self.made.set(0);
                         Ok(Item {
                             node: self.node(&syntax::parse(text)?, name, text, &mut Vec::new())?,
                             out,
@@ -368,6 +386,7 @@ impl<'f> Compiler<'f> {
     }
 
     fn sentence(&self, intent: &str, s: &str) -> Result<Node, TemplateError> {
+        self.made.set(0);
         self.node(&syntax::parse(s)?, intent, s, &mut Vec::new())
     }
 
@@ -379,6 +398,13 @@ impl<'f> Compiler<'f> {
         sentence: &str,
         stack: &mut Vec<String>,
     ) -> Result<Node, TemplateError> {
+        self.made.set(self.made.get() + 1);
+        if self.made.get() > MAX_NODES {
+            return Err(TemplateError::TooLarge {
+                intent: intent.to_owned(),
+                sentence: sentence.to_owned(),
+            });
+        }
         Ok(match e {
             Expr::Text(t) => Node::Text(t.chars().collect()),
             Expr::Seq(items) => Node::Seq(
@@ -447,17 +473,30 @@ impl Templates {
     /// situation says (`context`: the satellite's area, say); `None` when
     /// no sentence matches all of it.
     pub fn recognise(&self, text: &str, context: &BTreeMap<String, String>) -> Option<Match> {
+        self.recognise_with(text, context, &Some)
+    }
+
+    /// [`Templates::recognise`] among the matches `accept` takes (and as
+    /// it rewrites them): an intent filter that a better match of another
+    /// intent does not hide.
+    pub fn recognise_with(
+        &self,
+        text: &str,
+        context: &BTreeMap<String, String>,
+        accept: matcher::Accept<'_>,
+    ) -> Option<Match> {
         let input = normal::normalise(text);
         if input.is_empty() || input.chars().count() > matcher::MAX_INPUT_CHARS {
             return None;
         }
+        let total = std::cell::Cell::new(0);
         let stripped = self.strip_skip_words(&input);
         if stripped != input {
-            if let Some(m) = matcher::best(self, &stripped, context) {
+            if let Some(m) = matcher::best(self, &stripped, context, accept, &total) {
                 return Some(m);
             }
         }
-        matcher::best(self, &input, context)
+        matcher::best(self, &input, context, accept, &total)
     }
 
     /// `input` without the language's skip words ("please", "can you"),
@@ -641,6 +680,32 @@ intents:
     }
 
     #[test]
+    fn samples_are_sentences_the_templates_match_with_the_same_answer() {
+        let t = templates();
+        let samples = t.sample(3, 7);
+        assert!(samples.len() > 10, "{samples:?}");
+        assert_eq!(samples, t.sample(3, 7), "reproducible");
+        for s in &samples {
+            let m = t
+                .recognise(&s.text, &BTreeMap::new())
+                .unwrap_or_else(|| panic!("{s:?} does not match"));
+            assert_eq!(m.intent, s.intent, "{s:?}");
+            for (k, v) in &s.slots {
+                let got = m
+                    .slots
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| value_text(v));
+                assert_eq!(got, Some(value_text(v)), "{k} of {s:?}");
+            }
+        }
+        // Never a sentence that needs the speaker's area, nor an entity
+        // its sentence does not allow.
+        assert!(samples.iter().all(|s| !s.text.contains("in here")));
+        assert!(!samples.iter().any(|s| s.text.contains("desk lamp")));
+    }
+
+    #[test]
     fn undefined_rules_and_lists_are_named() {
         let mut s = Sources::default();
         s.add_text("intents: {X: {data: [{sentences: ['a <nope>']}]}}", false)
@@ -663,6 +728,59 @@ intents:
             .unwrap_err()
             .to_string()
             .contains("refers to itself"));
+    }
+
+    #[test]
+    fn words_do_not_run_together() {
+        assert_eq!(recognise("turnon the living room lights"), None);
+        assert_eq!(recognise("turn on theliving room lights"), None);
+        assert_eq!(recognise("additional milk to my chores list"), None);
+    }
+
+    #[test]
+    fn a_filter_finds_an_accepted_match_behind_a_better_one() {
+        let t = templates();
+        let only_set = |m: Match| (m.intent == "HassLightSet").then_some(m);
+        let none = BTreeMap::new();
+        assert_eq!(
+            t.recognise_with("turn on the living room lights", &none, &only_set),
+            None
+        );
+        let m = t.recognise_with("set the living room lights to 30%", &none, &only_set);
+        assert_eq!(m.unwrap().intent, "HassLightSet");
+    }
+
+    #[test]
+    fn a_name_that_is_no_template_is_taken_as_written() {
+        let mut s = Sources::default();
+        s.add_text(INTENTS, false).unwrap();
+        let home = Home {
+            entities: vec![Entity {
+                name: "Desk {main} <3".into(),
+                aliases: vec![],
+                context: [("domain".to_owned(), "switch".to_owned())].into(),
+            }],
+            ..Home::default()
+        };
+        let t = s.compile(&home).unwrap();
+        let m = t.recognise("turn on the desk {main} <3", &BTreeMap::new());
+        assert_eq!(
+            m.unwrap().slots,
+            [("name".to_owned(), Value::from("Desk {main} <3"))]
+        );
+    }
+
+    #[test]
+    fn rules_that_double_at_each_level_are_refused() {
+        let mut rules = String::from("expansion_rules:\n  r0: 'a'\n");
+        for i in 1..30 {
+            rules.push_str(&format!("  r{i}: '<r{}> <r{}>'\n", i - 1, i - 1));
+        }
+        rules.push_str("intents: {X: {data: [{sentences: ['<r29>']}]}}");
+        let mut s = Sources::default();
+        s.add_text(&rules, false).unwrap();
+        let e = s.compile(&Home::default()).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
     }
 
     #[test]

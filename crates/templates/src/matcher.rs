@@ -15,9 +15,11 @@ use crate::{List, Match, Node, RangeFile, Templates, Want};
 /// and the walk's cost grows with the length.
 pub const MAX_INPUT_CHARS: usize = 300;
 
-/// Steps one sentence may take before it is given up on: a bound on the
-/// walk's cost whatever the input.
+/// Steps one sentence may take before it is given up on, and all
+/// sentences together for one input: a bound on the walk's cost whatever
+/// the input and the templates (milliseconds, not seconds).
 const MAX_STEPS: u32 = 20_000;
+const MAX_TOTAL_STEPS: u32 = 400_000;
 
 /// One slot filled on the way, and those before it.
 struct Filled<'t> {
@@ -32,7 +34,7 @@ struct State<'t> {
     filled: Option<Rc<Filled<'t>>>,
     /// Template characters matched literally.
     literal: u32,
-    /// Input characters a wildcard took.
+    /// Wildcards used.
     wild: u32,
 }
 
@@ -68,17 +70,36 @@ struct Walk<'t> {
     input: &'t [char],
     lists: &'t [List],
     steps: Cell<u32>,
+    total: &'t Cell<u32>,
 }
 
-/// The best match of `input` (normalised) over all sentences.
-pub fn best(t: &Templates, input: &str, context: &BTreeMap<String, String>) -> Option<Match> {
+/// A match's last say: `None` refuses it (an intent the query excludes),
+/// and the walk looks on for another.
+pub type Accept<'a> = &'a dyn Fn(Match) -> Option<Match>;
+
+/// The best match of `input` (normalised) over all sentences that
+/// `accept` takes.
+pub fn best(
+    t: &Templates,
+    input: &str,
+    context: &BTreeMap<String, String>,
+    accept: Accept<'_>,
+    total: &Cell<u32>,
+) -> Option<Match> {
     let chars: Vec<char> = input.chars().collect();
-    let mut best: Option<((u32, std::cmp::Reverse<u32>), Match)> = None;
+    // Fewest wildcards, then an entity named, then most literal text (a
+    // list value's words are not), then most slots filled.
+    type Rank = (u32, bool, std::cmp::Reverse<u32>, std::cmp::Reverse<usize>);
+    let mut best: Option<(Rank, Match)> = None;
     for s in &t.sentences {
+        if total.get() > MAX_TOTAL_STEPS {
+            break;
+        }
         let walk = Walk {
             input: &chars,
             lists: &t.lists,
             steps: Cell::new(0),
+            total,
         };
         let block = &t.blocks[s.block];
         let mut found = None;
@@ -86,9 +107,11 @@ pub fn best(t: &Templates, input: &str, context: &BTreeMap<String, String>) -> O
             if walk.skip_spaces(end) != chars.len() {
                 return false;
             }
-            match judge(block, st, context) {
+            match judge(block, st, context).and_then(accept) {
                 Some(m) => {
-                    found = Some(((st.wild, std::cmp::Reverse(st.literal)), m));
+                    let named = m.slots.iter().any(|(k, _)| k == "name");
+                    let filled = std::cmp::Reverse(m.slots.len());
+                    found = Some(((st.wild, !named, std::cmp::Reverse(st.literal), filled), m));
                     true
                 }
                 None => false,
@@ -167,7 +190,8 @@ impl<'t> Walk<'t> {
     fn node(&self, node: &'t Node, pos: usize, st: &State<'t>, then: Then<'_, 't>) -> bool {
         let steps = self.steps.get() + 1;
         self.steps.set(steps);
-        if steps > MAX_STEPS {
+        self.total.set(self.total.get() + 1);
+        if steps > MAX_STEPS || self.total.get() > MAX_TOTAL_STEPS {
             return true;
         }
         match node {
@@ -196,11 +220,24 @@ impl<'t> Walk<'t> {
         }
     }
 
+    /// Whether `pos` is between words (or at either end, or beside a
+    /// sign such as `%`: "40%" is "40 %").
+    fn at_boundary(&self, pos: usize) -> bool {
+        pos == 0
+            || pos >= self.input.len()
+            || !self.input[pos].is_alphanumeric()
+            || !self.input[pos - 1].is_alphanumeric()
+    }
+
     /// Where literal text `t` ends if it matches at `pos`; a space in the
-    /// template matches any run of spaces, or none.
+    /// template matches a run of spaces, or none where the input is
+    /// already between words ("turnon" is not "turn on").
     fn text(&self, t: &[char], mut pos: usize) -> Option<usize> {
         for &c in t {
             if c == ' ' {
+                if !self.at_boundary(pos) {
+                    return None;
+                }
                 pos = self.skip_spaces(pos);
             } else if self.input.get(pos) == Some(&c) {
                 pos += 1;
@@ -220,6 +257,10 @@ impl<'t> Walk<'t> {
         then: Then<'_, 't>,
     ) -> bool {
         let start = self.skip_spaces(pos);
+        // A value starts a word: "additional" holds no "add {item}".
+        if !self.at_boundary(start) {
+            return false;
+        }
         match list {
             List::Values(items) => items.iter().any(|item| {
                 self.node(&item.node, start, st, &mut |end, s| {
@@ -227,6 +268,11 @@ impl<'t> Walk<'t> {
                         let words: String = self.input[start..end].iter().collect();
                         Value::String(words.trim().to_owned())
                     });
+                    // A value's words are not the sentence's literal text.
+                    let s = State {
+                        literal: st.literal,
+                        ..s.clone()
+                    };
                     then(end, &s.fill(slot, value, &item.context))
                 })
             }),
@@ -239,7 +285,7 @@ impl<'t> Walk<'t> {
                 .any(|end| {
                     let words: String = self.input[start..end].iter().collect();
                     let st = State {
-                        wild: st.wild + (end - start) as u32,
+                        wild: st.wild + 1,
                         ..st.clone()
                     };
                     then(end, &st.fill(slot, Value::String(words), &[]))

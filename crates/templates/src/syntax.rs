@@ -25,19 +25,31 @@ impl Expr {
     }
 }
 
+/// The longest template, the deepest nesting and the most items a
+/// permutation may have: bounds on what one template may cost to compile
+/// and match (a permutation of n items is n! sequences).
+const MAX_CHARS: usize = 2000;
+const MAX_DEPTH: usize = 32;
+const MAX_PERMUTED: usize = 6;
+
 /// Parses one template.
 pub fn parse(template: &str) -> Result<Expr, TemplateError> {
     let mut p = Parser {
         chars: template.chars().collect(),
         pos: 0,
+        depth: 0,
         template,
     };
+    if p.chars.len() > MAX_CHARS {
+        return Err(p.error(format!("longer than {MAX_CHARS} characters")));
+    }
     p.group(None)
 }
 
 struct Parser<'a> {
     chars: Vec<char>,
     pos: usize,
+    depth: usize,
     template: &'a str,
 }
 
@@ -53,6 +65,10 @@ impl Parser<'_> {
     /// Up to `close` (the end when `None`): alternatives separated by `|`,
     /// or permutation items separated by `;`.
     fn group(&mut self, close: Option<char>) -> Result<Expr, TemplateError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.error(format!("nested more than {MAX_DEPTH} deep")));
+        }
         let (mut branches, mut items, mut text) = (Vec::new(), Vec::new(), String::new());
         let (mut alternatives, mut permutation) = (false, false);
         loop {
@@ -102,6 +118,10 @@ impl Parser<'_> {
         if alternatives && permutation {
             return Err(self.error("a group mixes | and ;"));
         }
+        if permutation && branches.len() > MAX_PERMUTED {
+            return Err(self.error(format!("a permutation of more than {MAX_PERMUTED} items")));
+        }
+        self.depth -= 1;
         Ok(if permutation {
             Expr::Alt(permutations(&branches))
         } else if branches.len() == 1 {
@@ -207,7 +227,12 @@ mod tests {
 
     #[test]
     fn bad_templates_say_where() {
-        for bad in ["(a|b", "[a", "{x", "a)", "(a|b;c)", "{}"] {
+        let deep = "(".repeat(40) + "a" + &")".repeat(40);
+        let wide = format!("({})", ["a"; 7].join(";"));
+        let long = "a ".repeat(1500);
+        for bad in [
+            "(a|b", "[a", "{x", "a)", "(a|b;c)", "{}", &deep, &wide, &long,
+        ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

@@ -208,6 +208,15 @@ pub struct EvalArgs {
     /// (as the task option `templates.labels`).
     #[arg(long, requires = "templates")]
     template_labels: Option<PathBuf>,
+    /// With --templates: this many sentences written from each template
+    /// sentence join every fold's training rows of the intent head (never
+    /// one whose text is evaluated).
+    #[arg(long, requires = "templates", default_value_t = 0)]
+    template_samples: usize,
+    /// With --template-samples: the templates only train the model; they
+    /// answer nothing (what the samples do for the model alone).
+    #[arg(long, requires = "template_samples")]
+    no_template_stage: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -306,6 +315,32 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             extra
         }
     };
+    let templates = template_stage(&a)?;
+    let mut extra = extra;
+    if let Some(stage) = templates.as_ref().filter(|_| a.template_samples > 0) {
+        let mut tested = std::collections::HashSet::new();
+        for p in [&a.train, &a.test].into_iter().flatten() {
+            tested.extend(
+                read_jsonl(p)?
+                    .into_iter()
+                    .map(|r| r.text.trim().to_lowercase()),
+            );
+        }
+        let samples = stage.samples(a.template_samples, 1);
+        let before = extra.rows.len();
+        extra.rows.extend(
+            samples
+                .into_iter()
+                .filter(|s| !tested.contains(&s.text.to_lowercase()))
+                // Intent only: written sentences made worse slot prompts
+                // than the annotated examples (docs/EVAL.md).
+                .map(|s| slmd_core::examples::Row::new(s.text, s.intent)),
+        );
+        eprintln!(
+            "--template-samples: {} rows written from the templates",
+            extra.rows.len() - before
+        );
+    }
     let extract = match a.kind {
         EvalKind::Classify | EvalKind::Anomaly => None,
         EvalKind::Extract => Some(eval::ExtractSettings {
@@ -326,7 +361,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         reject_label: a.reject_label.clone(),
         novelty_quantile: a.novelty_quantile,
         unseen_oos: a.unseen_oos,
-        templates: template_stage(&a)?,
+        templates: templates.filter(|_| !a.no_template_stage),
     };
     if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
         anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
@@ -450,8 +485,8 @@ fn template_stage(a: &EvalArgs) -> anyhow::Result<Option<slmd_engine::TemplateSt
         return Ok(None);
     }
     anyhow::ensure!(
-        a.kind == EvalKind::Extract,
-        "--templates is for --kind extract"
+        a.kind == EvalKind::Extract || a.no_template_stage,
+        "--templates is for --kind extract (or for training alone: --no-template-stage)"
     );
     let (state, manifests) = dirs(DirArgs {
         config: None,
@@ -467,6 +502,7 @@ fn template_stage(a: &EvalArgs) -> anyhow::Result<Option<slmd_engine::TemplateSt
                 .with_context(|| format!("--template-labels {}", p.display()))?,
             None => Vec::new(),
         },
+        train_samples: a.template_samples,
     };
     let stage = slmd::serving::template_stage_in(&state, &manifests, &config, &[])?;
     eprintln!("--templates: {} sentences", stage.templates.len());
