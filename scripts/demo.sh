@@ -16,7 +16,8 @@ config=configs/$pack.toml
 [ -f "$config" ] || { echo "no pack $pack ($config)" >&2; exit 2; }
 cargo build --release --locked --bins
 bin=target/release/slmd
-$bin model fetch smollm2-135m-instruct-q4_1 --config "$config"
+model=$(sed -n 's/^name = "\(.*\)"/\1/p' "$config" | head -1)
+$bin model fetch "${model:-smollm2-135m-instruct-q4_1}" --config "$config"
 # Sentence templates a pack's template stage names are fetched the same way.
 for t in $(grep -o 'home-assistant-intents-[a-z]*' "$config" | sort -u); do
   $bin model fetch "$t" --config "$config"
@@ -85,6 +86,13 @@ smart-home)
   # The home gains a room at run time; its name is then a slot value.
   send hermes/injection/perform "{\"id\": \"$run-inj\", \"operations\": [[\"add\", {\"area\": [\"Attic\"]}]]}"
   send hermes/nlu/query "{\"input\": \"turn on the lights in the attic\", \"id\": \"$run-attic\"}"
+  ;;
+smart-home-de)
+  filters=(-t 'hermes/intent/#' -t 'hermes/nlu/intentNotRecognized' -t 'hermes/error/#')
+  for c in "Schalte das Licht in der Küche aus" "stelle die Helligkeit im Wohnzimmer auf 40%" \
+    "wie spät ist es" "mir ist es im Wohnzimmer zu dunkel"; do
+    send hermes/nlu/query "{\"input\": \"$c\", \"id\": \"$run-$RANDOM\", \"siteId\": \"kueche\", \"sessionId\": \"$run\"}"
+  done
   ;;
 vehicle)
   filters=(-t 'vehicle/slmd/#')

@@ -731,6 +731,35 @@ intents:
     }
 
     #[test]
+    fn a_folder_of_custom_sentences_adds_to_the_shipped_ones() {
+        let dir = std::env::temp_dir().join(format!("slmd-templates-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("garden.yaml"),
+            "language: en\nintents:\n  WaterGarden:\n    data:\n      - sentences: ['water the {zone}']\n\
+             lists:\n  zone: {values: [{in: '(lawn|grass)', out: lawn}, roses]}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not sentences").unwrap();
+        let mut s = Sources::default();
+        s.add_text(INTENTS, false).unwrap();
+        s.add_path(&dir).unwrap();
+        let t = s.compile(&Home::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let m = t.recognise("water the grass", &BTreeMap::new()).unwrap();
+        assert_eq!(
+            (m.intent.as_str(), m.slots),
+            (
+                "WaterGarden",
+                vec![("zone".to_owned(), Value::from("lawn"))]
+            )
+        );
+        assert!(t
+            .recognise("set temperature to 20", &BTreeMap::new())
+            .is_some());
+    }
+
+    #[test]
     fn words_do_not_run_together() {
         assert_eq!(recognise("turnon the living room lights"), None);
         assert_eq!(recognise("turn on theliving room lights"), None);
