@@ -22,6 +22,16 @@ pub enum Stage {
     Model,
 }
 
+impl Stage {
+    /// Its name, as results give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Template => "template",
+            Stage::Model => "model",
+        }
+    }
+}
+
 /// A task's template stage.
 #[derive(Debug, Clone)]
 pub struct TemplateStage {

@@ -137,25 +137,20 @@ impl Home {
     /// for `area`, floors for `floor`, entities (of no known domain) for
     /// `name`; other slots add nothing.
     pub fn add_names(&mut self, slot: &str, values: &[String]) {
-        let known = |names: &[&String], v: &str| names.iter().any(|n| n.eq_ignore_ascii_case(v));
+        fn has<'a>(mut names: impl Iterator<Item = &'a String>, v: &str) -> bool {
+            names.any(|n| n.eq_ignore_ascii_case(v))
+        }
+        let named = |v: &String| Named {
+            name: v.clone(),
+            aliases: Vec::new(),
+        };
         for v in values {
-            let named = || Named {
-                name: v.clone(),
-                aliases: Vec::new(),
-            };
             match slot {
-                "area" if !known(&self.areas.iter().map(|a| &a.name).collect::<Vec<_>>(), v) => {
-                    self.areas.push(named())
+                "area" if !has(self.areas.iter().map(|a| &a.name), v) => self.areas.push(named(v)),
+                "floor" if !has(self.floors.iter().map(|f| &f.name), v) => {
+                    self.floors.push(named(v))
                 }
-                "floor" if !known(&self.floors.iter().map(|a| &a.name).collect::<Vec<_>>(), v) => {
-                    self.floors.push(named())
-                }
-                "name"
-                    if !known(
-                        &self.entities.iter().map(|e| &e.name).collect::<Vec<_>>(),
-                        v,
-                    ) =>
-                {
+                "name" if !has(self.entities.iter().map(|e| &e.name), v) => {
                     self.entities.push(Entity {
                         name: v.clone(),
                         ..Entity::default()

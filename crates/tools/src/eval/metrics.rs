@@ -502,13 +502,7 @@ impl Report {
                 .slot_f1
                 .map_or(String::new(), |f| format!("  slot F1 {f:.3}"));
             line(
-                &format!(
-                    "by {}",
-                    serde_json::to_value(s.stage)
-                        .unwrap_or_default()
-                        .as_str()
-                        .unwrap_or("?")
-                ),
+                &format!("by {}", s.stage.name()),
                 format!(
                     "{} rows ({:.3})  accuracy {:.3}{slots}  p50 {:.2} ms",
                     s.rows, s.share, s.accuracy, s.p50_ms
