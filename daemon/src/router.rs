@@ -316,6 +316,14 @@ impl Router {
             self.dead_letter(key, &entry, task, &routing.limits, attempts);
             return Ok(());
         }
+        if attempts > 0 {
+            log::warn!(
+                task = task.name.as_str(),
+                msg_id = dedup_identity(&entry, &routing.limits).0.as_str(),
+                attempts = attempts;
+                "suspect: a crash interrupted it {attempts} time(s); it runs alone"
+            );
+        }
         if let Some(verdict) = verdict {
             return self.monitored(key, &entry, task, &routing, verdict).await;
         }

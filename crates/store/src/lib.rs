@@ -593,22 +593,31 @@ impl Store {
     /// After a crash: every message the last run had dispatched and not
     /// completed gets one more attempt on its record; messages it never
     /// dispatched (a crash during start-up, say) are blamed for nothing.
+    /// Each mark turns into its attempt atomically, so a crash during the
+    /// blame itself does not blame a message twice for one interruption.
     /// Durable on return.
     pub async fn blame_dispatched(&self) -> Result<usize, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
         let t = self.trees()?;
+        let marked: Vec<sled::IVec> = t.dispatched.iter().keys().collect::<Result<_, _>>()?;
         let mut blamed = 0;
-        for kv in t.dispatched.iter() {
-            let (k, _) = kv?;
-            if !t.inbox.contains_key(&k)? {
-                continue;
-            }
-            t.attempts.update_and_fetch(&k, |old| {
-                let n = old.and_then(|v| v.try_into().ok().map(u32::from_be_bytes));
-                Some(n.unwrap_or(0).saturating_add(1).to_be_bytes().to_vec())
-            })?;
-            blamed += 1;
+        for k in marked {
+            let hit = (&t.inbox, &t.dispatched, &t.attempts)
+                .transaction(|(inbox, dispatched, attempts)| {
+                    if dispatched.remove(&k)?.is_none() || inbox.get(&k)?.is_none() {
+                        return Ok::<_, ConflictableTransactionError<()>>(false);
+                    }
+                    let n = attempts.get(&k)?.map_or(0, |v| decode_attempts(&v));
+                    attempts.insert(&k, &n.saturating_add(1).to_be_bytes())?;
+                    Ok(true)
+                })
+                .map_err(|e: TransactionError<()>| match e {
+                    TransactionError::Storage(e) => StoreError::Io(e),
+                    e => StoreError::Transaction(format!("{e:?}")),
+                })?;
+            blamed += usize::from(hit);
         }
-        t.dispatched.clear()?;
         self.flush().await?;
         Ok(blamed)
     }
@@ -619,8 +628,7 @@ impl Store {
             .trees()?
             .attempts
             .get(key.to_be_bytes())?
-            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
-            .unwrap_or(0))
+            .map_or(0, |v| decode_attempts(&v)))
     }
 
     /// Moves a message from the inbox to the outbox with its result, and
@@ -911,6 +919,11 @@ fn decode_u64(v: &[u8]) -> u64 {
     v.get(..8)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_be_bytes)
+}
+
+/// An `attempts` value (u32 BE); 0 if malformed.
+fn decode_attempts(v: &[u8]) -> u32 {
+    v.try_into().map_or(0, u32::from_be_bytes)
 }
 
 fn decode_key(k: &[u8]) -> u64 {
