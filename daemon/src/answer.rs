@@ -19,18 +19,21 @@ pub struct Answer {
     pub latency_ms: f64,
 }
 
-/// The answer of `task` to `req`, scored `scores` by `model`; `speed` is
-/// the vehicle's for a task with a policy.
+/// The answer of `task` to `req`, scored `scores` by `model` (and sent
+/// upstream, when `escalation` says so); `speed` is the vehicle's for a
+/// task with a policy. Its latency runs from `entry` being stored to now.
 pub fn result(
     task: &TaskConfig,
     entry: &InboxEntry,
     req: &Request,
     scores: &Scores,
+    escalation: Option<&crate::escalate::Report>,
     model: &ModelInfo,
-    latency_ms: f64,
     speed: Option<f64>,
 ) -> Answer {
+    let latency_ms = slmd_core::now_ms().saturating_sub(entry.received_ms) as f64;
     let mut result = TaskResult::new(req.id.clone(), &task.name, scores, model, latency_ms);
+    result.escalation = escalation.cloned();
     let (confidence, latency_ms) = (result.confidence, result.latency_ms);
     let Some(session) = &req.session else {
         // Hermes answers carry no action; only JSON results decide one.
@@ -42,6 +45,7 @@ pub fn result(
                 confidence,
                 slots: scores.slots.as_deref().unwrap_or_default(),
                 speed_kmh: speed,
+                escalated: scores.by == slmd_engine::Stage::Escalated,
             })
         });
         return Answer {
@@ -51,7 +55,11 @@ pub fn result(
             latency_ms,
         };
     };
-    let (topic, body) = hermes::answer(&task.output_topic, session, &req.text, scores);
+    let (topic, mut body) = hermes::answer(&task.output_topic, session, &req.text, scores);
+    if let Some(e) = escalation {
+        // Hermes clients ignore keys they do not know.
+        body["escalation"] = serde_json::json!(e);
+    }
     let announce = task
         .hermes_intent_parsed
         .then(|| hermes::parsed(&body).map(|(t, b)| json_entry(&t, &b)))

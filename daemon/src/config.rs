@@ -565,6 +565,8 @@ pub struct TaskConfig {
     /// Safety policy for commands that act on the world: each result gets
     /// an `action` (execute, confirm or refuse) ([`crate::policy`]).
     pub policy: Option<crate::policy::PolicyConfig>,
+    /// Doubtful answers go to a larger model ([`crate::escalate`]).
+    pub escalate: Option<crate::escalate::EscalateConfig>,
 }
 
 /// A task's wire format.
@@ -727,6 +729,12 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let base = config.base_dir.clone();
+        for e in config.tasks.iter_mut().filter_map(|t| t.escalate.as_mut()) {
+            if let Some(key) = &mut e.api_key_file {
+                *key = base.join(&*key);
+            }
+        }
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -1005,6 +1013,17 @@ impl Config {
     }
 
     fn validate_task(&self, key: &str, task: &TaskConfig, p: &mut Problems) {
+        if let Some(e) = &task.escalate {
+            for (field, why) in e.problems() {
+                p.add(format!("{key}.escalate.{field}"), why);
+            }
+            if matches!(task.kind, TaskKind::Monitor(_)) {
+                p.add(
+                    format!("{key}.escalate"),
+                    "a monitor task does not escalate",
+                );
+            }
+        }
         if task.hermes_intent_parsed && task.protocol != Protocol::Hermes {
             p.add(
                 format!("{key}.hermes_intent_parsed"),

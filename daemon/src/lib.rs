@@ -48,6 +48,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod escalate;
 pub mod fuzzing;
 pub mod hermes;
 pub mod injection;
@@ -162,7 +163,13 @@ pub fn check_files(config: &Config, config_path: &Path) -> FileCheck {
 /// `limits.response_topics` allows: slmd's own control, status,
 /// injection and dead-letter topics (input topics are checked per task).
 fn reserved_topics(config: &Config) -> Vec<String> {
-    vec![
+    let escalation = config
+        .tasks
+        .iter()
+        .filter_map(|t| t.escalate.as_ref())
+        .flat_map(|e| [e.topic.clone(), e.reply_topic.clone()])
+        .flatten();
+    [
         config.updates.control_topic(&config.broker),
         config.updates.status_topic(&config.broker),
         config.broker.status_topic(),
@@ -171,6 +178,9 @@ fn reserved_topics(config: &Config) -> Vec<String> {
         "hermes/error/#".to_owned(),
         format!("slmd/{}/#", config.broker.client_id),
     ]
+    .into_iter()
+    .chain(escalation)
+    .collect()
 }
 
 /// Runs the daemon until `shutdown` turns true; applies the configurations

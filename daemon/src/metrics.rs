@@ -33,6 +33,8 @@ struct Counters {
     abstentions: BTreeMap<String, u64>,
     /// Per (task, reason).
     errors: BTreeMap<(String, String), u64>,
+    /// Per (task, outcome).
+    escalations: BTreeMap<(String, String), u64>,
     duplicates: BTreeMap<String, u64>,
     tokens: BTreeMap<String, u64>,
     latency: BTreeMap<String, Histogram>,
@@ -102,6 +104,13 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    pub fn escalation(&self, task: &str, outcome: &str) {
+        let mut c = self.counters.lock().unwrap();
+        *c.escalations
+            .entry((task.to_owned(), outcome.to_owned()))
+            .or_default() += 1;
+    }
+
     pub fn duplicate(&self, task: &str) {
         let mut c = self.counters.lock().unwrap();
         *c.duplicates.entry(task.to_owned()).or_default() += 1;
@@ -143,14 +152,21 @@ impl Metrics {
             "counter",
             "Error results, per task and reason.",
         );
-        for ((task, reason), n) in &c.errors {
-            let _ = writeln!(
-                text,
-                "slmd_errors_total{{task=\"{}\",reason=\"{}\"}} {n}",
-                escape(task),
-                escape(reason)
-            );
-        }
+        let per_pair =
+            |text: &mut String, name: &str, key: &str, map: &BTreeMap<(String, String), u64>| {
+                for ((task, k), n) in map {
+                    let (task, k) = (escape(task), escape(k));
+                    let _ = writeln!(text, "slmd_{name}{{task=\"{task}\",{key}=\"{k}\"}} {n}");
+                }
+            };
+        per_pair(&mut text, "errors_total", "reason", &c.errors);
+        head(
+            &mut text,
+            "escalations_total",
+            "counter",
+            "Doubtful answers sent upstream, per task and outcome (answered, refused, unavailable).",
+        );
+        per_pair(&mut text, "escalations_total", "outcome", &c.escalations);
         head(
             &mut text,
             "tokens_total",

@@ -179,11 +179,15 @@ pub struct TaskResult {
     pub latency_ms: f64,
     /// Of that, time on the inference thread (or in the template stage).
     pub inference_ms: f64,
-    /// The stage that answered: `template` or `model`.
+    /// The stage that answered: `template`, `model` or `escalated`.
     pub by: slmd_engine::Stage,
     /// What the task's safety policy says to do (tasks with a policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<crate::policy::Action>,
+    /// When the answer was doubtful and went upstream: who, what came of
+    /// it, and the local guess.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<crate::escalate::Report>,
 }
 
 /// What the task found.
@@ -255,6 +259,7 @@ impl TaskResult {
             inference_ms: round2(scores.inference_ms),
             by: scores.by,
             action: None,
+            escalation: None,
         }
     }
 }

@@ -18,15 +18,16 @@
 //! topic and it is not one of slmd's own input topics; otherwise it gets a
 //! `response_topic_refused` error on the task's error topic.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::answer;
 use crate::config::{Limits, Protocol, TaskConfig};
 use crate::control::Control;
+use crate::escalate::{self, Escalator};
 use crate::injection;
 use crate::metrics::{Metrics, Observed};
 use crate::monitor::{MonitorError, Monitors, Verdict};
@@ -49,6 +50,8 @@ pub struct Routing {
     /// Monitor tasks' sensor windows: new with every routing, so a reload
     /// starts them afresh.
     pub monitors: Monitors,
+    /// Tasks' escalations, by task name.
+    pub escalators: HashMap<String, Arc<Escalator>>,
 }
 
 pub struct Router {
@@ -71,6 +74,8 @@ pub struct Router {
     speeds: Speeds,
     /// Marks messages `dispatched` as the inference thread takes them.
     admit: slmd_engine::Admit,
+    /// MQTT escalations waiting for their answers.
+    pending: escalate::Pending,
 }
 
 /// Where a message goes; decided once, in inbox order, as it leaves the
@@ -82,6 +87,8 @@ enum Route {
     Inject,
     /// A vehicle state report for the policy of task `.0`.
     State(usize),
+    /// An upstream's answer to an escalation.
+    Escalation,
     /// A message for task `.0`; a monitor task's reading comes judged.
     Task(usize, Option<Result<Verdict, MonitorError>>),
     /// No task consumes the topic.
@@ -116,6 +123,7 @@ impl Router {
             metrics,
             control,
             speeds: Speeds::default(),
+            pending: escalate::Pending::default(),
         }
     }
 
@@ -218,11 +226,11 @@ impl Router {
                 let fatal = fatal_tx.clone();
                 self.running.lock().unwrap().insert(key);
                 tokio::spawn(async move {
-                    if let Err(e) = this.process(key, entry, attempts, routing, route).await {
+                    let done = this.process(key, entry, attempts, routing, route, permit);
+                    if let Err(e) = done.await {
                         let _ = fatal.try_send(e);
                     }
                     this.running.lock().unwrap().remove(&key);
-                    drop(permit);
                 });
             }
         }
@@ -257,6 +265,10 @@ impl Router {
         if let Some(i) = tasks.iter().position(state) {
             return Route::State(i);
         }
+        let reply = |e: &Arc<Escalator>| e.config.reply_topic.as_deref() == Some(topic);
+        if routing.escalators.values().any(reply) {
+            return Route::Escalation;
+        }
         let Some(i) = tasks
             .iter()
             .position(|t| t.topics.iter().any(|f| topic::matches(f, topic)))
@@ -284,6 +296,7 @@ impl Router {
         attempts: u32,
         routing: Arc<Routing>,
         route: Route,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(), EngineError> {
         let (task, verdict) = match route {
             Route::Control => {
@@ -303,6 +316,16 @@ impl Router {
                     .err()
                     .map(|why| self.reject(&routing.tasks[i], &entry, "bad_state", why.into()));
                 self.settle(key, out);
+                return Ok(());
+            }
+            Route::Escalation => {
+                if !self.pending.deliver(&entry.payload) {
+                    log::info!(
+                        topic = entry.topic.as_str();
+                        "an escalation answer no request waits for (late, or not ours); dropped"
+                    );
+                }
+                self.settle(key, None);
                 return Ok(());
             }
             Route::Nowhere => {
@@ -354,7 +377,7 @@ impl Router {
             self.settle(key, before);
             return Ok(());
         }
-        let (out, announce) = self.answer(key, &entry, task, &routing).await?;
+        let (out, announce) = self.answer(key, &entry, task, &routing, permit).await?;
         // Queued before the result commits, so a crash in between repeats
         // the announcement with the rerun message rather than losing it.
         if let Some(a) = &announce {
@@ -381,6 +404,7 @@ impl Router {
         entry: &InboxEntry,
         task: &TaskConfig,
         routing: &Routing,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(OutboxEntry, Option<OutboxEntry>), EngineError> {
         let reply = routing.reply_to(entry, &self.control.reserved);
         let parsed = match &entry.truncated {
@@ -398,15 +422,26 @@ impl Router {
             (_, Err(e)) => (self.reject(task, entry, e.reason(), e.to_string()), None),
             (Ok(_), Ok(req)) => match self.dispatch(key, routing, &task.name, req.query()).await {
                 Ok(scores) => {
-                    let latency = now_ms().saturating_sub(entry.received_ms) as f64;
+                    let (scores, escalation) = match routing.escalators.get(&task.name) {
+                        Some(e) if e.wanted(&scores) => {
+                            // The model is done with it: a crash from here
+                            // on is not the message's fault, and the wait
+                            // holds no place among the messages in flight.
+                            self.store.unmark_dispatched(key);
+                            drop(permit);
+                            let (s, r) = self.escalate(e, entry, task, &req, &scores).await;
+                            (s, Some(r))
+                        }
+                        _ => (scores, None),
+                    };
                     let speed = task.policy.as_ref().and_then(|p| self.speeds.latest(p));
                     let a = answer::result(
                         task,
                         entry,
                         &req,
                         &scores,
+                        escalation.as_ref(),
                         &routing.engine.model,
-                        latency,
                         speed,
                     );
                     log::info!(
@@ -570,6 +605,37 @@ impl Router {
         routing.engine.infer_admitted(task, query, admit).await
     }
 
+    /// Asks `task`'s upstream about a doubtful local answer.
+    async fn escalate(
+        &self,
+        e: &Escalator,
+        entry: &InboxEntry,
+        task: &TaskConfig,
+        req: &payload::Request,
+        local: &slmd_engine::Scores,
+    ) -> (slmd_engine::Scores, escalate::Report) {
+        let among = req
+            .session
+            .as_ref()
+            .and_then(|s| s.intent_filter.as_deref());
+        let ask = escalate::Ask {
+            correlation: format!("{}:{}", task.name, req.id),
+            task: &task.name,
+            text: &req.text,
+            context: &req.context,
+            among,
+            local,
+            received_ms: entry.received_ms,
+        };
+        let outbox = escalate::Outbox {
+            store: &self.store,
+            wake: &*self.outbox_wake,
+        };
+        let (scores, report) = e.resolve(&ask, &self.pending, &outbox).await;
+        self.metrics.escalation(&task.name, report.outcome);
+        (scores, report)
+    }
+
     /// An error result for `task`, counted.
     fn reject(
         &self,
@@ -587,6 +653,10 @@ impl Routing {
     pub fn new(engine: Engine, tasks: Vec<TaskConfig>, limits: Limits) -> Routing {
         Routing {
             monitors: Monitors::new(tasks.iter().map(|t| (t.name.as_str(), t.monitor()))),
+            escalators: tasks
+                .iter()
+                .filter_map(|t| Some((t.name.clone(), Escalator::new(t)?)))
+                .collect(),
             engine,
             tasks,
             limits,

@@ -372,6 +372,12 @@ pub(crate) fn topic_filters(config: &Config) -> Vec<String> {
                 .tasks
                 .iter()
                 .filter_map(|t| t.policy.as_ref()?.state_topic.clone()),
+        )
+        .chain(
+            config
+                .tasks
+                .iter()
+                .filter_map(|t| t.escalate.as_ref()?.reply_topic.clone()),
         );
     let mut filters: Vec<String> = Vec::new();
     for f in all {

@@ -20,6 +20,9 @@ pub enum Stage {
     Template,
     #[default]
     Model,
+    /// A larger model upstream (set by the daemon's escalation; the engine
+    /// never answers so).
+    Escalated,
 }
 
 impl Stage {
@@ -28,6 +31,7 @@ impl Stage {
         match self {
             Stage::Template => "template",
             Stage::Model => "model",
+            Stage::Escalated => "escalated",
         }
     }
 }

@@ -148,12 +148,18 @@ pub struct Command<'a> {
     pub slots: &'a [Slot],
     /// `None` when unknown or stale.
     pub speed_kmh: Option<f64>,
+    /// Answered by an upstream model, not on the device.
+    pub escalated: bool,
 }
 
 impl PolicyConfig {
     pub fn decide(&self, c: &Command<'_>) -> Action {
         let quantity = quantity::read(c.text);
-        let (decision, reason, detail) = self.judge(c, quantity.as_ref());
+        let (mut decision, mut reason, detail) = self.judge(c, quantity.as_ref());
+        // What the device did not understand itself is confirmed first.
+        if c.escalated && decision == Decision::Execute {
+            (decision, reason) = (Decision::Confirm, "answered_upstream");
+        }
         Action {
             decision,
             reason,
@@ -310,6 +316,7 @@ rules = [
             confidence: 0.9,
             slots: &slots,
             speed_kmh: speed,
+            escalated: false,
         })
     }
 
@@ -385,6 +392,7 @@ rules = [
             confidence,
             slots: &[],
             speed_kmh: Some(0.0),
+            escalated: false,
         };
         let a = p.decide(&cmd("car/remote/voice", Some("CHANGE"), 0.9));
         assert_eq!(
@@ -395,6 +403,28 @@ rules = [
         assert_eq!((a.decision, a.reason), (Decision::Refuse, "low_confidence"));
         let a = p.decide(&cmd("car/cabin/voice", None, 0.9));
         assert_eq!((a.decision, a.reason), (Decision::Refuse, "not_recognised"));
+    }
+
+    #[test]
+    fn an_answer_from_upstream_is_confirmed_not_executed() {
+        let mut c = Command {
+            topic: "car/cabin/voice",
+            text: "set the temperature to 21 degrees",
+            intent: Some("CHANGE"),
+            confidence: 1.0,
+            slots: &[],
+            speed_kmh: Some(50.0),
+            escalated: false,
+        };
+        assert_eq!(policy().decide(&c).decision, Decision::Execute);
+        c.escalated = true;
+        let a = policy().decide(&c);
+        assert_eq!(
+            (a.decision, a.reason),
+            (Decision::Confirm, "answered_upstream")
+        );
+        c.text = "set the temperature to 95 degrees";
+        assert_eq!(policy().decide(&c).decision, Decision::Refuse);
     }
 
     #[test]
