@@ -222,6 +222,11 @@ impl Router {
                 // need the order).
                 let routing = self.routing();
                 let route = self.route(&routing, &entry, attempts);
+                if let Route::Escalation = route {
+                    // Here, in arrival order: the first valid answer wins.
+                    self.escalation_answer(key, &entry);
+                    continue;
+                }
                 let this = self.clone();
                 let fatal = fatal_tx.clone();
                 self.running.lock().unwrap().insert(key);
@@ -319,13 +324,7 @@ impl Router {
                 return Ok(());
             }
             Route::Escalation => {
-                if !self.pending.deliver(&entry.payload) {
-                    log::info!(
-                        topic = entry.topic.as_str();
-                        "an escalation answer no request waits for (late, or not ours); dropped"
-                    );
-                }
-                self.settle(key, None);
+                self.escalation_answer(key, &entry);
                 return Ok(());
             }
             Route::Nowhere => {
@@ -427,7 +426,9 @@ impl Router {
                             // The model is done with it: a crash from here
                             // on is not the message's fault, and the wait
                             // holds no place among the messages in flight.
-                            self.store.unmark_dispatched(key);
+                            if let Err(e) = self.store.unmark_dispatched(key).await {
+                                log::error!("message {key} stays marked as with the model: {e}");
+                            }
                             drop(permit);
                             let (s, r) = self.escalate(e, entry, task, &req, &scores).await;
                             (s, Some(r))
@@ -603,6 +604,17 @@ impl Router {
     ) -> Result<slmd_engine::Scores, EngineError> {
         let admit = Some((key, self.admit.clone()));
         routing.engine.infer_admitted(task, query, admit).await
+    }
+
+    /// Hands an upstream's answer to the escalation waiting for it.
+    fn escalation_answer(&self, key: u64, entry: &InboxEntry) {
+        if !self.pending.deliver(&entry.payload) {
+            log::info!(
+                topic = entry.topic.as_str();
+                "an escalation answer no request waits for (late, or not ours); dropped"
+            );
+        }
+        self.settle(key, None);
     }
 
     /// Asks `task`'s upstream about a doubtful local answer.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::proxy::{Mode, Proxy};
-use crate::util::{free_port, write_config, Broker, Client, Daemon, Msg};
+use crate::util::{edit, free_port, write_config, Broker, Client, Daemon, Msg};
 
 const TEXTS: &[&str] = &[
     "turn off the lights",
@@ -164,12 +164,6 @@ impl Ledger {
 /// Adds lines to the `[limits]` table of a test config.
 fn set_limits(config: &Path, lines: &str) {
     edit(config, "[limits]\n", &format!("[limits]\n{lines}\n"));
-}
-
-fn edit(config: &Path, from: &str, to: &str) {
-    let text = std::fs::read_to_string(config).unwrap();
-    assert!(text.contains(from), "{from:?} is not in the config");
-    std::fs::write(config, text.replacen(from, to, 1)).unwrap();
 }
 
 /// `slmd status` for a config, parsed.

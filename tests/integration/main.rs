@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod escalation;
 mod factory;
 mod faults;
 mod mqtt5;

@@ -246,6 +246,13 @@ labels = [
     path
 }
 
+/// Replaces the first `from` in a config file with `to`.
+pub fn edit(config: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains(from), "{from:?} is not in the config");
+    std::fs::write(config, text.replacen(from, to, 1)).unwrap();
+}
+
 /// The slmd binary running `run`, stopped on drop; its log is kept in a file.
 pub struct Daemon {
     child: Child,

@@ -591,15 +591,14 @@ impl Store {
     }
 
     /// The model is done with a message that is not complete yet (it
-    /// waits for an upstream): a crash now is not its fault. Not flushed:
-    /// a mark that survives a crash costs one blame, no more.
-    pub fn unmark_dispatched(&self, key: u64) {
-        if let Err(e) = self
-            .trees()
-            .and_then(|t| Ok(t.dispatched.remove(key.to_be_bytes())?))
-        {
-            log::debug!("message {key} stays marked dispatched: {e}");
-        }
+    /// waits for an upstream): a crash from now on is not its fault.
+    /// Durable on return.
+    pub async fn unmark_dispatched(&self, key: u64) -> Result<(), StoreError> {
+        self.check(
+            self.trees()
+                .and_then(|t| Ok(t.dispatched.remove(key.to_be_bytes())?)),
+        )?;
+        self.flush().await
     }
 
     /// After a crash: every message the last run had dispatched and not

@@ -14,8 +14,9 @@ use super::ResponseFormat;
 /// Why a call gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot reach {url}: {why}")]
-    Transport { url: String, why: String },
+    /// `why` names the URL (ureq's message does).
+    #[error("cannot reach the upstream: {why}")]
+    Transport { why: String },
     #[error("{url} answered HTTP {code}: {body}")]
     Status {
         url: String,
@@ -95,16 +96,10 @@ pub fn complete(call: &Call) -> Result<Value, HttpError> {
                 body: excerpt(&r.into_string().unwrap_or_default()),
             })
         }
-        Err(e) => {
-            return Err(HttpError::Transport {
-                url,
-                why: e.to_string(),
-            })
-        }
+        Err(e) => return Err(HttpError::Transport { why: e.to_string() }),
     };
     let text = reply.into_string().map_err(|e| HttpError::Transport {
-        url: url.clone(),
-        why: e.to_string(),
+        why: format!("{url}: {e}"),
     })?;
     content(&text)
 }
