@@ -7,14 +7,15 @@ itself. A Mosquitto broker on a free loopback port, slmd with the test
 classify task (the HWU64 smart-home labels) escalating to that server, and
 mosquitto_pub / mosquitto_sub as clients.
 
-Inputs: the in-scope rows of configs/examples/smart-home-hwu64.jsonl (what
-the head trained on: most stay on the device) and out-of-scope queries from
-the shared CLINC rows (most are not recognised and go upstream). It reports
-how many went upstream, what came back (answered, refused, unavailable),
-the upstream's share of right answers (the row's label; null for
-out-of-scope), and the result latency of local and escalated messages.
+The task trains on every other row of configs/examples/smart-home-hwu64.jsonl
+(59 rows) and is sent the other 59 (held out) and as many out-of-scope
+queries from the shared CLINC rows. Every result keeps the local guess, so
+one run gives the local model alone and local + escalation: in-scope
+accuracy, out-of-scope rejection (a null label), the share escalated, what
+came back (answered, refused, unavailable) and the result latency of local
+and escalated messages.
 
-  scripts/escalation-real.py --python VENV/bin/python [--slmd BIN] [--n 30]
+  scripts/escalation-real.py --python VENV/bin/python [--slmd BIN] [--below 0.5]
 
 VENV must have `llama-cpp-python[server]` (scripts/escalation-real.sh makes
 one). BIN defaults to target/release/slmd.
@@ -63,9 +64,18 @@ def model(sha):
     return path
 
 
-def config(dir, broker, url, below):
-    examples = REPO / "configs" / "examples" / "smart-home-hwu64.jsonl"
+def config(dir, broker, url, below, examples, off):
     labels = ", ".join(f'{{ name = "{l}" }}' for l in LABELS)
+    escalate = f"""
+[tasks.escalate]
+name = "gemma-270m"
+url = "{url}"
+model = "gemma"
+response_format = "json_object"
+below = {below}
+timeout_ms = 60000
+max_concurrent = 1
+"""
     text = f"""
 [broker]
 port = {broker}
@@ -90,36 +100,31 @@ instruction = "Classify this smart-home command."
 examples_file = "{examples}"
 labels = [{labels}]
 
-[tasks.escalate]
-name = "gemma-270m"
-url = "{url}"
-model = "gemma"
-response_format = "json_object"
-below = {below}
-timeout_ms = 60000
-max_concurrent = 1
-"""
+{"" if off else escalate}"""
     path = dir / "slmd.toml"
     path.write_text(text)
     return path
 
 
-def rows(n):
-    random.seed(7)
+def split(dir):
+    """Train rows written to a file; held-out (text, label) rows, then as
+    many out-of-scope ones (label None)."""
     home = [json.loads(l) for l in open(REPO / "configs/examples/smart-home-hwu64.jsonl")]
+    train = dir / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in home[0::2]))
+    test = [(r["text"], r["intent"]) for r in home[1::2]]
     oos = [json.loads(l) for l in open(DATA / "clinc150_auto_home_oos.jsonl")]
-    oos = [r for r in oos if r["intent"] == "oos"]
-    picked = [(r["text"], r["intent"]) for r in random.sample(home, n)]
-    picked += [(r["text"], None) for r in random.sample(oos, n)]
-    return picked
+    random.seed(7)
+    oos = random.sample([r["text"] for r in oos if r["intent"] == "oos"], len(test))
+    return train, test + [(t, None) for t in oos]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--python", required=True, help="a python with llama-cpp-python[server]")
     ap.add_argument("--slmd", default=str(REPO / "target" / "release" / "slmd"))
-    ap.add_argument("--n", type=int, default=30, help="rows of each kind")
     ap.add_argument("--below", type=float, default=0.5)
+    ap.add_argument("--off", action="store_true", help="no escalation (the local path alone)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="slmd-escalation-"))
     procs = []
@@ -142,7 +147,8 @@ def main():
                 return False
 
         wait_until(server_up, 120, "llama_cpp.server")
-        cfg = config(tmp, broker, f"http://127.0.0.1:{up}/v1", args.below)
+        train, inputs = split(tmp)
+        cfg = config(tmp, broker, f"http://127.0.0.1:{up}/v1", args.below, train, args.off)
         sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker), "-q", "1", "-t", "test/out/#"],
                                stdout=subprocess.PIPE, text=True)
         procs.append(sub)
@@ -164,7 +170,6 @@ def main():
                                   stdout=slmd_log, stderr=subprocess.STDOUT)
         procs.append(daemon)
         wait_until(lambda: "subscribed to" in (tmp / "slmd.log").read_text(), 300, "slmd")
-        inputs = rows(args.n)
         sent = {}
         # One at a time: latency is per message, not queueing behind others.
         for i, (text, _) in enumerate(inputs):
@@ -173,36 +178,36 @@ def main():
             subprocess.run(["mosquitto_pub", "-p", str(broker), "-q", "1", "-t", "test/home/hall",
                             "-m", json.dumps({"id": rid, "text": text})], check=True)
             wait_until(lambda: rid in results, 180, f"the result of {rid}")
-        outcomes, right, local_ms, escalated_ms = {}, [0, 0], [], []
+        outcomes, local_ms, escalated_ms = {}, [], []
+        # [right, of] for in-scope accuracy and out-of-scope rejection.
+        alone = {"in": [0, 0], "oos": [0, 0]}
+        both = {"in": [0, 0], "oos": [0, 0]}
         for i, (text, want) in enumerate(inputs):
             v = results[f"r{i}"]
             ms = (arrived[f"r{i}"] - sent[f"r{i}"]) * 1000
             e = v.get("escalation")
-            if e is None:
-                local_ms.append(ms)
-                continue
-            escalated_ms.append(ms)
-            outcomes[e["outcome"]] = outcomes.get(e["outcome"], 0) + 1
-            if e["outcome"] == "answered":
-                right[1] += 1
-                right[0] += v["label"] == want
-        pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+            (local_ms if e is None else escalated_ms).append(ms)
+            if e is not None:
+                outcomes[e["outcome"]] = outcomes.get(e["outcome"], 0) + 1
+            local = v["label"] if e is None else e["local"]["label"]
+            kind = "in" if want else "oos"
+            for tally, got in ((alone, local), (both, v["label"])):
+                tally[kind][0] += got == want
+                tally[kind][1] += 1
+        pct = lambda xs, q: round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]) if xs else None
+        rate = lambda t: round(t[0] / t[1], 3)
         summary = {
-            "inputs": len(inputs),
-            "in_scope": args.n,
-            "out_of_scope": args.n,
             "below": args.below,
-            "escalated": len(escalated_ms),
+            "held_out_in_scope": alone["in"][1],
+            "out_of_scope": alone["oos"][1],
+            "escalated_share": round(len(escalated_ms) / len(inputs), 3),
             "outcomes": outcomes,
-            "upstream_right": f"{right[0]}/{right[1]}",
-            "escalated_in_scope": sum(1 for i, (_, w) in enumerate(inputs) if w and "escalation" in results[f"r{i}"]),
-            "escalated_out_of_scope": sum(1 for i, (_, w) in enumerate(inputs) if not w and "escalation" in results[f"r{i}"]),
+            "local_alone": {"in_scope_accuracy": rate(alone["in"]), "oos_rejected": rate(alone["oos"])},
+            "with_escalation": {"in_scope_accuracy": rate(both["in"]), "oos_rejected": rate(both["oos"])},
             "local_ms_p50": pct(local_ms, 0.5),
+            "local_ms_p95": pct(local_ms, 0.95),
             "escalated_ms_p50": pct(escalated_ms, 0.5),
             "escalated_ms_p95": pct(escalated_ms, 0.95),
-            "refused_reasons": sorted({results[f"r{i}"]["escalation"].get("reason", "")
-                                       for i in range(len(inputs))
-                                       if results[f"r{i}"].get("escalation", {}).get("outcome") == "refused"}),
         }
         print(json.dumps(summary, indent=2))
     finally:

@@ -5,7 +5,7 @@
 # Makes the venv, fetches both models, builds slmd (release) and runs
 # scripts/escalation-real.py; its last figures are in docs/ESCALATION.md.
 #
-#   scripts/escalation-real.sh [--n 30] [--below 0.5]
+#   scripts/escalation-real.sh [--below 0.5] [--off]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -137,6 +137,9 @@ pub fn answer(output_topic: &str, s: &Session, input: &str, scores: &Scores) -> 
     // Which stage answered; Hermes clients ignore keys they do not know.
     body["by"] = json!(scores.by);
     let Some(intent) = &scores.label else {
+        if let Some(why) = scores.unrecognised {
+            body["notRecognised"] = json!(why);
+        }
         return (NOT_RECOGNIZED_TOPIC.into(), body);
     };
     let confidence = scores.ranked.first().map_or(0.0, |r| round4(r.1));
@@ -219,6 +222,9 @@ mod tests {
             inference_ms: 1.0,
             tokens: 3,
             by: slmd_engine::Stage::Model,
+            unrecognised: label
+                .is_none()
+                .then_some(slmd_engine::Unrecognised::UnlikeExamples),
         }
     }
 
@@ -332,6 +338,7 @@ mod tests {
         // Not recognised answers echo them too.
         let (topic, body) = answer("hermes/intent", &s, "x", &scores(None, vec![]));
         assert_eq!(topic, NOT_RECOGNIZED_TOPIC);
+        assert_eq!(body["notRecognised"], "unlike_examples");
         assert_eq!(
             (&body["lang"], &body["wakewordId"], &body["asrConfidence"]),
             (&json!("en"), &json!("porcupine"), &json!(0.87))

@@ -167,6 +167,11 @@ pub struct TaskResult {
     /// False when the best label's confidence is below the task's
     /// `abstain_below`, or the best label is its reject label.
     pub recognised: bool,
+    /// Why not, when not recognised: `low_confidence`, `reject_label`,
+    /// `unlike_examples`, `filtered`, `no_template_match`, `upstream`,
+    /// `upstream_unavailable`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_recognised: Option<slmd_engine::Unrecognised>,
     #[serde(flatten)]
     pub answer: Answer,
     /// Calibrated probability of the best label among the task's labels.
@@ -244,6 +249,11 @@ impl TaskResult {
             id,
             task: task.to_owned(),
             recognised: scores.label.is_some(),
+            not_recognised: scores
+                .label
+                .is_none()
+                .then_some(scores.unrecognised)
+                .flatten(),
             answer: Answer::new(scores),
             confidence: scores.ranked.first().map_or(0.0, |r| round4(r.1) as f32),
             alternatives: scores.ranked[skip.min(scores.ranked.len())..]

@@ -366,6 +366,7 @@ fn classify_below_abstain_threshold_is_not_recognised_but_lists_alternatives() {
     let (v, _) = classify(&config, "home", "what is the capital of australia");
     assert_eq!(v["recognised"], false, "{v}");
     assert!(v["label"].is_null(), "{v}");
+    assert_eq!(v["not_recognised"], "low_confidence", "{v}");
     assert!(v["confidence"].as_f64().unwrap() < 0.999, "{v}");
     let alts = v["alternatives"].as_array().unwrap();
     assert_eq!(alts.len(), 3, "the best labels are still listed: {v}");

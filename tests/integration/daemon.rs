@@ -190,6 +190,8 @@ async fn bad_input_gets_an_error_result_and_the_daemon_keeps_serving() {
         if v["id"] == "inj" {
             assert_eq!(v["recognised"], false, "{v}");
             assert!(v["label"].is_null(), "{v}");
+            let why = v["not_recognised"].as_str().unwrap_or("none");
+            assert!(["low_confidence", "unlike_examples"].contains(&why), "{v}");
         } else {
             check_result(&v, &labels);
         }

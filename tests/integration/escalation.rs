@@ -32,7 +32,11 @@ struct Upstream {
 
 impl Upstream {
     fn start(answer: fn(&str) -> Value) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Upstream::start_on(0, answer)
+    }
+
+    fn start_on(port: u16, answer: fn(&str) -> Value) -> Upstream {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let mode = Arc::new(Mutex::new(Mode::Answer));
         let texts = Arc::new(Mutex::new(Vec::new()));
@@ -172,6 +176,9 @@ async fn doubtful_commands_go_upstream_over_http_and_routine_ones_stay_local() {
                     Value::Null
                 };
                 assert_eq!(v["label"], want, "{v}");
+                if want.is_null() {
+                    assert_eq!(v["not_recognised"], "upstream", "{v}");
+                }
                 assert!(up.texts().iter().any(|t| t == texts[i]), "{v}");
             }
         }
@@ -342,6 +349,10 @@ async fn an_unreachable_upstream_gets_the_fallback_in_time() {
         (&json!(false), &json!("model")),
         "{v}"
     );
+    // The device's own reason when it recognised nothing itself.
+    let why = v["not_recognised"].as_str().unwrap_or("none");
+    let own = ["low_confidence", "unlike_examples"];
+    assert!(why == "upstream_unavailable" || own.contains(&why), "{v}");
     let e = &v["escalation"];
     assert_eq!(e["outcome"], "unavailable", "{v}");
     assert!(
@@ -361,4 +372,37 @@ async fn an_unreachable_upstream_gets_the_fallback_in_time() {
         took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
         "{took:?}"
     );
+}
+
+/// An upstream that is down when the message arrives and back within
+/// `wait_secs` answers it: the daemon keeps trying until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_back_within_wait_secs_answers() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let mut r = Running::with(&["test/out/#", "test/err/#"], |dir, p| {
+        escalating(
+            dir,
+            p,
+            &format!("url = \"{url}\"\nbelow = 1.0\ntimeout_ms = 2000\nwait_secs = 20"),
+        )
+    })
+    .await;
+    r.sub
+        .publish(
+            "test/home/hall",
+            json!({"id": "b1", "text": "start the robot hoover"}).to_string(),
+        )
+        .await;
+    // Down for 3 s (connections refused), then up on the same port.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(r.sub.extra(Duration::ZERO).await.is_empty());
+    let up = Upstream::start_on(port, |_| json!({"label": "vacuum"}));
+    let v = r.sub.take(1, Duration::from_secs(30)).await[0].json();
+    assert_eq!(
+        (&v["label"], &v["by"], &v["escalation"]["outcome"]),
+        (&json!("vacuum"), &json!("escalated"), &json!("answered")),
+        "{v}"
+    );
+    assert_eq!(up.texts(), ["start the robot hoover"]);
 }

@@ -110,14 +110,20 @@ impl TemplateStage {
             .templates
             .recognise_with(&query.text, &query.context, &accept);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let (ranked, label, slots) = match hit {
+        let (ranked, label, slots, unrecognised) = match hit {
             Some(m) => (
                 vec![(m.intent.clone(), 1.0)],
                 Some(m.intent),
                 slots(&query.text, m.slots),
+                None,
             ),
             None if self.model_stage => return None,
-            None => (Vec::new(), None, Vec::new()),
+            None => (
+                Vec::new(),
+                None,
+                Vec::new(),
+                Some(crate::Unrecognised::NoTemplateMatch),
+            ),
         };
         Some(Scores {
             ranked,
@@ -126,6 +132,7 @@ impl TemplateStage {
             inference_ms: ms,
             tokens: 0,
             by: Stage::Template,
+            unrecognised,
         })
     }
 }
@@ -190,6 +197,7 @@ mod tests {
         assert!(stage(true).answer(&q).is_none());
         let s = stage(false).answer(&q).unwrap();
         assert_eq!((s.label, s.ranked.len(), s.by), (None, 0, Stage::Template));
+        assert_eq!(s.unrecognised, Some(crate::Unrecognised::NoTemplateMatch));
     }
 
     #[test]

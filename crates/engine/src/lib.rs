@@ -344,6 +344,31 @@ pub struct Scores {
     pub tokens: usize,
     /// The stage that answered.
     pub by: Stage,
+    /// Why nothing was recognised (`None` when something was).
+    pub unrecognised: Option<Unrecognised>,
+}
+
+/// Why an input was not recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unrecognised {
+    /// The best label's confidence is below the task's `abstain_below`.
+    LowConfidence,
+    /// The task's reject label (its out-of-scope examples) won.
+    RejectLabel,
+    /// The input is less like the task's examples than the least typical
+    /// `novelty_quantile` of them are: out of scope ([`novelty`]).
+    UnlikeExamples,
+    /// A Hermes `intentFilter` allows none of the task's labels.
+    Filtered,
+    /// The templates matched nothing, and the task has no model stage.
+    NoTemplateMatch,
+    /// An upstream found that none of the labels fits (set by the
+    /// daemon's escalation).
+    Upstream,
+    /// No valid answer came from the upstream, and the task's fallback is
+    /// "not recognised" (set by the daemon's escalation).
+    UpstreamUnavailable,
 }
 
 /// One message for the engine: its text and what its sender knows
@@ -462,6 +487,7 @@ impl Engine {
                 inference_ms: 0.0,
                 tokens: 0,
                 by: Stage::Model,
+                unrecognised: None,
             })
         })
     }
@@ -1157,8 +1183,9 @@ impl<'m> Worker<'m> {
                         by: Stage::Model,
                         ..decide(task, probs, inference_ms)
                     };
-                    if novel {
+                    if novel && scores.label.is_some() {
                         scores.label = None;
+                        scores.unrecognised = Some(Unrecognised::UnlikeExamples);
                     }
                     out.push((job, Ok(scores)));
                 }
@@ -1311,8 +1338,16 @@ pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
     let mut ranked: Vec<(String, f32)> = task.labels.iter().cloned().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let (best, p) = &ranked[0];
-    let rejected = task.reject_label.as_deref() == Some(best.as_str());
-    let label = (*p > 0.0 && *p >= task.abstain_below && !rejected).then(|| best.clone());
+    let unrecognised = if *p <= 0.0 {
+        Some(Unrecognised::Filtered)
+    } else if task.reject_label.as_deref() == Some(best.as_str()) {
+        Some(Unrecognised::RejectLabel)
+    } else if *p < task.abstain_below {
+        Some(Unrecognised::LowConfidence)
+    } else {
+        None
+    };
+    let label = unrecognised.is_none().then(|| best.clone());
     Scores {
         ranked,
         label,
@@ -1320,6 +1355,7 @@ pub fn decide(task: &TaskSpec, probs: Vec<f32>, inference_ms: f64) -> Scores {
         inference_ms,
         tokens: 0,
         by: Stage::Model,
+        unrecognised,
     }
 }
 
@@ -1644,11 +1680,16 @@ mod tests {
         let s = decide(&t, vec![0.7, 0.2, 0.1], 1.0);
         assert_eq!(s.label.as_deref(), Some("on"));
         assert_eq!(s.ranked[0].0, "on");
+        assert_eq!(s.unrecognised, None);
         let s = decide(&t, vec![0.45, 0.35, 0.2], 1.0);
         assert_eq!(s.label, None, "below abstain_below");
+        assert_eq!(s.unrecognised, Some(Unrecognised::LowConfidence));
         assert_eq!(s.ranked.len(), 3, "alternatives are still listed");
         let s = decide(&t, vec![0.1, 0.1, 0.8], 1.0);
         assert_eq!(s.label, None, "the reject label is not a recognition");
+        assert_eq!(s.unrecognised, Some(Unrecognised::RejectLabel));
+        let s = decide(&t, vec![0.0, 0.0, 0.0], 1.0);
+        assert_eq!(s.unrecognised, Some(Unrecognised::Filtered));
     }
 
     #[test]

@@ -310,8 +310,9 @@ impl Escalator {
 
     fn fallback(&self, local: &Scores) -> Scores {
         let mut s = local.clone();
-        if self.config.on_unavailable == Fallback::NotRecognised {
+        if self.config.on_unavailable == Fallback::NotRecognised && s.label.is_some() {
             s.label = None;
+            s.unrecognised = Some(slmd_engine::Unrecognised::UpstreamUnavailable);
             if let Some(slots) = &mut s.slots {
                 slots.clear();
             }
@@ -543,6 +544,10 @@ fn answered(local: &Scores, v: Verdict) -> Scores {
     );
     Scores {
         ranked,
+        unrecognised: v
+            .label
+            .is_none()
+            .then_some(slmd_engine::Unrecognised::Upstream),
         label: v.label,
         slots: v.slots,
         by: slmd_engine::Stage::Escalated,

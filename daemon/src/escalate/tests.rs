@@ -28,6 +28,9 @@ fn local(label: Option<&str>, p: f32) -> Scores {
         inference_ms: 3.0,
         tokens: 5,
         by: slmd_engine::Stage::Model,
+        unrecognised: label
+            .is_none()
+            .then_some(slmd_engine::Unrecognised::LowConfidence),
     }
 }
 
@@ -161,6 +164,10 @@ async fn an_answer_outside_the_labels_is_refused_and_the_fallback_published() {
     ));
     let (scores, report) = resolve(&e, &local(Some("lights_on"), 0.55)).await;
     assert_eq!((scores.label, scores.by), (None, slmd_engine::Stage::Model));
+    assert_eq!(
+        scores.unrecognised,
+        Some(slmd_engine::Unrecognised::UpstreamUnavailable)
+    );
     assert_eq!(report.outcome, "refused");
     assert!(report.reason.unwrap().contains("unlock_door"));
     assert_eq!(report.local.label.as_deref(), Some("lights_on"));
@@ -265,6 +272,10 @@ async fn the_bearer_token_is_read_from_its_file() {
     let (scores, report) = resolve(&e, &local(Some("lights_on"), 0.3)).await;
     // The upstream says none of the labels fits: not recognised, by it.
     assert_eq!((report.outcome, scores.label), ("answered", None));
+    assert_eq!(
+        scores.unrecognised,
+        Some(slmd_engine::Unrecognised::Upstream)
+    );
     assert!(seen
         .join()
         .unwrap()

@@ -53,6 +53,7 @@ fn rig(task: &str, tune: impl FnOnce(&mut Config)) -> Rig {
                 inference_ms: 1.0,
                 tokens: 3,
                 by: slmd_engine::Stage::Model,
+                unrecognised: None,
             }),
         }
     });
