@@ -34,27 +34,89 @@ impl SplitMix64 {
 /// # Panics
 /// If `k < 2` (a single fold leaves nothing to train on).
 pub fn stratified_folds(labels: &[String], k: usize, seed: u64) -> Vec<usize> {
-    assert!(k >= 2, "stratified_folds: k must be at least 2, got {k}");
+    let each_alone: Vec<usize> = (0..labels.len()).collect();
+    grouped_folds(labels, &each_alone, k, seed)
+}
 
+/// As [`stratified_folds`], but whole groups are dealt: rows of one group
+/// (`groups[row]`, say a paraphrase cluster) always share a fold, so a
+/// fold's rows are tested on a head that saw none of their group.
+///
+/// # Panics
+/// If `k < 2`.
+pub fn grouped_folds(labels: &[String], groups: &[usize], k: usize, seed: u64) -> Vec<usize> {
+    assert!(k >= 2, "grouped_folds: k must be at least 2, got {k}");
     let mut by_label: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (row, label) in labels.iter().enumerate() {
-        by_label.entry(label.as_str()).or_default().push(row);
-    }
-
-    let mut rng = SplitMix64(seed);
-    let mut folds = vec![0; labels.len()];
-    let mut next_fold = 0;
-    for rows in by_label.values_mut() {
-        for i in (1..rows.len()).rev() {
-            let j = rng.below(i + 1);
-            rows.swap(i, j);
+        let of_label = by_label.entry(label.as_str()).or_default();
+        if !of_label.contains(&groups[row]) {
+            of_label.push(groups[row]);
         }
-        for &row in rows.iter() {
-            folds[row] = next_fold;
+    }
+    let mut rng = SplitMix64(seed);
+    let mut fold_of_group = BTreeMap::new();
+    let mut next_fold = 0;
+    for label_groups in by_label.values_mut() {
+        for i in (1..label_groups.len()).rev() {
+            let j = rng.below(i + 1);
+            label_groups.swap(i, j);
+        }
+        for &g in label_groups.iter() {
+            fold_of_group.insert(g, next_fold);
             next_fold = (next_fold + 1) % k;
         }
     }
-    folds
+    groups.iter().map(|g| fold_of_group[g]).collect()
+}
+
+/// Paraphrase clusters: rows of one label whose word sets overlap by at
+/// least half (Jaccard, lowercased words) are joined, transitively. A label
+/// whose rows all fall in one cluster keeps each row alone, so holding out
+/// a cluster never removes a label from training. Returns a group id per
+/// row.
+pub fn paraphrase_groups(texts: &[String], labels: &[String]) -> Vec<usize> {
+    let words: Vec<std::collections::BTreeSet<String>> = texts
+        .iter()
+        .map(|t| {
+            t.to_lowercase()
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    let mut parent: Vec<usize> = (0..texts.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for i in 0..texts.len() {
+        for j in i + 1..texts.len() {
+            if labels[i] != labels[j] {
+                continue;
+            }
+            let common = words[i].intersection(&words[j]).count();
+            let all = words[i].union(&words[j]).count();
+            if all > 0 && 2 * common >= all {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                parent[a] = b;
+            }
+        }
+    }
+    let mut groups: Vec<usize> = (0..texts.len()).map(|i| root(&mut parent, i)).collect();
+    let mut per_label: BTreeMap<&str, std::collections::BTreeSet<usize>> = BTreeMap::new();
+    for (label, &g) in labels.iter().zip(&groups) {
+        per_label.entry(label.as_str()).or_default().insert(g);
+    }
+    for (row, label) in labels.iter().enumerate() {
+        if per_label[label.as_str()].len() < 2 {
+            groups[row] = row;
+        }
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -130,6 +192,46 @@ mod tests {
         assert_ne!(
             stratified_folds(&labels, 5, 11),
             stratified_folds(&labels, 5, 12)
+        );
+    }
+
+    #[test]
+    fn a_paraphrase_cluster_stays_in_one_fold_and_no_label_loses_all_its_rows() {
+        let rows = [
+            ("turn on the lights", "on"),
+            ("turn the lights on", "on"),
+            ("the lights on", "on"),
+            ("illuminate the room", "on"),
+            ("make it bright in here", "on"),
+            ("switch off the lamp", "off"),
+            ("switch the lamp off", "off"),
+            ("kill the lights", "off"),
+            ("make coffee", "coffee"),
+            ("make me a coffee", "coffee"),
+        ];
+        let texts: Vec<String> = rows.iter().map(|r| r.0.to_owned()).collect();
+        let labels: Vec<String> = rows.iter().map(|r| r.1.to_owned()).collect();
+        let g = paraphrase_groups(&texts, &labels);
+        assert_eq!(g[0], g[1], "word-order paraphrases join");
+        assert_eq!(g[1], g[2], "transitively");
+        assert_ne!(g[0], g[3]);
+        assert_eq!(g[5], g[6]);
+        assert_ne!(g[5], g[7]);
+        // "coffee" has one cluster only: its rows stay apart.
+        assert_ne!(g[8], g[9]);
+        let folds = grouped_folds(&labels, &g, 2, 5);
+        assert_eq!(folds[0], folds[1]);
+        assert_eq!(folds[1], folds[2]);
+        assert_eq!(folds[5], folds[6]);
+    }
+
+    #[test]
+    fn grouped_folds_of_single_rows_are_the_stratified_ones() {
+        let labels = sample();
+        let alone: Vec<usize> = (0..labels.len()).collect();
+        assert_eq!(
+            grouped_folds(&labels, &alone, 5, 9),
+            stratified_folds(&labels, 5, 9)
         );
     }
 

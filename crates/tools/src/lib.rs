@@ -191,6 +191,11 @@ pub struct EvalArgs {
     /// head never saw (the estimate for a task without such examples).
     #[arg(long, requires_all = ["reject_label", "cv"])]
     unseen_oos: bool,
+    /// With --cv: skip the realistic estimate (a second cross-validation
+    /// that holds out whole paraphrase clusters and trains no out-of-scope
+    /// row), which doubles the run time.
+    #[arg(long, requires = "cv")]
+    no_realistic: bool,
     /// Extract: a template stage before the model, from these intents
     /// files (a templates manifest's name, a file or a folder, as the task
     /// option `templates.sources`); the report gives each stage's share.
@@ -366,7 +371,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.seed.len() > 1 && (a.cv.is_none() || a.task.is_some()) {
         anyhow::bail!("several --seed values need --cv K (and --train, not --task)");
     }
-    let (engine, trials, reject) = if let Some(task) = &a.task {
+    let (engine, trials, reject, grouped) = if let Some(task) = &a.task {
         let config_path = a
             .engine
             .dirs
@@ -381,27 +386,68 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             .reject_label
             .clone();
         let engine = slmd::start_engine(&config)?;
-        (engine, vec![(task.clone(), test)], reject)
+        (engine, vec![(task.clone(), test)], reject, (Vec::new(), 0))
     } else {
         let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
+        let mut realistic = Vec::new();
         let trials = match (a.cv, &a.test) {
             (Some(k), None) if k >= 2 && k <= train.len() => {
-                eval::cross_validation(&train, k, &a.seed, &settings)
+                if !a.no_realistic {
+                    let unseen = TaskSettings {
+                        unseen_oos: settings.reject_label.is_some(),
+                        ..settings.clone()
+                    };
+                    realistic = eval::cross_validation(
+                        &train,
+                        k,
+                        &a.seed,
+                        &unseen,
+                        eval::Split::Paraphrases,
+                    );
+                }
+                eval::cross_validation(&train, k, &a.seed, &settings, eval::Split::Rows)
             }
             (Some(k), None) => anyhow::bail!("--cv {k}: needs 2 <= K <= the number of rows"),
             (None, Some(test)) => eval::holdout(&train, read_jsonl(test)?, &settings),
             _ => anyhow::bail!("give either --cv K or --test FILE"),
         };
         let opts = engine_options(&a.engine)?;
-        let names = trials
-            .iter()
-            .map(|t| (t.spec.name.clone(), t.test.clone()))
+        let names = |ts: &[eval::Trial]| -> Vec<(String, Vec<slmd_core::examples::Row>)> {
+            ts.iter()
+                .map(|t| (t.spec.name.clone(), t.test.clone()))
+                .collect()
+        };
+        let (main, grouped) = (names(&trials), names(&realistic));
+        let clusters = {
+            let texts: Vec<String> = train.iter().map(|r| r.text.clone()).collect();
+            let labels: Vec<String> = train.iter().map(|r| r.intent.clone()).collect();
+            let mut g = slmd_core::folds::paraphrase_groups(&texts, &labels);
+            g.sort_unstable();
+            g.dedup();
+            g.len()
+        };
+        let specs = trials
+            .into_iter()
+            .chain(realistic)
+            .map(|t| t.spec)
             .collect();
-        let engine =
-            slmd_engine::Engine::start(opts, trials.into_iter().map(|t| t.spec).collect())?;
-        (engine, names, a.reject_label.clone())
+        let engine = slmd_engine::Engine::start(opts, specs)?;
+        (engine, main, a.reject_label.clone(), (grouped, clusters))
     };
     let (mut report, outcomes) = eval::run(&engine, &trials, reject.as_deref())?;
+    if !grouped.0.is_empty() {
+        eprintln!(
+            "realistic estimate: {} paraphrase clusters held out whole",
+            grouped.1
+        );
+        let (r, _) = eval::run(&engine, &grouped.0, reject.as_deref())?;
+        report.realistic = Some(eval::metrics::Realistic {
+            clusters: grouped.1,
+            accuracy: r.accuracy,
+            in_scope_accuracy: r.in_scope_accuracy,
+            oos_rejection: r.oos_rejection,
+        });
+    }
     if a.seed.len() > 1 {
         report.per_seed = eval::metrics::per_seed(&outcomes, &a.seed, reject.as_deref());
     }

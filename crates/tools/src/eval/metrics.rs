@@ -133,6 +133,22 @@ pub struct Report {
     /// With a template stage: the rows each stage answered, and how well.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_stage: Vec<StageScore>,
+    /// With `--cv`: the same task cross-validated with whole paraphrase
+    /// clusters held out and (with a reject label) no out-of-scope row
+    /// trained: the estimate for phrasing and out-of-scope text the task
+    /// has never seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub realistic: Option<Realistic>,
+}
+
+/// The realistic estimate beside the k-fold one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Realistic {
+    /// Paraphrase clusters the rows fall into (a row alone counts as one).
+    pub clusters: usize,
+    pub accuracy: f64,
+    pub in_scope_accuracy: Option<f64>,
+    pub oos_rejection: Option<f64>,
 }
 
 /// The rows one stage of a cascade answered.
@@ -294,6 +310,7 @@ pub fn report(outcomes: &[Outcome], wall_secs: f64, reject_label: Option<&str>) 
         confusion: confusion(outcomes),
         per_seed: Vec::new(),
         per_stage: Vec::new(),
+        realistic: None,
     }
 }
 
@@ -496,6 +513,22 @@ impl Report {
                 .map(|s| format!("{}: {:.3}", s.seed, s.accuracy))
                 .collect();
             line("accuracy by seed", seeds.join("  "));
+        }
+        if let Some(r) = &self.realistic {
+            let oos = r.oos_rejection.map_or(String::new(), |o| {
+                format!("  oos rejection {o:.3} (none trained)")
+            });
+            let in_scope = match (r.in_scope_accuracy, r.oos_rejection) {
+                (Some(a), Some(_)) => format!("  in-scope accuracy {a:.3}"),
+                _ => String::new(),
+            };
+            line(
+                "realistic",
+                format!(
+                    "accuracy {:.3}{in_scope}{oos}  ({} paraphrase clusters held out whole)",
+                    r.accuracy, r.clusters
+                ),
+            );
         }
         for s in &self.per_stage {
             let slots = s

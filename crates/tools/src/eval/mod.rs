@@ -74,14 +74,43 @@ pub fn holdout(train: &[Row], test: Vec<Row>, s: &TaskSettings) -> Vec<Trial> {
     }]
 }
 
+/// How cross-validation deals rows into folds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Row by row, stratified: the usual, optimistic k-fold (a test row's
+    /// paraphrases are in training).
+    Rows,
+    /// Whole paraphrase clusters ([`slmd_core::folds::paraphrase_groups`]):
+    /// a fold's rows are phrased unlike anything trained, as a new user's
+    /// often are.
+    Paraphrases,
+}
+
 /// `k` tasks per seed, one per stratified fold of `rows` under that seed's
 /// fold assignment; each seed's trials test every row once, in order.
-pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings) -> Vec<Trial> {
+pub fn cross_validation(
+    rows: &[Row],
+    k: usize,
+    seeds: &[u64],
+    s: &TaskSettings,
+    split: Split,
+) -> Vec<Trial> {
     let labels: Vec<String> = rows.iter().map(|r| r.intent.clone()).collect();
+    let groups: Vec<usize> = match split {
+        Split::Rows => (0..rows.len()).collect(),
+        Split::Paraphrases => {
+            let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
+            slmd_core::folds::paraphrase_groups(&texts, &labels)
+        }
+    };
+    let prefix = match split {
+        Split::Rows => "",
+        Split::Paraphrases => "grouped-",
+    };
     let several = seeds.len() > 1;
     let mut trials = Vec::with_capacity(k * seeds.len());
     for &seed in seeds {
-        let fold_of = slmd_core::folds::stratified_folds(&labels, k, seed);
+        let fold_of = slmd_core::folds::grouped_folds(&labels, &groups, k, seed);
         for f in 0..k {
             let in_fold = |want: bool| -> Vec<Row> {
                 rows.iter()
@@ -91,8 +120,8 @@ pub fn cross_validation(rows: &[Row], k: usize, seeds: &[u64], s: &TaskSettings)
                     .collect()
             };
             let name = match several {
-                true => format!("seed{seed}-fold{f}"),
-                false => format!("fold{f}"),
+                true => format!("{prefix}seed{seed}-fold{f}"),
+                false => format!("{prefix}fold{f}"),
             };
             let mut train = in_fold(false);
             if s.unseen_oos {
@@ -382,7 +411,7 @@ mod tests {
         // Extra rows join every fold's training, only for known intents.
         let mut s = settings();
         s.extra = vec![Row::new("extra a", "a"), Row::new("extra z", "z")];
-        for t in cross_validation(&rows(), 5, &[1], &s) {
+        for t in cross_validation(&rows(), 5, &[1], &s, Split::Rows) {
             assert!(t.spec.examples.iter().any(|e| e.text == "extra a"));
             assert!(t.spec.examples.iter().all(|e| e.text != "extra z"));
             assert!(t.test.iter().all(|r| !r.text.starts_with("extra")));
@@ -392,7 +421,7 @@ mod tests {
     #[test]
     fn several_seeds_repeat_the_folds_each_testing_every_row_once() {
         let rows = rows();
-        let trials = cross_validation(&rows, 5, &[1, 2], &settings());
+        let trials = cross_validation(&rows, 5, &[1, 2], &settings(), Split::Rows);
         assert_eq!(trials.len(), 10);
         assert_eq!(trials[0].spec.name, "seed1-fold0");
         assert_eq!(trials[9].spec.name, "seed2-fold4");
@@ -422,7 +451,7 @@ mod tests {
     #[test]
     fn every_row_is_tested_once_by_a_head_that_never_saw_it() {
         let rows = rows();
-        let trials = cross_validation(&rows, 5, &[1], &settings());
+        let trials = cross_validation(&rows, 5, &[1], &settings(), Split::Rows);
         assert_eq!(trials.len(), 5);
         let tested: usize = trials.iter().map(|t| t.test.len()).sum();
         assert_eq!(tested, rows.len());
