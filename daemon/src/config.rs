@@ -1023,6 +1023,21 @@ impl Config {
                     "a monitor task does not escalate",
                 );
             }
+            // A request read back as input would escalate itself forever; a
+            // reply topic a task consumes would take its messages.
+            for (field, topic) in [("topic", &e.topic), ("reply_topic", &e.reply_topic)] {
+                let Some(topic) = topic else { continue };
+                let consumer = self
+                    .tasks
+                    .iter()
+                    .find(|t| t.topics.iter().any(|f| slmd_core::topic::matches(f, topic)));
+                if let Some(t) = consumer {
+                    p.add(
+                        format!("{key}.escalate.{field}"),
+                        format!("{topic} is an input topic of task {:?}", t.name),
+                    );
+                }
+            }
         }
         if task.hermes_intent_parsed && task.protocol != Protocol::Hermes {
             p.add(
@@ -1304,6 +1319,18 @@ pub(crate) mod tests {
                 "tasks[0].monitor.detectors[0].max_per_sec"
             ]
         );
+    }
+
+    #[test]
+    fn escalation_topics_may_not_be_input_topics_and_a_key_file_must_exist() {
+        let c = config(
+            "kind = \"classify\"\n[tasks.escalate]\nname = \"up\"\ntopic = \"f/up/reading\"\nreply_topic = \"up/reply\"",
+        );
+        assert_eq!(keys(&c), ["tasks[0].escalate.topic"]);
+        let c = config(
+            "kind = \"classify\"\n[tasks.escalate]\nname = \"up\"\nurl = \"http://h/v1\"\napi_key_file = \"/nonexistent/key\"",
+        );
+        assert_eq!(keys(&c), ["tasks[0].escalate.api_key_file"]);
     }
 
     #[test]

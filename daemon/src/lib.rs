@@ -306,7 +306,7 @@ pub async fn run(
     }
     let (requests_tx, requests) = tokio::sync::mpsc::channel(1);
     let wake_link = link.clone();
-    let routing = router::Routing::new(engine, config.tasks.clone(), config.limits.clone());
+    let routing = router::Routing::for_config(engine, &config);
     let control = control::Control {
         topic: config.updates.control_topic(&config.broker),
         status_topic: config.updates.status_topic(&config.broker),

@@ -323,10 +323,7 @@ impl Router {
                 self.settle(key, out);
                 return Ok(());
             }
-            Route::Escalation => {
-                self.escalation_answer(key, &entry);
-                return Ok(());
-            }
+            Route::Escalation => unreachable!("answers are handed over in the router's loop"),
             Route::Nowhere => {
                 log::warn!("no task consumes topic {}; message dropped", entry.topic);
                 self.settle(key, None);
@@ -376,7 +373,12 @@ impl Router {
             self.settle(key, before);
             return Ok(());
         }
-        let (out, announce) = self.answer(key, &entry, task, &routing, permit).await?;
+        // Held until the result is committed (the shutdown drain waits for
+        // it), unless an escalation gives it up to wait.
+        let mut permit = Some(permit);
+        let (out, announce) = self
+            .answer(key, &entry, task, &routing, &mut permit)
+            .await?;
         // Queued before the result commits, so a crash in between repeats
         // the announcement with the rerun message rather than losing it.
         if let Some(a) = &announce {
@@ -403,7 +405,7 @@ impl Router {
         entry: &InboxEntry,
         task: &TaskConfig,
         routing: &Routing,
-        permit: OwnedSemaphorePermit,
+        permit: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<(OutboxEntry, Option<OutboxEntry>), EngineError> {
         let reply = routing.reply_to(entry, &self.control.reserved);
         let parsed = match &entry.truncated {
@@ -429,8 +431,8 @@ impl Router {
                             if let Err(e) = self.store.unmark_dispatched(key).await {
                                 log::error!("message {key} stays marked as with the model: {e}");
                             }
-                            drop(permit);
-                            let (s, r) = self.escalate(e, entry, task, &req, &scores).await;
+                            drop(permit.take());
+                            let (s, r) = self.escalate(e, key, entry, task, &req, &scores).await;
                             (s, Some(r))
                         }
                         _ => (scores, None),
@@ -621,6 +623,7 @@ impl Router {
     async fn escalate(
         &self,
         e: &Escalator,
+        key: u64,
         entry: &InboxEntry,
         task: &TaskConfig,
         req: &payload::Request,
@@ -631,7 +634,9 @@ impl Router {
             .as_ref()
             .and_then(|s| s.intent_filter.as_deref());
         let ask = escalate::Ask {
-            correlation: format!("{}:{}", task.name, req.id),
+            // The inbox key makes it unique (two requests may share an id)
+            // and the same after a restart.
+            correlation: format!("{}:{}:{key}", task.name, req.id),
             task: &task.name,
             text: &req.text,
             context: &req.context,
@@ -662,6 +667,19 @@ impl Router {
 }
 
 impl Routing {
+    /// The routing for `config` served by `engine`, with the entities
+    /// injected at run time in the tasks (as the engine has them), so an
+    /// escalation's schema offers the same enum values.
+    pub fn for_config(engine: Engine, config: &crate::config::Config) -> Routing {
+        let injected = injection::Injected::load(&config.state_dir())
+            .map(|i| i.apply(config))
+            .unwrap_or_else(|e| {
+                log::error!("routing without injected entities: {e}");
+                config.clone()
+            });
+        Routing::new(engine, injected.tasks, config.limits.clone())
+    }
+
     pub fn new(engine: Engine, tasks: Vec<TaskConfig>, limits: Limits) -> Routing {
         Routing {
             monitors: Monitors::new(tasks.iter().map(|t| (t.name.as_str(), t.monitor()))),

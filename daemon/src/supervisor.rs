@@ -125,11 +125,7 @@ impl Supervisor {
             );
             self.since = Instant::now();
         }
-        self.router.replace(Routing::new(
-            engine,
-            config.tasks.clone(),
-            config.limits.clone(),
-        ));
+        self.router.replace(Routing::for_config(engine, config));
         if changed {
             self.publish_status("idle", None);
         }
@@ -173,11 +169,8 @@ impl Supervisor {
                     outcome.name,
                     outcome.version
                 );
-                self.router.replace(Routing::new(
-                    engine,
-                    self.config.tasks.clone(),
-                    self.config.limits.clone(),
-                ));
+                self.router
+                    .replace(Routing::for_config(engine, &self.config));
                 self.since = Instant::now();
             }
             Ok(Ok((outcome, None))) => log::info!("model update: installed {}", outcome.version),

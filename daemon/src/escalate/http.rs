@@ -30,6 +30,16 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// A fixed name for it, for results (no URL, nothing the server sent).
+    pub fn code(&self) -> String {
+        match self {
+            HttpError::Transport { .. } => "unreachable".into(),
+            HttpError::Status { code, .. } => format!("http_{code}"),
+            HttpError::Key { .. } => "key_file".into(),
+            HttpError::NotACompletion(_) => "not_a_completion".into(),
+        }
+    }
+
     /// Whether trying again later may help (the service is down, busy or
     /// failing); a refused key or a bad request will not get better.
     pub fn retryable(&self) -> bool {
@@ -59,7 +69,9 @@ pub fn body(call: &Call) -> Value {
     let response_format = match call.format {
         ResponseFormat::JsonSchema => json!({
             "type": "json_schema",
-            "json_schema": {"name": "slmd_answer", "strict": true, "schema": call.schema},
+            // Not strict: OpenAI's strict mode wants every slot required;
+            // slmd checks every answer against the schema itself.
+            "json_schema": {"name": "slmd_answer", "strict": false, "schema": call.schema},
         }),
         ResponseFormat::JsonObject => json!({"type": "json_object", "schema": call.schema}),
     };

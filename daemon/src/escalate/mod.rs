@@ -153,6 +153,17 @@ impl EscalateConfig {
         if self.timeout_ms == 0 {
             p.push(("timeout_ms", "must be at least 1".into()));
         }
+        if self.wait_secs > 7 * 24 * 3600 {
+            p.push(("wait_secs", "must be at most a week (604800)".into()));
+        }
+        if let Some(key) = &self.api_key_file {
+            if !key.is_file() {
+                p.push((
+                    "api_key_file",
+                    format!("{} is not a readable file", key.display()),
+                ));
+            }
+        }
         p
     }
 }
@@ -170,9 +181,27 @@ pub struct Escalator {
 pub enum Outcome {
     Answered(Verdict),
     /// It answered, but outside the labels or schema.
-    Refused(String),
+    Refused(Why),
     /// No answer in time.
-    Unavailable(String),
+    Unavailable(Why),
+}
+
+/// Why an escalation gave no answer: a fixed code for the published result
+/// (it reaches everyone who reads the output topic) and the details, which
+/// may name the URL or quote the upstream, for the log only.
+#[derive(Debug)]
+pub struct Why {
+    pub code: String,
+    pub detail: String,
+}
+
+impl Why {
+    fn new(code: impl Into<String>, detail: impl std::fmt::Display) -> Why {
+        Why {
+            code: code.into(),
+            detail: detail.to_string(),
+        }
+    }
 }
 
 /// One escalation, as the result reports it.
@@ -246,7 +275,13 @@ impl Escalator {
         Some(Arc::new(Escalator {
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
             shape: Shape {
-                labels: task.labels.iter().map(|l| l.name.clone()).collect(),
+                // The reject label is no answer: null says "none fits".
+                labels: task
+                    .labels
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .filter(|l| task.reject_label.as_ref() != Some(l))
+                    .collect(),
                 slots,
                 label_slots,
             },
@@ -262,9 +297,11 @@ impl Escalator {
             return false;
         }
         let confidence = scores.ranked.first().map_or(0.0, |r| r.1);
-        match scores.label {
-            None => self.config.not_recognised,
-            Some(_) => confidence < self.config.below,
+        match (scores.label.as_ref(), scores.unrecognised) {
+            // A Hermes intentFilter allowed none of the labels: nothing to ask.
+            (None, Some(slmd_engine::Unrecognised::Filtered)) => false,
+            (None, _) => self.config.not_recognised,
+            (Some(_), _) => confidence < self.config.below,
         }
     }
 
@@ -297,12 +334,15 @@ impl Escalator {
                 (answered(ask.local, v), report("answered", None))
             }
             Outcome::Refused(why) => {
-                log::warn!(task = ask.task, upstream = self.config.name.as_str(); "escalation refused: {why}");
-                (self.fallback(ask.local), report("refused", Some(why)))
+                log::warn!(task = ask.task, upstream = self.config.name.as_str(), reason = why.code.as_str(); "escalation refused: {}", why.detail);
+                (self.fallback(ask.local), report("refused", Some(why.code)))
             }
             Outcome::Unavailable(why) => {
-                log::warn!(task = ask.task, upstream = self.config.name.as_str(); "escalation unavailable: {why}");
-                (self.fallback(ask.local), report("unavailable", Some(why)))
+                log::warn!(task = ask.task, upstream = self.config.name.as_str(), reason = why.code.as_str(); "escalation unavailable: {}", why.detail);
+                (
+                    self.fallback(ask.local),
+                    report("unavailable", Some(why.code)),
+                )
             }
         };
         (scores, report)
@@ -323,10 +363,11 @@ impl Escalator {
     /// The deadline of `ask`: `wait_secs` after the message arrived, and
     /// at least one timeout from now.
     fn deadline(&self, ask: &Ask<'_>) -> Instant {
-        let now = now_ms();
-        let until = ask.received_ms + self.config.wait_secs * 1000;
-        let ms = until.saturating_sub(now).max(self.config.timeout_ms);
-        Instant::now() + Duration::from_millis(ms)
+        let wait = self.config.wait_secs * 1000;
+        // The wall clock may have jumped (a device without a clock that
+        // synchronised late): never more than `wait_secs` from now.
+        let left = (ask.received_ms + wait).saturating_sub(now_ms()).min(wait);
+        Instant::now() + Duration::from_millis(left.max(self.config.timeout_ms))
     }
 
     async fn ask(&self, ask: &Ask<'_>, pending: &Pending, outbox: &Outbox<'_>) -> Outcome {
@@ -335,31 +376,28 @@ impl Escalator {
         let Ok(permit) =
             tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await
         else {
-            return Outcome::Unavailable(format!(
-                "all {} request slot(s) stayed busy until the deadline",
-                self.config.max_concurrent
+            return Outcome::Unavailable(Why::new(
+                "busy",
+                format!(
+                    "all {} request slot(s) stayed busy until the deadline",
+                    self.config.max_concurrent
+                ),
             ));
         };
-        let permit = permit.expect("never closed");
-        let outcome = match (
-            &self.config.url,
-            &self.config.topic,
-            &self.config.reply_topic,
-        ) {
-            (Some(url), _, _) => self.over_http(url, ask, &shape, deadline).await,
-            (None, Some(topic), Some(reply)) => {
+        let _permit = permit.expect("never closed");
+        match (&self.config.url, &self.config.reply_topic) {
+            (Some(url), _) => self.over_http(url, ask, &shape, deadline).await,
+            // Validation makes topic and reply_topic go together.
+            (None, reply) => {
                 let request = OverMqtt {
-                    topic,
-                    reply,
+                    topic: self.config.topic.as_deref().unwrap_or_default(),
+                    reply: reply.as_deref().unwrap_or_default(),
                     shape: &shape,
                     deadline,
                 };
                 request.run(ask, pending, outbox).await
             }
-            _ => Outcome::Unavailable("no target configured".into()),
-        };
-        drop(permit);
-        outcome
+        }
     }
 
     async fn over_http(
@@ -390,26 +428,38 @@ impl Escalator {
                 schema: shape.json_schema(),
             };
             let call = tokio::task::spawn_blocking(move || http::complete(&call));
-            let why = match call.await {
+            let Ok(call) = tokio::time::timeout_at(deadline, call).await else {
+                // A call stuck past its own timeout (a name lookup, say).
+                return Outcome::Unavailable(Why::new(
+                    "timeout",
+                    "the call outlasted the deadline",
+                ));
+            };
+            let why = match call {
                 Ok(Ok(answer)) => {
                     return match shape.check(&answer, ask.text) {
                         Ok(v) => Outcome::Answered(v),
-                        Err(e) => Outcome::Refused(e.to_string()),
+                        Err(e) => Outcome::Refused(Why::new(e.code(), e)),
                     }
                 }
                 Ok(Err(e)) if !e.retryable() => {
                     return match e {
-                        http::HttpError::NotACompletion(_) => Outcome::Refused(e.to_string()),
-                        e => Outcome::Unavailable(e.to_string()),
+                        http::HttpError::NotACompletion(_) => {
+                            Outcome::Refused(Why::new(e.code(), e))
+                        }
+                        e => Outcome::Unavailable(Why::new(e.code(), e)),
                     }
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => return Outcome::Unavailable(format!("the call failed: {e}")),
+                Ok(Err(e)) => Why::new(e.code(), e),
+                Err(e) => return Outcome::Unavailable(Why::new("failed", e)),
             };
             if Instant::now() + backoff >= deadline {
                 return Outcome::Unavailable(why);
             }
-            log::debug!("escalation to {url}: {why}; trying again in {backoff:?}");
+            log::debug!(
+                "escalation to {url}: {}; trying again in {backoff:?}",
+                why.detail
+            );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
@@ -452,7 +502,10 @@ impl OverMqtt<'_> {
             retain: false,
         };
         if let Err(e) = outbox.store.publish(&entry) {
-            return Outcome::Unavailable(format!("cannot queue the request: {e}"));
+            return Outcome::Unavailable(Why::new(
+                "not_queued",
+                format!("cannot queue the request: {e}"),
+            ));
         }
         (outbox.wake)();
         let mut refused = None;
@@ -460,12 +513,15 @@ impl OverMqtt<'_> {
             match tokio::time::timeout_at(self.deadline, answers.rx.recv()).await {
                 Ok(Some(payload)) => {
                     let checked = serde_json::from_slice::<Value>(&payload)
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| self.shape.check(&v, ask.text).map_err(|e| e.to_string()));
+                        .map_err(|e| Why::new("not_json", e))
+                        .and_then(|v| {
+                            let checked = self.shape.check(&v, ask.text);
+                            checked.map_err(|e| Why::new(e.code(), e))
+                        });
                     match checked {
                         Ok(v) => return Outcome::Answered(v),
                         Err(why) => {
-                            log::warn!(task = ask.task; "an answer on {} was refused: {why}", self.reply);
+                            log::warn!(task = ask.task; "an answer on {} was refused: {}", self.reply, why.detail);
                             refused = Some(why);
                         }
                     }
@@ -473,9 +529,9 @@ impl OverMqtt<'_> {
                 Ok(None) | Err(_) => {
                     return match refused {
                         Some(why) => Outcome::Refused(why),
-                        None => Outcome::Unavailable(format!(
-                            "no answer on {} before the deadline",
-                            self.reply
+                        None => Outcome::Unavailable(Why::new(
+                            "no_answer",
+                            format!("no answer on {} before the deadline", self.reply),
                         )),
                     }
                 }
@@ -493,22 +549,34 @@ pub struct Pending(Mutex<HashMap<String, mpsc::Sender<Vec<u8>>>>);
 pub struct Answers<'a> {
     pending: &'a Pending,
     correlation: String,
+    tx: mpsc::Sender<Vec<u8>>,
     rx: mpsc::Receiver<Vec<u8>>,
 }
 
 impl Drop for Answers<'_> {
     fn drop(&mut self) {
-        self.pending.0.lock().unwrap().remove(&self.correlation);
+        let mut map = self.pending.0.lock().unwrap();
+        // Only its own: a request that took the id over keeps its entry.
+        let own = map
+            .get(&self.correlation)
+            .is_some_and(|tx| tx.same_channel(&self.tx));
+        if own {
+            map.remove(&self.correlation);
+        }
     }
 }
 
 impl Pending {
     fn open(&self, correlation: &str) -> Answers<'_> {
         let (tx, rx) = mpsc::channel(4);
-        self.0.lock().unwrap().insert(correlation.to_owned(), tx);
+        self.0
+            .lock()
+            .unwrap()
+            .insert(correlation.to_owned(), tx.clone());
         Answers {
             pending: self,
             correlation: correlation.to_owned(),
+            tx,
             rx,
         }
     }

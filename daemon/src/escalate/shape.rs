@@ -45,6 +45,21 @@ pub enum Refused {
     SlotNotForIntent { intent: String, slot: String },
 }
 
+impl Refused {
+    /// A fixed name for it, for results.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::NotAnObject(_) => "not_an_object",
+            Refused::NoLabel => "no_label",
+            Refused::UnknownLabel(_) => "unknown_label",
+            Refused::LabelNotText => "label_not_text",
+            Refused::SlotsNotAnObject => "slots_not_an_object",
+            Refused::Slots(_) => "bad_slots",
+            Refused::SlotNotForIntent { .. } => "slot_not_for_intent",
+        }
+    }
+}
+
 impl Shape {
     /// The labels a request may get: all, or those a Hermes
     /// `intentFilter` allows.
