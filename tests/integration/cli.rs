@@ -418,6 +418,13 @@ fn eval_cross_validates_and_reports_every_key() {
     assert!(v["accuracy"].as_f64().unwrap() > 0.6, "{v}");
     let ece = v["ece"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&ece), "{v}");
+    // Beside it, the estimate with whole paraphrase clusters held out: on
+    // rows whose clusters share words it is the lower one, still above chance.
+    let realistic = &v["realistic"];
+    let clusters = realistic["clusters"].as_u64().unwrap() as usize;
+    assert!(clusters > 9 && clusters < n, "{v}");
+    let r = realistic["accuracy"].as_f64().unwrap();
+    assert!(r > 0.3 && r <= v["accuracy"].as_f64().unwrap() + 0.05, "{v}");
 }
 
 #[test]
