@@ -424,7 +424,10 @@ fn eval_cross_validates_and_reports_every_key() {
     let clusters = realistic["clusters"].as_u64().unwrap() as usize;
     assert!(clusters > 9 && clusters < n, "{v}");
     let r = realistic["accuracy"].as_f64().unwrap();
-    assert!(r > 0.3 && r <= v["accuracy"].as_f64().unwrap() + 0.05, "{v}");
+    assert!(
+        r > 0.3 && r <= v["accuracy"].as_f64().unwrap() + 0.05,
+        "{v}"
+    );
 }
 
 #[test]
