@@ -390,6 +390,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     } else {
         let train = read_jsonl(a.train.as_ref().context("--train is required")?)?;
         let mut realistic = Vec::new();
+        let mut clusters = 0;
         let trials = match (a.cv, &a.test) {
             (Some(k), None) if k >= 2 && k <= train.len() => {
                 if !a.no_realistic {
@@ -397,13 +398,13 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
                         unseen_oos: settings.reject_label.is_some(),
                         ..settings.clone()
                     };
-                    realistic = eval::cross_validation(
-                        &train,
-                        k,
-                        &a.seed,
-                        &unseen,
-                        eval::Split::Paraphrases,
-                    );
+                    let groups = eval::paraphrase_groups(&train);
+                    clusters = groups
+                        .iter()
+                        .collect::<std::collections::HashSet<_>>()
+                        .len();
+                    let split = eval::Split::Groups(&groups);
+                    realistic = eval::cross_validation(&train, k, &a.seed, &unseen, split);
                 }
                 eval::cross_validation(&train, k, &a.seed, &settings, eval::Split::Rows)
             }
@@ -418,14 +419,6 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         };
         let (main, grouped) = (names(&trials), names(&realistic));
-        let clusters = {
-            let texts: Vec<String> = train.iter().map(|r| r.text.clone()).collect();
-            let labels: Vec<String> = train.iter().map(|r| r.intent.clone()).collect();
-            let mut g = slmd_core::folds::paraphrase_groups(&texts, &labels);
-            g.sort_unstable();
-            g.dedup();
-            g.len()
-        };
         let specs = trials
             .into_iter()
             .chain(realistic)

@@ -173,7 +173,7 @@ pub struct Escalator {
     pub config: EscalateConfig,
     shape: Shape,
     instruction: String,
-    permits: Arc<Semaphore>,
+    permits: Semaphore,
 }
 
 /// What the upstream made of a request.
@@ -273,7 +273,7 @@ impl Escalator {
             .filter_map(|l| Some((l.name.clone(), l.slots.clone()?)))
             .collect();
         Some(Arc::new(Escalator {
-            permits: Arc::new(Semaphore::new(config.max_concurrent)),
+            permits: Semaphore::new(config.max_concurrent),
             shape: Shape {
                 // The reject label is no answer: null says "none fits".
                 labels: task
@@ -373,9 +373,7 @@ impl Escalator {
     async fn ask(&self, ask: &Ask<'_>, pending: &Pending, outbox: &Outbox<'_>) -> Outcome {
         let deadline = self.deadline(ask);
         let shape = self.shape.narrowed(ask.among);
-        let Ok(permit) =
-            tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await
-        else {
+        let Ok(permit) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
             return Outcome::Unavailable(Why::new(
                 "busy",
                 format!(
@@ -412,6 +410,7 @@ impl Escalator {
             self.instruction,
             shape.labels.join(", ")
         );
+        let schema = shape.json_schema();
         let mut backoff = Duration::from_millis(500);
         loop {
             let timeout = Duration::from_millis(self.config.timeout_ms)
@@ -425,7 +424,7 @@ impl Escalator {
                 timeout,
                 system: system.clone(),
                 user: ask.text.to_owned(),
-                schema: shape.json_schema(),
+                schema: schema.clone(),
             };
             let call = tokio::task::spawn_blocking(move || http::complete(&call));
             let Ok(call) = tokio::time::timeout_at(deadline, call).await else {

@@ -9,7 +9,7 @@ fn config(extra: &str) -> EscalateConfig {
 fn escalator(extra: &str) -> Escalator {
     let config = config(extra);
     Escalator {
-        permits: Arc::new(Semaphore::new(config.max_concurrent)),
+        permits: Semaphore::new(config.max_concurrent),
         shape: Shape {
             labels: vec!["lights_on".into(), "lights_off".into()],
             slots: None,
@@ -34,10 +34,16 @@ fn local(label: Option<&str>, p: f32) -> Scores {
     }
 }
 
+/// A request the fake upstream read: its header lines and JSON body.
+struct Seen {
+    head: String,
+    body: Value,
+}
+
 /// A one-thread HTTP server answering each request with the next of
-/// `replies` (status, body, delay before answering); the request bodies
-/// it read come back through the returned receiver.
-fn upstream(replies: Vec<(u16, String, Duration)>) -> (String, std::sync::mpsc::Receiver<Value>) {
+/// `replies` (status, body, delay before answering); the requests it read
+/// come back through the returned receiver.
+fn upstream(replies: Vec<(u16, String, Duration)>) -> (String, std::sync::mpsc::Receiver<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -47,7 +53,7 @@ fn upstream(replies: Vec<(u16, String, Duration)>) -> (String, std::sync::mpsc::
                 return;
             };
             let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut length = 0;
+            let (mut head, mut length) = (String::new(), 0);
             loop {
                 let mut line = String::new();
                 reader.read_line(&mut line).unwrap();
@@ -57,10 +63,12 @@ fn upstream(replies: Vec<(u16, String, Duration)>) -> (String, std::sync::mpsc::
                 if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     length = v.trim().parse().unwrap();
                 }
+                head.push_str(&line);
             }
             let mut request = vec![0; length];
             reader.read_exact(&mut request).unwrap();
-            let _ = tx.send(serde_json::from_slice(&request).unwrap_or(Value::Null));
+            let sent = serde_json::from_slice(&request).unwrap_or(Value::Null);
+            let _ = tx.send(Seen { head, body: sent });
             std::thread::sleep(delay);
             let _ = write!(
                 conn,
@@ -142,7 +150,7 @@ async fn an_http_answer_in_the_schema_is_the_result_and_the_local_guess_stays() 
         (report.outcome, report.local.label.as_deref()),
         ("answered", Some("lights_on"))
     );
-    let sent = requests.recv().unwrap();
+    let sent = requests.recv().unwrap().body;
     assert_eq!(sent["model"], "m");
     assert_eq!(sent["messages"][1]["content"], "lamp please");
     assert_eq!(sent["response_format"]["type"], "json_object");
@@ -275,28 +283,7 @@ async fn a_silent_upstream_times_out_and_a_refused_key_is_not_retried() {
 
 #[tokio::test]
 async fn the_bearer_token_is_read_from_its_file() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let seen = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut head = String::new();
-        let mut reader = BufReader::new(conn.try_clone().unwrap());
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if line.trim().is_empty() {
-                break;
-            }
-            head.push_str(&line);
-        }
-        let body = completion("{\"label\": null}");
-        let _ = write!(
-            conn,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        head
-    });
+    let (url, requests) = upstream(vec![(200, completion("{\"label\": null}"), Duration::ZERO)]);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, "s3cret\n").unwrap();
@@ -311,9 +298,10 @@ async fn the_bearer_token_is_read_from_its_file() {
         scores.unrecognised,
         Some(slmd_engine::Unrecognised::Upstream)
     );
-    assert!(seen
-        .join()
+    assert!(requests
+        .recv()
         .unwrap()
+        .head
         .contains("Authorization: Bearer s3cret\r\n"));
 }
 

@@ -76,14 +76,20 @@ pub fn holdout(train: &[Row], test: Vec<Row>, s: &TaskSettings) -> Vec<Trial> {
 
 /// How cross-validation deals rows into folds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
+pub enum Split<'a> {
     /// Row by row, stratified: the usual, optimistic k-fold (a test row's
     /// paraphrases are in training).
     Rows,
-    /// Whole paraphrase clusters ([`slmd_core::folds::paraphrase_groups`]):
-    /// a fold's rows are phrased unlike anything trained, as a new user's
-    /// often are.
-    Paraphrases,
+    /// Whole groups, one id per row: with [`paraphrase_groups`], a fold's
+    /// rows are phrased unlike anything trained, as a new user's often are.
+    Groups(&'a [usize]),
+}
+
+/// The rows' paraphrase clusters ([`slmd_core::folds::paraphrase_groups`]).
+pub fn paraphrase_groups(rows: &[Row]) -> Vec<usize> {
+    let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
+    let labels: Vec<String> = rows.iter().map(|r| r.intent.clone()).collect();
+    slmd_core::folds::paraphrase_groups(&texts, &labels)
 }
 
 /// `k` tasks per seed, one per stratified fold of `rows` under that seed's
@@ -93,24 +99,21 @@ pub fn cross_validation(
     k: usize,
     seeds: &[u64],
     s: &TaskSettings,
-    split: Split,
+    split: Split<'_>,
 ) -> Vec<Trial> {
     let labels: Vec<String> = rows.iter().map(|r| r.intent.clone()).collect();
-    let groups: Vec<usize> = match split {
-        Split::Rows => (0..rows.len()).collect(),
-        Split::Paraphrases => {
-            let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
-            slmd_core::folds::paraphrase_groups(&texts, &labels)
+    let alone: Vec<usize>;
+    let (groups, prefix) = match split {
+        Split::Rows => {
+            alone = (0..rows.len()).collect();
+            (alone.as_slice(), "")
         }
-    };
-    let prefix = match split {
-        Split::Rows => "",
-        Split::Paraphrases => "grouped-",
+        Split::Groups(g) => (g, "grouped-"),
     };
     let several = seeds.len() > 1;
     let mut trials = Vec::with_capacity(k * seeds.len());
     for &seed in seeds {
-        let fold_of = slmd_core::folds::grouped_folds(&labels, &groups, k, seed);
+        let fold_of = slmd_core::folds::grouped_folds(&labels, groups, k, seed);
         for f in 0..k {
             let in_fold = |want: bool| -> Vec<Row> {
                 rows.iter()
